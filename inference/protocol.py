@@ -1,0 +1,190 @@
+"""Typed messages between the web side and the inference workers.
+
+Everything that crosses the internal queue is one of these msgspec structs, encoded with
+``encode`` and decoded with ``decode_request`` / ``decode_event``. No raw dicts cross Redis.
+This module imports nothing from Django, so the worker can run without the web code.
+
+Images never travel inline: the web side stores validated, re-encoded bytes once under a
+content hash (``ImageRef.sha256``), scoped to the tenant, and the worker fetches them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Annotated, Literal
+
+import msgspec
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # client went away or asked to stop
+
+
+class ErrorCode(enum.StrEnum):
+    """Error codes an inference ``ErrorEvent`` may carry (OpenAI-style ``code`` values)."""
+
+    INVALID_REQUEST = "invalid_request"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    IMAGE_UNAVAILABLE = "image_unavailable"  # blob expired or missing
+    MODEL_NOT_FOUND = "model_not_found"
+    OUT_OF_MEMORY = "out_of_memory"
+    WORKER_LOST = "worker_lost"  # worker died after streaming part of the answer
+    INTERNAL_ERROR = "internal_error"
+    TIMEOUT = "timeout"
+
+
+class Priority(enum.IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+class ImageRef(msgspec.Struct, frozen=True):
+    """A validated image stored by content hash (tenant-scoped) for the worker to fetch."""
+
+    sha256: str
+    width: int
+    height: int
+    media_type: str = "image/png"
+
+
+class TextPart(msgspec.Struct, frozen=True, tag="text"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, frozen=True, tag="image"):
+    image: ImageRef
+
+
+ContentPart = TextPart | ImagePart
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: list[ContentPart]
+
+
+class SamplingParams(msgspec.Struct, frozen=True):
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    stop: list[str] = []
+    seed: int | None = None
+    thinking: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+class InferenceRequest(msgspec.Struct, frozen=True):
+    request_id: str
+    tenant_id: str
+    model: str
+    messages: list[Message]
+    sampling: SamplingParams = SamplingParams()
+    priority: Priority = Priority.NORMAL
+    stream: bool = True
+    created_at: float = msgspec.field(default_factory=time.time)
+    # Absolute unix time after which the worker should not start the request.
+    deadline: float | None = None
+
+    def image_refs(self) -> list[ImageRef]:
+        return [
+            part.image for m in self.messages for part in m.content if isinstance(part, ImagePart)
+        ]
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_image_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class StartEvent(msgspec.Struct, frozen=True, tag="start"):
+    """The engine admitted the request and finished its prefill."""
+
+    prompt_tokens: int
+    image_tokens: int = 0
+
+
+class DeltaEvent(msgspec.Struct, frozen=True, tag="delta"):
+    """New answer text (``text``) and/or reasoning text (``reasoning``) since the last delta."""
+
+    text: str = ""
+    reasoning: str = ""
+    tokens: int = 0  # tokens generated that this delta covers
+
+
+class DoneEvent(msgspec.Struct, frozen=True, tag="done"):
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class ErrorEvent(msgspec.Struct, frozen=True, tag="error"):
+    code: ErrorCode
+    message: str
+    # True when nothing was streamed yet and the request may be retried elsewhere.
+    retryable: bool = False
+
+
+Event = StartEvent | DeltaEvent | DoneEvent | ErrorEvent
+TERMINAL_EVENTS = (DoneEvent, ErrorEvent)
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(InferenceRequest)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode(message: InferenceRequest | Event) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(data: bytes) -> InferenceRequest:
+    return _request_decoder.decode(data)
+
+
+def decode_event(data: bytes) -> Event:
+    return _event_decoder.decode(data)
+
+
+class WorkerHeartbeat(msgspec.Struct, frozen=True):
+    """What each worker publishes about itself, refreshed every few seconds with a TTL."""
+
+    worker_id: str
+    model: str
+    running: int
+    waiting: int
+    max_batch_size: int
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    tokens_per_second: float
+    memory_bytes: int
+    device: str
+    started_at: float
+    updated_at: float
+
+
+_heartbeat_decoder = msgspec.msgpack.Decoder(WorkerHeartbeat)
+
+
+def encode_heartbeat(hb: WorkerHeartbeat) -> bytes:
+    return _encoder.encode(hb)
+
+
+def decode_heartbeat(data: bytes) -> WorkerHeartbeat:
+    return _heartbeat_decoder.decode(data)

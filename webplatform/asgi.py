@@ -1,0 +1,23 @@
+"""ASGI entry point: HTTP through Django, websockets through Channels."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webplatform.settings")
+# Django must be set up before anything imports models (the websocket routes do).
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
+from webplatform.chat.security import websocket_stack  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": websocket_stack(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,235 @@
+"""Settings for the platform: one module, every deployment difference from the environment.
+
+With ``DATABASE_URL`` and ``REDIS_URL`` unset the platform runs on embedded defaults
+(SQLite, process-local cache, quota store and channel layer, in-process inference queue,
+eager Celery). With them set it runs on PostgreSQL and Redis. Secrets may also be given as
+``NAME_FILE`` pointing at a file (Docker secrets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+
+def _secret(name: str, default: str | None = None) -> str | None:
+    """Read a secret from ``NAME`` or from the file named by ``NAME_FILE``."""
+    file_path = os.environ.get(f"{name}_FILE")
+    if file_path:
+        return Path(file_path).read_text().strip()
+    return os.environ.get(name, default)
+
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+TESTING = env.bool("PLATFORM_TESTING", default=False)
+
+# The embedded mode generates a per-checkout key on first start so that nothing secret is
+# committed; production must set DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE).
+_VAR_DIR = Path(env.str("PLATFORM_VAR_DIR", default=str(BASE_DIR / "var")))
+
+
+def _embedded_secret(filename: str) -> str:
+    import secrets as _secrets
+
+    _VAR_DIR.mkdir(parents=True, exist_ok=True)
+    path = _VAR_DIR / filename
+    if not path.exists():
+        path.write_text(_secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret("DJANGO_SECRET_KEY") or _embedded_secret("secret_key")
+# Keyed hash for API keys. Separate from SECRET_KEY so rotating one does not void the other.
+API_KEY_HMAC_SECRET = _secret("API_KEY_HMAC_SECRET") or _embedded_secret("api_key_hmac_secret")
+API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="sk")
+
+ALLOWED_HOSTS = env.list(
+    "DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"]
+)
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "tenants",
+    "inference",
+    "webplatform",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "webplatform.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.i18n",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "webplatform.wsgi.application"
+ASGI_APPLICATION = "webplatform.asgi.application"
+
+# --- Database -------------------------------------------------------------------------
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{_VAR_DIR / 'db.sqlite3'}"),
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Lets several test runs share one PostgreSQL server without clashing on the test database.
+if env.str("TEST_DATABASE_NAME", default=""):
+    DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: cache, quotas, channel layer, queue ---------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+EMBEDDED = not REDIS_URL
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="wp"),
+            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+        }
+    }
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("CHANNEL_PREFIX", default="asgi")},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Celery ---------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=EMBEDDED)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+
+# --- Auth, sessions, security ---------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+SECURE_COOKIES = env.bool("SECURE_COOKIES", default=not DEBUG and not EMBEDDED)
+SESSION_COOKIE_SECURE = SECURE_COOKIES
+CSRF_COOKIE_SECURE = SECURE_COOKIES
+SESSION_COOKIE_HTTPONLY = True
+if env.bool("SECURE_PROXY_SSL", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- I18n -----------------------------------------------------------------------------
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(_VAR_DIR / "static")))
+STATICFILES_DIRS = [p for p in [BASE_DIR / "webplatform" / "static"] if p.exists()]
+
+EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+
+# --- DRF ------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "webplatform.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Vision inference platform API",
+    "DESCRIPTION": "OpenAI-compatible chat completions over GLM-4.6V-Flash.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Tenancy --------------------------------------------------------------------------
+# How long a process may trust a cached API key lookup. Revocation also bumps a version
+# in the shared cache, so this bounds only the damage of a lost invalidation.
+API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=30)
+API_KEY_LAST_USED_RESOLUTION_SECONDS = env.int("API_KEY_LAST_USED_RESOLUTION_SECONDS", default=60)
+
+# --- Inference ------------------------------------------------------------------------
+# Served model name -> {"path": local dir or hub id, "dtype": ..., "device": ...}.
+_DEFAULT_MODELS = {
+    "glm-4.6v-flash": {
+        "path": str(_VAR_DIR / "tiny-glm4v"),
+        "dtype": "float32",
+        "device": "auto",
+    }
+}
+INFERENCE_MODELS: dict[str, dict[str, str]] = json.loads(
+    env.str("INFERENCE_MODELS", default="") or json.dumps(_DEFAULT_MODELS)
+)
+INFERENCE_TRANSPORT = env.str("INFERENCE_TRANSPORT", default="inprocess" if EMBEDDED else "redis")
+INFERENCE_REDIS_URL = env.str("INFERENCE_REDIS_URL", default=REDIS_URL)
+INFERENCE_BLOB_TTL_SECONDS = env.int("INFERENCE_BLOB_TTL_SECONDS", default=900)
+INFERENCE_REPLY_TTL_SECONDS = env.int("INFERENCE_REPLY_TTL_SECONDS", default=300)
+INFERENCE_CLAIM_IDLE_MS = env.int("INFERENCE_CLAIM_IDLE_MS", default=15000)
+INFERENCE_HEARTBEAT_SECONDS = env.float("INFERENCE_HEARTBEAT_SECONDS", default=2.0)
+
+# --- Uploads --------------------------------------------------------------------------
+CLAMD_URL = env.str("CLAMD_URL", default="")  # tcp://host:3310 or unix:///path/to/clamd.ctl
+CLAMD_REQUIRED = env.bool("CLAMD_REQUIRED", default=not EMBEDDED)
+IMAGE_MAX_PIXELS = env.int("IMAGE_MAX_PIXELS", default=40_000_000)
+IMAGE_MAX_PER_REQUEST = env.int("IMAGE_MAX_PER_REQUEST", default=4)
+REMOTE_IMAGE_HOST_ALLOWLIST = env.list("REMOTE_IMAGE_HOST_ALLOWLIST", default=[])
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -19,7 +19,7 @@ class ApplicationError(Exception):
         *,
         code: str,
         status: int = 400,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        type: str = "invalid_request_error",
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:

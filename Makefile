@@ -54,7 +54,10 @@ format: install-test
 test: install-test
 	bash scripts/test-services.sh
 	$(MAKE) lint
+	# clamd with the project's own test signatures (EICAR); the script prints its URL.
+	clamd_url=$$(bash scripts/clamd-test.sh) && \
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) PLATFORM_TESTING=1 \
+	CLAMD_URL="$$clamd_url" CLAMD_REQUIRED=1 \
 		$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:

@@ -1,0 +1,181 @@
+"""Virus scanning over clamd's INSTREAM protocol: verdicts, failure policy, the real clamd."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from tenants.errors import ApplicationError
+from tests.webplatform.uploads import corpus
+from webplatform.uploads.scanning import (
+    ClamdAddress,
+    ClamdClient,
+    ClamdError,
+    ScanVerdict,
+    clamd_address_parse,
+    image_scan,
+    scanner_ping,
+    scanning_enabled,
+)
+from webplatform.uploads.services import UploadLimits, upload_validate_image
+
+LIMITS = UploadLimits(max_bytes=5 * corpus.MIB, max_pixels=40_000_000, max_images=4)
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("tcp://127.0.0.1:3317", ClamdAddress(host="127.0.0.1", port=3317)),
+        ("tcp://clamav:3310/", ClamdAddress(host="clamav", port=3310)),
+        ("tcp://[::1]:3310", ClamdAddress(host="::1", port=3310)),
+        ("unix:///var/run/clamav/clamd.ctl", ClamdAddress(path="/var/run/clamav/clamd.ctl")),
+    ],
+)
+def test_clamd_url_forms(url: str, address: ClamdAddress) -> None:
+    assert clamd_address_parse(url) == address
+    assert str(address).startswith(url.split(":")[0])
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["clamav:3310", "tcp://clamav", "tcp://clamav:notaport", "http://clamav:3310", "unix://"],
+)
+def test_malformed_clamd_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ImproperlyConfigured):
+        clamd_address_parse(url)
+
+
+def test_scanner_gets_the_original_bytes_in_chunks(fake_clamd) -> None:
+    original = corpus.noise_jpeg(300)  # ~150 KB: several 64 KiB chunks
+    image = upload_validate_image(source=corpus.data_uri(original), limits=LIMITS)
+    assert image.scan is ScanVerdict.CLEAN
+    assert fake_clamd.streams == [original]
+    assert image.data != original
+    assert len(fake_clamd.chunk_sizes) > 1 and max(fake_clamd.chunk_sizes) <= 64 * 1024
+    assert fake_clamd.commands == [b"zINSTREAM\0"]
+
+
+def test_found_is_malware_detected(fake_clamd, caplog) -> None:
+    fake_clamd.reply = "stream: Win.Test.Fake-1 FOUND"
+    with caplog.at_level(logging.WARNING, logger="webplatform.uploads.scanning"):
+        with pytest.raises(ApplicationError) as caught:
+            upload_validate_image(
+                source=corpus.jpeg_with_metadata(), limits=LIMITS, param="messages[0].content[0]"
+            )
+    assert (caught.value.code, caught.value.status, caught.value.param) == (
+        "malware_detected",
+        400,
+        "messages[0].content[0]",
+    )
+    assert "Win.Test.Fake-1" not in caught.value.message
+    assert "Win.Test.Fake-1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "reply", ["INSTREAM size limit exceeded. ERROR", "Can't allocate memory ERROR", "gibberish"]
+)
+def test_scanner_error_fails_closed_when_required(fake_clamd, reply: str) -> None:
+    fake_clamd.reply = reply
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS, param="p")
+    error = caught.value
+    assert (error.code, error.status, error.type) == ("scanner_unavailable", 503, "server_error")
+    assert error.headers["Retry-After"].isdigit()
+
+
+def test_scanner_error_skips_the_scan_when_not_required(fake_clamd, settings, caplog) -> None:
+    fake_clamd.reply = "Can't allocate memory ERROR"
+    settings.CLAMD_REQUIRED = False
+    with caplog.at_level(logging.WARNING, logger="webplatform.uploads.scanning"):
+        image = upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+    assert image.scan is ScanVerdict.SKIPPED
+    assert "accepted unscanned" in caplog.text
+
+
+def test_silent_scanner_times_out(fake_clamd, settings) -> None:
+    fake_clamd.reply = None
+    settings.CLAMD_TIMEOUT_SECONDS = 0.5
+    started = time.monotonic()
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+    assert caught.value.code == "scanner_unavailable"
+    assert time.monotonic() - started < 3
+
+
+def test_unreachable_scanner_when_required(settings, closed_port_url) -> None:
+    settings.CLAMD_URL = closed_port_url
+    settings.CLAMD_REQUIRED = True
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+    assert (caught.value.code, caught.value.status) == ("scanner_unavailable", 503)
+    assert scanning_enabled()
+    assert scanner_ping() is False
+
+
+def test_unreachable_scanner_when_not_required(settings, closed_port_url) -> None:
+    settings.CLAMD_URL = closed_port_url
+    settings.CLAMD_REQUIRED = False
+    image = upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+    assert image.scan is ScanVerdict.SKIPPED
+
+
+def test_unix_socket_that_does_not_exist(settings) -> None:
+    settings.CLAMD_URL = "unix:///nonexistent/clamd.ctl"
+    settings.CLAMD_REQUIRED = True
+    with pytest.raises(ApplicationError) as caught:
+        image_scan(data=b"x")
+    assert caught.value.code == "scanner_unavailable"
+
+
+def test_no_scanner_configured_but_required(settings) -> None:
+    settings.CLAMD_REQUIRED = True
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+    assert (caught.value.code, caught.value.status) == ("scanner_unavailable", 503)
+
+
+def test_no_scanner_configured_skips_and_warns_once(caplog) -> None:
+    assert not scanning_enabled()
+    with caplog.at_level(logging.WARNING, logger="webplatform.uploads.scanning"):
+        for _ in range(3):
+            image = upload_validate_image(source=corpus.jpeg_with_metadata(), limits=LIMITS)
+            assert image.scan is ScanVerdict.SKIPPED
+    assert caplog.text.count("NOT virus-scanned") == 1
+    assert scanner_ping() is False
+
+
+def test_ping(fake_clamd) -> None:
+    assert scanner_ping() is True
+    assert ClamdClient(clamd_address_parse(fake_clamd.url), timeout=2).ping() is True
+
+
+def test_client_errors_are_clamd_errors(closed_port_url) -> None:
+    client = ClamdClient(clamd_address_parse(closed_port_url), timeout=1)
+    with pytest.raises(ClamdError):
+        client.instream(b"data")
+    with pytest.raises(ClamdError):
+        client.ping()
+
+
+# --- the real clamd (scripts/clamd-test.sh, shipped EICAR signature) ----------------------
+
+
+def test_real_clamd_answers_ping(real_clamd) -> None:
+    assert scanner_ping() is True
+
+
+def test_real_clamd_finds_bare_eicar(real_clamd) -> None:
+    client = ClamdClient(clamd_address_parse(real_clamd), timeout=10)
+    assert client.instream(corpus.eicar()) == "VisionPlatform.Test.EICAR.UNOFFICIAL"
+    assert client.instream(corpus.jpeg_with_metadata()) is None
+    with pytest.raises(ApplicationError) as caught:
+        image_scan(data=corpus.eicar(), param="p")
+    assert caught.value.code == "malware_detected"
+
+
+def test_real_clamd_scans_a_large_image(real_clamd) -> None:
+    image = upload_validate_image(source=corpus.noise_png(4 * corpus.MIB), limits=LIMITS)
+    assert image.scan is ScanVerdict.CLEAN

@@ -1,0 +1,220 @@
+"""Organisations, their members, plans, API keys and usage.
+
+Every tenant-owned row carries ``tenant``; reads go through ``tenants.selectors`` (which take
+the tenant) and writes through ``tenants.services``.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+
+DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
+
+
+class Plan(models.Model):
+    """Limits a tenant gets unless its own override fields say otherwise."""
+
+    name = models.SlugField(max_length=50, unique=True)
+    requests_per_minute = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    tokens_per_day = models.PositiveBigIntegerField(validators=[MinValueValidator(1)])
+    concurrent_requests = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    max_image_bytes = models.PositiveIntegerField(
+        default=DEFAULT_MAX_IMAGE_BYTES, validators=[MinValueValidator(1)]
+    )
+    max_output_tokens = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    # Served model names (keys of settings.INFERENCE_MODELS); empty means all of them.
+    allowed_models = models.JSONField(default=list, blank=True)
+    # Served model to degrade to under load (the chat completions service); empty: none.
+    fallback_model = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tenant(models.Model):
+    """A business (organisation) using the platform."""
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=80, unique=True)
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="tenants")
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Whether prompts and answers may be stored with usage (off: only counts are kept).
+    log_content = models.BooleanField(default=False)
+
+    # Per-tenant overrides of the plan; null means "as the plan says".
+    requests_per_minute_override = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    tokens_per_day_override = models.PositiveBigIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    concurrent_requests_override = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    max_image_bytes_override = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    max_output_tokens_override = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        OWNER = "owner", "Owner"
+        ADMIN = "admin", "Admin"
+        MEMBER = "member", "Member"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique_user_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.tenant} ({self.role})"
+
+
+class ApiKey(models.Model):
+    """An API key: ``<prefix>_<public_id>_<secret>``; only an HMAC of the full key is stored."""
+
+    class Access(models.TextChoices):
+        READ = "read", "Read only (GET endpoints)"
+        FULL = "full", "Full"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    public_id = models.CharField(max_length=32, unique=True)
+    # Hex HMAC-SHA256(settings.API_KEY_HMAC_SECRET, full key).
+    secret_hash = models.CharField(max_length=64)
+    name = models.CharField(max_length=100)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    # Served model names this key may use; empty means whatever the plan allows.
+    allowed_models = models.JSONField(default=list, blank=True)
+    access = models.CharField(max_length=4, choices=Access.choices, default=Access.FULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Written behind, at most once per settings.API_KEY_LAST_USED_RESOLUTION_SECONDS.
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="apikey_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.public_id})"
+
+
+class UsageRecord(models.Model):
+    """One request's usage; written once when the request finishes."""
+
+    class Channel(models.TextChoices):
+        REST = "rest", "REST"
+        WEBSOCKET = "websocket", "WebSocket"
+        PLAYGROUND = "playground", "Playground"
+
+    class Status(models.TextChoices):
+        OK = "ok", "OK"
+        ERROR = "error", "Error"
+        CANCELLED = "cancelled", "Cancelled"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_records")
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records"
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    request_id = models.CharField(max_length=64, unique=True)
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    model = models.CharField(max_length=200)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    image_tokens = models.PositiveIntegerField(default=0)
+    image_count = models.PositiveIntegerField(default=0)
+    image_bytes = models.PositiveBigIntegerField(default=0)
+    time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
+    total_latency_ms = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=10, choices=Status.choices)
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    cache_hit = models.BooleanField(default=False)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} ({self.tenant_id}, {self.status})"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class DailyUsage(models.Model):
+    """Per tenant, key and model, one UTC day of ``UsageRecord`` rolled up.
+
+    Rebuilt whole by ``usage_rollup_day`` (delete and insert in one transaction), so a
+    rerun of a day is harmless.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="daily_usage")
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="daily_usage"
+    )
+    model = models.CharField(max_length=200)
+    day = models.DateField()
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    cache_hits = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    image_tokens = models.PositiveBigIntegerField(default=0)
+    image_count = models.PositiveBigIntegerField(default=0)
+    image_bytes = models.PositiveBigIntegerField(default=0)
+    latency_ms_sum = models.PositiveBigIntegerField(default=0)
+    time_to_first_token_ms_sum = models.PositiveBigIntegerField(default=0)
+    latency_ms_p50 = models.FloatField(null=True, blank=True)
+    latency_ms_p95 = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-day", "model"]
+        verbose_name_plural = "daily usage"
+        indexes = [models.Index(fields=["tenant", "day"], name="dailyusage_tenant_day")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.day} {self.model}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

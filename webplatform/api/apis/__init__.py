@@ -1,0 +1,1 @@
+"""API views: one APIView per operation; they parse, delegate and render."""

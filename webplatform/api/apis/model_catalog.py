@@ -1,0 +1,36 @@
+"""``GET /v1/models`` and ``GET /v1/models/<id>`` (OpenAI format)."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tenants.selectors.served_models import model_get_for_principal, model_list_for_principal
+from webplatform.api.base import AuthenticatedApiView
+
+
+class ModelOutputSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.SerializerMethodField()
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+
+    def get_object(self, model: object) -> str:
+        return "model"
+
+
+class ModelListApi(AuthenticatedApiView):
+    """The models this key may use: served, allowed by the plan, within the key's scope."""
+
+    def get(self, request: Request) -> Response:
+        models = model_list_for_principal(principal=self.principal)
+        return Response({"object": "list", "data": ModelOutputSerializer(models, many=True).data})
+
+
+class ModelDetailApi(AuthenticatedApiView):
+    """One model; 404 ``model_not_found`` when this key may not use it."""
+
+    def get(self, request: Request, model_id: str) -> Response:
+        model = model_get_for_principal(principal=self.principal, model_id=model_id)
+        return Response(ModelOutputSerializer(model).data)

@@ -1,0 +1,50 @@
+"""The base of every authenticated API view: one place that adds the rate-limit headers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpResponseBase
+from rest_framework import exceptions
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from tenants.principals import ApiPrincipal
+from tenants.services.quotas import RATE_LIMIT_HEADER_NAMES, quota_status
+from webplatform.api.permissions import KeyAccessAllowsMethod
+
+
+class AuthenticatedApiView(APIView):
+    """An API view for a tenant's principal (API key), with the ``x-ratelimit-*`` headers on
+    every response it gives to an authenticated caller, errors included.
+
+    A view that admitted its request (``quota_admit``) puts ``admission.headers`` on its
+    response (``Response(body, headers=admission.headers)``) (a 429 from ``quota_admit`` carries them already); for every other response
+    the headers come from ``quota_status``, which reads and consumes nothing.
+    """
+
+    permission_classes = [IsAuthenticated, KeyAccessAllowsMethod]
+
+    @property
+    def principal(self) -> ApiPrincipal:
+        """The authenticated caller (call from a handler, after authentication)."""
+        principal = self.request.user
+        assert isinstance(principal, ApiPrincipal)
+        return principal
+
+    def finalize_response(
+        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if RATE_LIMIT_HEADER_NAMES[0] in response:
+            return response
+        try:
+            principal = request.user
+        except exceptions.APIException:
+            return response  # authentication failed: no tenant, no headers
+        if isinstance(principal, ApiPrincipal):
+            status = quota_status(tenant_id=principal.tenant_id, limits=principal.limits)
+            for name, value in status.headers.items():
+                response[name] = value
+        return response

@@ -1,0 +1,184 @@
+"""Turn protocol messages + image bytes into model inputs with the checkpoint's own processor.
+
+The prompt text comes from the checkpoint's chat template (``enable_thinking`` passed
+through); images are decoded with Pillow and preprocessed by the checkpoint's image
+processor. When the checkpoint's full ``AutoProcessor`` loads (it needs torchvision for its
+video processor) it does the image-token expansion; otherwise ``PromptBuilder`` does the same
+expansion itself (each ``<|image|>`` becomes ``t*h*w / merge**2`` copies, and
+``mm_token_type_ids`` marks them 1), exactly what ``Glm46VProcessor`` does for images.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.protocol import ErrorCode, ImagePart, Message, TextPart
+
+logger = logging.getLogger(__name__)
+
+
+class PromptError(Exception):
+    """A request-level problem found while building its inputs (becomes an ErrorEvent)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class PreparedPrompt:
+    """Model inputs for one request, batch dimension 1, on CPU until prefill moves them."""
+
+    input_ids: torch.Tensor  # [1, L] long
+    mm_token_type_ids: torch.Tensor  # [1, L] int, 1 on image tokens
+    pixel_values: torch.Tensor | None  # [patches, C*T*P*P]
+    image_grid_thw: torch.Tensor | None  # [images, 3]
+    image_tokens: int
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments ``model(...)``/``model.generate(...)`` take for this prompt."""
+        inputs = {
+            "input_ids": self.input_ids,
+            "attention_mask": torch.ones_like(self.input_ids),
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+        if self.pixel_values is not None:
+            inputs["pixel_values"] = self.pixel_values
+            inputs["image_grid_thw"] = self.image_grid_thw
+        return inputs
+
+
+def decode_image(data: bytes) -> Any:
+    """Decode encoded image bytes into an RGB PIL image, or raise PromptError."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as exc:  # Pillow raises many types for corrupt input
+        raise PromptError(ErrorCode.INVALID_REQUEST, f"cannot decode image: {exc}") from exc
+
+
+def to_chat_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Protocol messages as the list-of-parts dicts chat templates take."""
+    out = []
+    for message in messages:
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                parts.append({"type": "image"})
+        out.append({"role": message.role, "content": parts})
+    return out
+
+
+class PromptBuilder:
+    """Chat template + image processing for one checkpoint. Stateless between calls."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, processor: Any | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.processor = processor  # the full HF processor when it could be loaded
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.merge_size = int(getattr(image_processor, "merge_size", 2))
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, local_files_only: bool) -> PromptBuilder:
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+            return cls(processor.tokenizer, processor.image_processor, processor)
+        except ImportError as exc:
+            # Without torchvision the video processor (and so the processor) cannot be built.
+            logger.info(
+                "AutoProcessor unavailable (%s); assembling tokenizer + image processor", exc
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+        image_processor = AutoImageProcessor.from_pretrained(
+            path, local_files_only=local_files_only
+        )
+        if Path(path, "chat_template.jinja").is_file() and not tokenizer.chat_template:
+            tokenizer.chat_template = Path(path, "chat_template.jinja").read_text()
+        return cls(tokenizer, image_processor)
+
+    def render(self, messages: Sequence[Message], *, thinking: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            to_chat_messages(messages),
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+        )
+
+    def build(
+        self, messages: Sequence[Message], images: Mapping[str, bytes], *, thinking: bool
+    ) -> PreparedPrompt:
+        """Render, decode images (in message order), tokenize. Raises PromptError."""
+        pil_images = []
+        for message in messages:
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    data = images.get(part.image.sha256)
+                    if data is None:
+                        raise PromptError(
+                            ErrorCode.IMAGE_UNAVAILABLE, f"image {part.image.sha256} unavailable"
+                        )
+                    pil_images.append(decode_image(data))
+        text = self.render(messages, thinking=thinking)
+        if self.processor is not None:
+            out = self.processor(text=[text], images=pil_images or None, return_tensors="pt")
+            return self._prepared(out)
+        return self._build_without_processor(text, pil_images)
+
+    def _build_without_processor(self, text: str, pil_images: list[Any]) -> PreparedPrompt:
+        pixel_values = grid = None
+        if pil_images:
+            processed = self.image_processor(images=pil_images, return_tensors="pt")
+            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
+            counts = [int(g.prod()) // self.merge_size**2 for g in grid]
+            pieces = text.split(self.image_token)
+            if len(pieces) - 1 != len(counts):
+                raise PromptError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"{len(pieces) - 1} image placeholders for {len(counts)} images",
+                )
+            text = pieces[0] + "".join(
+                self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
+            )
+        # The template already wrote [gMASK]<sop>; add nothing.
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return self._prepared(
+            {
+                "input_ids": ids,
+                "mm_token_type_ids": (ids == self.image_token_id).to(torch.int),
+                "pixel_values": pixel_values,
+                "image_grid_thw": grid,
+            }
+        )
+
+    def _prepared(self, out: Mapping[str, Any]) -> PreparedPrompt:
+        ids = out["input_ids"].to(torch.long)
+        mm = out.get("mm_token_type_ids")
+        mm = (ids == self.image_token_id).to(torch.int) if mm is None else mm.to(torch.int)
+        return PreparedPrompt(
+            input_ids=ids,
+            mm_token_type_ids=mm,
+            pixel_values=out.get("pixel_values"),
+            image_grid_thw=out.get("image_grid_thw"),
+            image_tokens=int((mm == 1).sum()),
+        )

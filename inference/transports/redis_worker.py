@@ -1,0 +1,289 @@
+"""The worker side of the Redis Streams transport (synchronous: the worker loop is a thread).
+
+Keys and protocol are in ``KeySpace`` and DESIGN.md. What this side adds:
+
+- Requests are read with ``XREADGROUP`` into the consumer group ``workers``; the consumer
+  name is the worker id. An entry is acknowledged (``XACK``) and deleted (``XDEL``, so the
+  stream holds only unfinished work) in the same pipeline that writes its terminal event,
+  after that event.
+- Reclaiming: a pending entry is taken over only when its consumer's heartbeat key has
+  expired (the worker is dead) *and* it has been idle longer than the claim timeout. The
+  liveness check matters: a long generation keeps its entry idle for minutes while its
+  worker is healthy, and ``XAUTOCLAIM`` alone would hand it to a second worker.
+  ``XCLAIM`` with the same min-idle time makes concurrent claimers safe (the first resets
+  the idle time, so the others skip the entry).
+- The delivery count (``times_delivered`` from ``XPENDING``) tells poison requests apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import redis
+
+from inference.protocol import (
+    TERMINAL_EVENTS,
+    StartEvent,
+    WorkerHeartbeat,
+    decode_event,
+    decode_request,
+    encode,
+    encode_heartbeat,
+)
+from inference.transports.base import (
+    GROUP,
+    Delivery,
+    InferenceSettings,
+    KeySpace,
+    Outgoing,
+    ReplyState,
+    TransportUnavailable,
+)
+
+logger = logging.getLogger("inference.transports.redis")
+
+REQUEST_FIELD = b"r"  # the one field of a request entry: the encoded InferenceRequest
+EVENT_FIELD = b"e"  # the one field of a reply entry: one encoded Event
+_CLAIM_BATCH = 16
+# A dead consumer with nothing pending is removed from the group after this long.
+_FORGET_CONSUMER_AFTER_MS = 10 * 60 * 1000
+_REGISTRY_TTL_S = 24 * 3600  # a model nobody serves any more leaves no registry behind
+
+_T = TypeVar("_T")
+
+
+def _redis_call(fn: Callable[[], _T]) -> _T:
+    try:
+        return fn()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise TransportUnavailable(str(exc)) from exc
+
+
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """Create the consumer group (and the stream) if missing; idempotent.
+
+    The group starts at id 0 so that requests enqueued before any worker existed are served.
+    """
+    try:
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class RedisWorkerTransport:
+    """``WorkerTransport`` over Redis Streams for one model and one worker id."""
+
+    supports_reclaim = True
+
+    def __init__(
+        self,
+        *,
+        client: redis.Redis,
+        settings: InferenceSettings,
+        model: str,
+        worker_id: str,
+    ) -> None:
+        self._r = client
+        self._settings = settings
+        self._keys = KeySpace(settings.key_prefix)
+        self._model = model
+        self._worker_id = worker_id
+        self._stream = self._keys.requests(model)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, settings: InferenceSettings, model: str, worker_id: str
+    ) -> RedisWorkerTransport:
+        client = redis.Redis.from_url(url, health_check_interval=30)
+        return cls(client=client, settings=settings, model=model, worker_id=worker_id)
+
+    def setup(self) -> None:
+        _redis_call(lambda: ensure_group(self._r, self._stream))
+
+    def fetch(self, count: int, block_ms: int) -> list[Delivery]:
+        # redis-py: block=0 would mean "forever"; None means "do not block".
+        block = block_ms if block_ms > 0 else None
+
+        def read() -> Any:
+            try:
+                return self._r.xreadgroup(
+                    GROUP, self._worker_id, {self._stream: ">"}, count=count, block=block
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream was deleted under us (an operator reset the queue): recreate.
+                ensure_group(self._r, self._stream)
+                return []
+
+        resp = _redis_call(read)
+        deliveries: list[Delivery] = []
+        for _stream, entries in resp or []:
+            for entry_id, fields in entries:
+                delivery = self._delivery(entry_id, fields, attempt=1, state=ReplyState.EMPTY)
+                if delivery is not None:
+                    deliveries.append(delivery)
+        return deliveries
+
+    def claim_stale(self, *, include_own: bool = False) -> list[Delivery]:
+        return _redis_call(lambda: self._claim_stale(include_own))
+
+    def _claim_stale(self, include_own: bool) -> list[Delivery]:
+        try:
+            consumers = self._r.xinfo_consumers(self._stream, GROUP)
+        except redis.ResponseError:
+            return []  # no stream or group yet
+        others = [c for c in consumers if include_own or _text(c["name"]) != self._worker_id]
+        if not others:
+            return []
+        names = [_text(c["name"]) for c in others]
+        pipe = self._r.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self._keys.heartbeat(self._model, name))
+        alive = pipe.execute()
+        min_idle = self._settings.claim_idle_ms
+        claimed: list[Delivery] = []
+        for consumer, name, is_alive in zip(others, names, alive, strict=True):
+            if is_alive and name != self._worker_id:
+                continue
+            own = name == self._worker_id
+            if consumer["pending"] == 0:
+                if not own and consumer["idle"] > _FORGET_CONSUMER_AFTER_MS:
+                    self._r.xgroup_delconsumer(self._stream, GROUP, name)
+                continue
+            pending = self._r.xpending_range(
+                self._stream,
+                GROUP,
+                "-",
+                "+",
+                _CLAIM_BATCH,
+                consumername=name,
+                idle=None if own else min_idle,
+            )
+            if not pending:
+                continue
+            delivered = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+            entries = self._r.xclaim(
+                self._stream, GROUP, self._worker_id, 0 if own else min_idle, list(delivered)
+            )
+            for entry_id, fields in entries:
+                if fields is None:  # deleted from the stream meanwhile
+                    continue
+                eid = _text(entry_id)
+                # XCLAIM counted this delivery too.
+                attempt = delivered.get(eid, 1) + 1
+                delivery = self._delivery(entry_id, fields, attempt=attempt, state=None)
+                if delivery is not None:
+                    claimed.append(delivery)
+                    logger.warning(
+                        "reclaimed %s from worker %s (delivery %d, reply %s)",
+                        delivery.request.request_id,
+                        name,
+                        attempt,
+                        delivery.reply_state.value,
+                    )
+            if len(claimed) >= _CLAIM_BATCH:
+                break
+        return claimed
+
+    def _delivery(
+        self, entry_id: Any, fields: dict[bytes, bytes], *, attempt: int, state: ReplyState | None
+    ) -> Delivery | None:
+        eid = _text(entry_id)
+        try:
+            request = decode_request(fields[REQUEST_FIELD])
+        except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
+            # Without a request id there is nobody to answer: drop it, loudly.
+            logger.error("dropping undecodable request entry %s on %s", eid, self._stream)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xack(self._stream, GROUP, eid)
+            pipe.xdel(self._stream, eid)
+            pipe.execute()
+            return None
+        if state is None:
+            state = self._reply_state(request.request_id)
+        return Delivery(request=request, token=eid, attempt=attempt, reply_state=state)
+
+    def _reply_state(self, request_id: str) -> ReplyState:
+        key = self._keys.reply(request_id)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.xlen(key)
+        pipe.xrevrange(key, count=1)
+        length, last = pipe.execute()
+        if not length:
+            return ReplyState.EMPTY
+        last_event = decode_event(last[0][1][EVENT_FIELD])
+        if isinstance(last_event, TERMINAL_EVENTS):
+            return ReplyState.FINISHED
+        if length == 1 and isinstance(last_event, StartEvent):
+            return ReplyState.STARTED
+        return ReplyState.STREAMED
+
+    def fetch_images(self, tenant_id: str, sha256s: Sequence[str]) -> dict[str, bytes]:
+        keys = [self._keys.blob(tenant_id, sha) for sha in sha256s]
+        values = _redis_call(lambda: self._r.mget(keys))
+        return {sha: v for sha, v in zip(sha256s, values, strict=True) if v is not None}
+
+    def cancelled(self, request_ids: Sequence[str]) -> set[str]:
+        if not request_ids:
+            return set()
+        keys = [self._keys.cancel(rid) for rid in request_ids]
+        values = _redis_call(lambda: self._r.mget(keys))
+        return {rid for rid, v in zip(request_ids, values, strict=True) if v is not None}
+
+    def publish(self, batch: Sequence[Outgoing]) -> None:
+        if not batch:
+            return
+        s = self._settings
+        pipe = self._r.pipeline(transaction=False)
+        touched: set[str] = set()
+        for out in batch:
+            key = self._keys.reply(out.request_id)
+            for event in out.events:
+                fields = {EVENT_FIELD: encode(event)}
+                pipe.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
+                touched.add(key)
+            if out.ack_token is not None:
+                # After the events, in the same pipeline: Redis runs them in order.
+                pipe.xack(self._stream, GROUP, out.ack_token)
+                pipe.xdel(self._stream, out.ack_token)
+        for key in touched:
+            pipe.expire(key, s.reply_ttl_s)
+        _redis_call(pipe.execute)
+
+    def heartbeat(self, beat: WorkerHeartbeat) -> None:
+        registry = self._keys.registry(self._model)
+        ttl_ms = int(self._settings.heartbeat_ttl_s * 1000)
+        pipe = self._r.pipeline(transaction=False)
+        pipe.set(
+            self._keys.heartbeat(self._model, self._worker_id), encode_heartbeat(beat), px=ttl_ms
+        )
+        pipe.zadd(registry, {self._worker_id: time.time()})
+        pipe.expire(registry, _REGISTRY_TTL_S)
+        _redis_call(pipe.execute)
+
+    def unregister(self) -> None:
+        def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.delete(self._keys.heartbeat(self._model, self._worker_id))
+            pipe.zrem(self._keys.registry(self._model), self._worker_id)
+            pipe.execute()
+            own = self._r.xpending_range(
+                self._stream, GROUP, "-", "+", 1, consumername=self._worker_id
+            )
+            if not own:  # deleting a consumer drops its pending entries: only when none
+                self._r.xgroup_delconsumer(self._stream, GROUP, self._worker_id)
+
+        _redis_call(run)
+
+    def close(self) -> None:
+        self._r.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

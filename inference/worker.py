@@ -1,0 +1,418 @@
+"""The worker: the IO loop around one engine, the same code for both transports.
+
+``Worker.run`` repeats one iteration until stopped:
+
+1. publish what the last iteration could not (the broker was down) before stepping again;
+2. heartbeat when due; reclaim requests of dead workers when due;
+3. take as many new requests as there are free batch slots (non-blocking while the engine
+   has work, blocking briefly when idle), fetch their image blobs, ``engine.add_request``;
+4. abort running requests whose cancel mark is set;
+5. ``engine.step()`` and publish its events, one batch (one Redis pipeline) per step.
+
+Invariants:
+
+- every delivery taken is acknowledged exactly once, after its terminal event is written;
+- a non-streamed request (``stream=False``) writes nothing until it is finished, so a
+  re-run after a crash is invisible; a streamed one that already sent text is never re-run;
+- anything that goes wrong for one request becomes an ``ErrorEvent`` for that request;
+  the loop keeps going. Only repeated whole-step failures end the process (a supervisor
+  restarts it and its requests are reclaimed), because by then the engine is not trusted.
+
+Stopping (SIGTERM): take no new requests, finish everything already taken, then return;
+after ``drain_timeout_s`` what is left is abandoned: reclaimable requests that sent nothing
+are left for another worker, the others get an ``ErrorEvent(WORKER_LOST)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from inference.protocol import (
+    TERMINAL_EVENTS,
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    Event,
+    FinishReason,
+    InferenceRequest,
+    StartEvent,
+    Usage,
+    WorkerHeartbeat,
+)
+from inference.transports.base import (
+    Delivery,
+    Outgoing,
+    ReplyState,
+    TransportUnavailable,
+    WorkerTransport,
+)
+
+logger = logging.getLogger("inference.worker")
+_T = TypeVar("_T")
+
+
+class EngineLike(Protocol):
+    """The part of ``inference.engine.Engine`` the worker uses (see that module)."""
+
+    def add_request(self, request: InferenceRequest, images: Mapping[str, bytes]) -> None: ...
+    def abort(self, request_id: str) -> None: ...
+    def step(self) -> list[tuple[str, Event]]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> Any: ...
+
+
+def default_worker_id() -> str:
+    """Unique per process start, so a restarted worker never inherits a dead one's name."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    worker_id: str = field(default_factory=default_worker_id)
+    max_batch_size: int | None = None  # None: the engine's own limit
+    heartbeat_s: float = 2.0
+    claim_interval_s: float = 2.0
+    idle_block_ms: int = 200
+    max_deliveries: int = 3
+    drain_timeout_s: float = 30.0
+    # Requests queued longer than this are answered TIMEOUT, not run: their client has
+    # given up (INFERENCE_REQUEST_TIMEOUT_SECONDS), so the work would be for nobody.
+    max_request_age_s: float | None = None
+    # Consecutive failed engine steps after which the engine is not trusted any more.
+    max_step_failures: int = 5
+
+
+@dataclass
+class _InFlight:
+    delivery: Delivery
+    skip_start: bool = False  # a reclaimed request whose StartEvent is already out
+    sent_text: bool = False
+    buffered: list[Event] = field(default_factory=list)  # stream=False: held until the end
+
+
+def _error_code_for(exc: BaseException) -> ErrorCode:
+    # torch.cuda.OutOfMemoryError is matched by name: the worker does not import torch.
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return ErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, ValueError):
+        return ErrorCode.INVALID_REQUEST
+    return ErrorCode.INTERNAL_ERROR
+
+
+def _coalesce(events: list[Event]) -> list[Event]:
+    """A non-streamed reply: its start, all text as one delta, and its terminal event.
+
+    A failed non-streamed request is all-or-nothing: only its error is sent.
+    """
+    if events and isinstance(events[-1], ErrorEvent):
+        return [events[-1]]
+    deltas = [e for e in events if isinstance(e, DeltaEvent)]
+    out: list[Event] = [e for e in events if isinstance(e, StartEvent)][:1]
+    if deltas:
+        out.append(
+            DeltaEvent(
+                text="".join(d.text for d in deltas),
+                reasoning="".join(d.reasoning for d in deltas),
+                tokens=sum(d.tokens for d in deltas),
+            )
+        )
+    out.extend(e for e in events if isinstance(e, TERMINAL_EVENTS))
+    return out
+
+
+class Worker:
+    """Serves one model's engine through one transport. Use from a single thread."""
+
+    def __init__(
+        self, *, engine: EngineLike, transport: WorkerTransport, config: WorkerConfig
+    ) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.config = config
+        self.max_batch_size = config.max_batch_size or int(engine.stats().max_batch_size)
+        self._inflight: dict[str, _InFlight] = {}
+        self._backlog: list[Delivery] = []  # taken from the transport, not yet admitted
+        self._abort_sent: set[str] = set()
+        self._outbox: list[Outgoing] = []
+        self._started_at = time.time()
+        self._next_heartbeat = 0.0
+        self._next_claim = 0.0
+        self._step_failures = 0
+        self._stop: threading.Event | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set, then drain (bounded) and unregister."""
+        cfg = self.config
+        self._stop = stop
+        logger.info(
+            "worker start model=%s worker_id=%s max_batch_size=%d",
+            cfg.model,
+            cfg.worker_id,
+            self.max_batch_size,
+        )
+        if self._retrying(stop, lambda: self.transport.setup() or True) is None:
+            return
+        # Our own pending entries can only exist if a previous process used this worker id.
+        own = self._retrying(stop, lambda: self.transport.claim_stale(include_own=True))
+        self._backlog.extend(own or [])
+        logger.info("worker ready model=%s worker_id=%s", cfg.model, cfg.worker_id)
+        drain_deadline: float | None = None
+        while True:
+            if stop.is_set() and drain_deadline is None:
+                drain_deadline = time.monotonic() + cfg.drain_timeout_s
+                logger.info(
+                    "worker stopping worker_id=%s in_flight=%d", cfg.worker_id, len(self._inflight)
+                )
+            if drain_deadline is not None:
+                if not self._inflight and not self._outbox and not self._backlog:
+                    break
+                if time.monotonic() > drain_deadline:
+                    self._abandon_all()
+                    break
+            try:
+                self.run_once(accept_new=drain_deadline is None)
+            except TransportUnavailable as exc:
+                logger.warning("broker unavailable, backing off: %s", exc)
+                time.sleep(0.5)
+        try:
+            self.transport.unregister()
+        except TransportUnavailable:
+            logger.warning("could not unregister worker %s", cfg.worker_id)
+        logger.info("worker stop model=%s worker_id=%s", cfg.model, cfg.worker_id)
+
+    def run_once(self, *, accept_new: bool = True) -> None:
+        """One iteration of the loop (see the module docstring)."""
+        if self._outbox:
+            self._flush()  # never step ahead of what clients have been sent
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._heartbeat()
+            self._next_heartbeat = now + self.config.heartbeat_s
+        # Checked here, not only at the top of ``run``: a SIGTERM handled during this
+        # iteration's Redis calls must already keep the fetch below from taking more work.
+        accept_new = accept_new and not (self._stop is not None and self._stop.is_set())
+        if accept_new:
+            if now >= self._next_claim:
+                self._next_claim = now + self.config.claim_interval_s
+                self._backlog.extend(self.transport.claim_stale())
+            free = self.max_batch_size - len(self._inflight) - len(self._backlog)
+            if free > 0:
+                busy = bool(self._inflight) or self.engine.has_unfinished()
+                block_ms = 0 if busy else self.config.idle_block_ms
+                self._backlog.extend(self.transport.fetch(free, block_ms))
+        self._admit_backlog()
+        self._apply_cancels()
+        if self.engine.has_unfinished():
+            self._step()
+        self._flush()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # --- admission ------------------------------------------------------------------
+
+    def _admit_backlog(self) -> None:
+        """Admit every delivery taken but not yet admitted.
+
+        A delivery leaves the backlog only once admitted or answered: if the broker fails
+        half-way it stays for the next iteration (it is pending to us in the broker, and no
+        other worker reclaims the entries of a live worker).
+        """
+        if not self._backlog:
+            return
+        cancelled = self.transport.cancelled([d.request.request_id for d in self._backlog])
+        while self._backlog:
+            delivery = self._backlog[0]
+            try:
+                self._admit(delivery, cancelled=delivery.request.request_id in cancelled)
+            except TransportUnavailable:
+                raise
+            except Exception as exc:  # one request's problem, not the worker's
+                logger.exception("admitting %s failed", delivery.request.request_id)
+                self._finish_early(delivery, ErrorEvent(_error_code_for(exc), str(exc)))
+            self._backlog.pop(0)
+
+    def _admit(self, delivery: Delivery, *, cancelled: bool) -> None:
+        request = delivery.request
+        rid = request.request_id
+        if rid in self._inflight:
+            # The same request delivered twice to us (it was re-queued): serve it once.
+            logger.warning("duplicate delivery of %s acknowledged", rid)
+            self._outbox.append(Outgoing(rid, [], ack_token=delivery.token))
+            return
+        if delivery.reply_state is ReplyState.FINISHED:
+            self._outbox.append(Outgoing(rid, [], ack_token=delivery.token))
+            return
+        if delivery.reply_state is ReplyState.STREAMED:
+            message = "The worker serving this request stopped after part of the answer was sent."
+            self._finish_early(delivery, ErrorEvent(ErrorCode.WORKER_LOST, message))
+            return
+        if delivery.attempt > self.config.max_deliveries:
+            message = f"The request failed on {delivery.attempt - 1} workers; giving up."
+            self._finish_early(delivery, ErrorEvent(ErrorCode.INTERNAL_ERROR, message))
+            return
+        if cancelled:
+            done = DoneEvent(finish_reason=FinishReason.CANCELLED, usage=Usage())
+            self._finish_early(delivery, done)
+            return
+        now = time.time()
+        max_age = self.config.max_request_age_s
+        too_old = max_age is not None and now - request.created_at > max_age
+        if too_old or (request.deadline is not None and now > request.deadline):
+            message = "The request's deadline passed before it could start."
+            self._finish_early(delivery, ErrorEvent(ErrorCode.TIMEOUT, message, retryable=True))
+            return
+        refs = request.image_refs()
+        images: dict[str, bytes] = {}
+        if refs:
+            wanted = sorted({ref.sha256 for ref in refs})
+            images = self.transport.fetch_images(request.tenant_id, wanted)
+            missing = [sha for sha in wanted if sha not in images]
+            if missing:
+                message = f"Image {missing[0]} expired or was never stored; send it again."
+                self._finish_early(delivery, ErrorEvent(ErrorCode.IMAGE_UNAVAILABLE, message))
+                return
+        self.engine.add_request(request, images)
+        self._inflight[rid] = _InFlight(
+            delivery=delivery, skip_start=delivery.reply_state is ReplyState.STARTED
+        )
+
+    def _finish_early(self, delivery: Delivery, event: Event) -> None:
+        """A request that ends before it reaches the engine: its terminal event, then ack."""
+        rid = delivery.request.request_id
+        self._outbox.append(Outgoing(rid, [event], ack_token=delivery.token))
+
+    # --- running --------------------------------------------------------------------
+
+    def _apply_cancels(self) -> None:
+        candidates = [rid for rid in self._inflight if rid not in self._abort_sent]
+        if not candidates:
+            return
+        for rid in self.transport.cancelled(candidates):
+            # The engine frees the slot at its next step and reports DoneEvent(CANCELLED).
+            self.engine.abort(rid)
+            self._abort_sent.add(rid)
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:
+            self._step_failed(exc)
+            return
+        self._step_failures = 0
+        for rid, event in events:
+            self._route(rid, event)
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step that raised cannot be pinned on one request: fail the whole batch."""
+        self._step_failures += 1
+        logger.exception(
+            "engine step failed (%d in a row); failing %d requests",
+            self._step_failures,
+            len(self._inflight),
+        )
+        code = _error_code_for(exc)
+        for rid in list(self._inflight):
+            flight = self._inflight[rid]
+            self._safe_abort(rid)
+            error = ErrorEvent(code, f"The model failed: {exc}", retryable=not flight.sent_text)
+            self._route(rid, error)
+        if self._step_failures >= self.config.max_step_failures:
+            raise RuntimeError("engine failed repeatedly; stopping this worker") from exc
+
+    def _safe_abort(self, rid: str) -> None:
+        try:
+            self.engine.abort(rid)
+        except Exception:
+            logger.exception("engine.abort(%s) failed", rid)
+
+    def _route(self, rid: str, event: Event) -> None:
+        flight = self._inflight.get(rid)
+        if flight is None:
+            return  # already finished here (e.g. failed with its batch): late engine output
+        terminal = isinstance(event, TERMINAL_EVENTS)
+        if isinstance(event, StartEvent) and flight.skip_start:
+            return
+        if isinstance(event, DeltaEvent) and (event.text or event.reasoning):
+            flight.sent_text = True
+        ack = flight.delivery.token if terminal else None
+        if flight.delivery.request.stream:
+            self._outbox.append(Outgoing(rid, [event], ack_token=ack))
+        else:
+            flight.buffered.append(event)
+            if terminal:
+                self._outbox.append(Outgoing(rid, _coalesce(flight.buffered), ack_token=ack))
+        if terminal:
+            del self._inflight[rid]
+            self._abort_sent.discard(rid)
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        self.transport.publish(self._outbox)
+        self._outbox = []
+
+    def _abandon_all(self) -> None:
+        """The drain bound passed: hand back or fail what is still in flight."""
+        logger.warning("drain timeout: abandoning %d requests", len(self._inflight))
+        for rid in list(self._inflight):
+            flight = self._inflight.pop(rid)
+            self._safe_abort(rid)
+            streamed = flight.delivery.request.stream and flight.sent_text
+            if self.transport.supports_reclaim and not streamed:
+                continue  # left pending: another worker reclaims it and no one sees a thing
+            message = "The worker stopped before the answer was complete."
+            self._outbox.append(
+                Outgoing(
+                    rid,
+                    [ErrorEvent(ErrorCode.WORKER_LOST, message, retryable=not streamed)],
+                    ack_token=flight.delivery.token,
+                )
+            )
+        try:
+            self._flush()
+        except TransportUnavailable:
+            logger.warning("could not publish the abandoned requests' errors")
+
+    def _heartbeat(self) -> None:
+        stats = self.engine.stats()
+        now = time.time()
+        beat = WorkerHeartbeat(
+            worker_id=self.config.worker_id,
+            model=self.config.model,
+            running=int(stats.running),
+            waiting=int(stats.waiting),
+            max_batch_size=self.max_batch_size,
+            kv_used_tokens=int(stats.kv_used_tokens),
+            kv_capacity_tokens=int(stats.kv_capacity_tokens),
+            tokens_per_second=float(stats.tokens_per_second),
+            memory_bytes=int(stats.memory_bytes),
+            device=str(stats.device),
+            started_at=self._started_at,
+            updated_at=now,
+        )
+        self.transport.heartbeat(beat)
+
+    @staticmethod
+    def _retrying(stop: threading.Event, fn: Callable[[], _T]) -> _T | None:
+        """Call ``fn`` until the broker answers or ``stop`` is set (then None)."""
+        while not stop.is_set():
+            try:
+                return fn()
+            except TransportUnavailable as exc:
+                logger.warning("broker unavailable at start-up, retrying: %s", exc)
+                stop.wait(1.0)
+        return None

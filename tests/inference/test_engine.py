@@ -1,0 +1,278 @@
+"""Engine behaviour a client notices: streaming, cancel, errors, fairness, sampling, stops."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from inference.engine.detokenizer import REPLACEMENT_CHAR
+from inference.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinishReason,
+    StartEvent,
+)
+from tests.inference.conftest import chat_request, image_bytes, run_to_completion
+
+
+def _by_request(events):
+    out: dict[str, list] = {}
+    for rid, event in events:
+        out.setdefault(rid, []).append(event)
+    return out
+
+
+def _text(events):
+    return "".join(e.text for e in events if isinstance(e, DeltaEvent))
+
+
+def _tokens_recorder():
+    tokens: dict[str, list[int]] = {}
+    return tokens, lambda rid, tok: tokens.setdefault(rid, []).append(tok)
+
+
+def test_events_stream_incrementally_in_order(make_engine):
+    engine = make_engine(max_batch_size=2)
+    engine.add_request(chat_request("r1", "What is in the image?", max_tokens=12), {})
+    first = engine.step()
+    assert [type(e) for _, e in first][:1] == [StartEvent]
+    assert any(isinstance(e, DeltaEvent) for _, e in first)  # text before the last token
+    assert engine.has_unfinished()
+    rest = run_to_completion(engine)
+    events = [e for _, e in first + rest]
+    assert isinstance(events[0], StartEvent) and isinstance(events[-1], DoneEvent)
+    assert all(isinstance(e, DeltaEvent) for e in events[1:-1])
+    done = events[-1]
+    assert done.usage.completion_tokens == sum(e.tokens for e in events[1:-1]) or (
+        done.finish_reason == FinishReason.STOP  # the EOS token is counted, not streamed
+    )
+    assert _text(events)
+
+
+def test_chinese_streams_without_broken_characters(make_engine, tiny_runner):
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(max_batch_size=4, token_observer=observer)
+    questions = ["天气怎么样？", "描述这张照片。", "这是哪里？", "图片里有什么？"]
+    for i, question in enumerate(questions):
+        engine.add_request(chat_request(f"zh{i}", question, max_tokens=40), {})
+    streams = _by_request(run_to_completion(engine))
+    tokenizer = tiny_runner.tokenizer
+    eos = tiny_runner.special.eos_ids
+    split_chars = 0
+    for rid, events in streams.items():
+        deltas = [e.text for e in events if isinstance(e, DeltaEvent)]
+        assert all(REPLACEMENT_CHAR not in d for d in deltas), deltas
+        ids = [t for t in tokens[rid] if t not in eos]
+        assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
+        split_chars += sum(REPLACEMENT_CHAR in tokenizer.decode([t]) for t in ids)
+    assert split_chars > 0  # characters really did span several tokens
+    assert any(len(deltas) > 3 for deltas in streams.values())
+
+
+def test_cancel_frees_the_slot_within_one_step(make_engine):
+    engine = make_engine(max_batch_size=1)
+    engine.add_request(chat_request("a", "Describe the picture.", max_tokens=50), {})
+    engine.add_request(chat_request("b", "天气怎么样？", max_tokens=5), {})
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1
+    engine.abort("a")
+    events = engine.step()
+    kinds = [(rid, type(e)) for rid, e in events]
+    assert ("a", DoneEvent) in kinds and ("b", StartEvent) in kinds
+    done = next(e for rid, e in events if rid == "a")
+    assert done.finish_reason == FinishReason.CANCELLED
+    assert done.usage.completion_tokens >= 1
+    assert not any(rid == "a" for rid, _ in run_to_completion(engine))
+    engine.abort("a")  # unknown now: ignored
+    assert engine.step() == []
+
+
+def test_cancel_while_waiting(make_engine):
+    engine = make_engine(max_batch_size=1)
+    engine.add_request(chat_request("a", "Describe the picture.", max_tokens=5), {})
+    engine.add_request(chat_request("b", "Describe the picture.", max_tokens=5), {})
+    engine.abort("b")
+    streams = _by_request(run_to_completion(engine))
+    assert [type(e) for e in streams["b"]] == [DoneEvent]
+    assert streams["b"][0].finish_reason == FinishReason.CANCELLED
+
+
+def test_prompt_too_long_for_kv_capacity(make_engine):
+    engine = make_engine(max_batch_size=2, max_seq_len=24)
+    engine.add_request(
+        chat_request("long", "What is in the image?", images={"x": (56, 56)}),
+        {"x": image_bytes(56, 56)},
+    )
+    engine.add_request(chat_request("ok", "Hi", max_tokens=40), {})
+    streams = _by_request(run_to_completion(engine))
+    [error] = streams["long"]
+    assert isinstance(error, ErrorEvent) and error.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    done = streams["ok"][-1]
+    # Capacity also bounds generation: prompt + completion never exceed max_seq_len.
+    assert done.usage.prompt_tokens + done.usage.completion_tokens <= 24
+    assert done.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+
+
+def test_bad_or_missing_image_fails_only_that_request(make_engine):
+    engine = make_engine(max_batch_size=3)
+    engine.add_request(chat_request("bad", "?", images={"x": (28, 28)}), {"x": b"not an image"})
+    engine.add_request(chat_request("missing", "?", images={"y": (28, 28)}), {})
+    engine.add_request(chat_request("good", "天气怎么样？", max_tokens=4), {})
+    streams = _by_request(run_to_completion(engine))
+    assert streams["bad"][0].code == ErrorCode.INVALID_REQUEST
+    assert streams["missing"][0].code == ErrorCode.IMAGE_UNAVAILABLE
+    assert isinstance(streams["good"][-1], DoneEvent)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "retryable"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), ErrorCode.OUT_OF_MEMORY, True),
+        (RuntimeError("boom"), ErrorCode.INTERNAL_ERROR, False),
+    ],
+)
+def test_prefill_failure_fails_only_that_request(
+    make_engine, tiny_runner, monkeypatch, exc, code, retryable
+):
+    real_prefill = tiny_runner.prefill
+    calls = []
+
+    def prefill(prompt):
+        calls.append(prompt)
+        if len(calls) == 2:
+            raise exc
+        return real_prefill(prompt)
+
+    monkeypatch.setattr(tiny_runner, "prefill", prefill)
+    engine = make_engine(max_batch_size=1)
+    for rid in ("first", "victim", "third"):
+        engine.add_request(chat_request(rid, "天气怎么样？", max_tokens=3), {})
+    streams = _by_request(run_to_completion(engine))
+    [error] = streams["victim"]
+    assert error.code == code and error.retryable is retryable
+    assert isinstance(streams["first"][-1], DoneEvent)
+    assert isinstance(streams["third"][-1], DoneEvent)  # its slot was given back
+
+
+def test_tenants_are_served_fairly(make_engine):
+    engine = make_engine(max_batch_size=2)
+    for i in range(50):
+        engine.add_request(chat_request(f"A{i}", "Hi", tenant_id="A", max_tokens=2), {})
+    for i in range(2):
+        engine.add_request(chat_request(f"B{i}", "Hi", tenant_id="B", max_tokens=2), {})
+    finished = [rid for rid, e in run_to_completion(engine) if isinstance(e, DoneEvent)]
+    assert len(finished) == 52
+    last_b = max(finished.index("B0"), finished.index("B1"))
+    assert last_b < 6  # first-come-first-served would put them at 50 and 51
+    assert finished.index("A49") > last_b
+    a_order = [rid for rid in finished if rid.startswith("A")]
+    assert a_order == sorted(a_order, key=lambda r: int(r[1:]))  # FIFO within a tenant
+
+
+def _sampled_tokens(make_engine, seed, *, neighbours=0):
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(max_batch_size=4, token_observer=observer)
+    for i in range(neighbours):  # other traffic in the batch must not change the draw
+        engine.add_request(chat_request(f"n{i}", "这是哪里？", temperature=1.0, max_tokens=30), {})
+    request = chat_request(
+        "s", "Tell me about cats", temperature=1.5, top_p=0.95, seed=seed, max_tokens=24
+    )
+    engine.add_request(request, {})
+    run_to_completion(engine)
+    return tokens["s"]
+
+
+def test_seeded_sampling_is_reproducible(make_engine):
+    first = _sampled_tokens(make_engine, seed=1234)
+    assert _sampled_tokens(make_engine, seed=1234, neighbours=2) == first
+    others = [_sampled_tokens(make_engine, seed=s) for s in (1, 2, 3)]
+    assert any(o != first for o in others)  # the seed matters
+
+
+def test_stop_string_ends_request_and_is_not_emitted(make_engine):
+    engine = make_engine()
+    engine.add_request(chat_request("plain", "What is in the image?", max_tokens=30), {})
+    plain = _text(_by_request(run_to_completion(engine))["plain"])
+    assert "cat" in plain  # the tiny model's answer for this question
+    engine.add_request(
+        chat_request("stop", "What is in the image?", max_tokens=30, stop=["cat"]), {}
+    )
+    events = _by_request(run_to_completion(engine))["stop"]
+    assert _text(events) == plain[: plain.index("cat")]
+    assert events[-1].finish_reason == FinishReason.STOP
+
+
+def test_max_tokens_gives_length_finish(make_engine):
+    engine = make_engine()
+    engine.add_request(chat_request("r", "Describe the picture.", max_tokens=3), {})
+    done = _by_request(run_to_completion(engine))["r"][-1]
+    assert done.finish_reason == FinishReason.LENGTH
+    assert done.usage.completion_tokens == 3
+
+
+def test_thinking_goes_to_reasoning(make_engine, tiny_runner):
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(token_observer=observer)
+    engine.add_request(chat_request("t", "What is in the image?", thinking=True, max_tokens=60), {})
+    events = _by_request(run_to_completion(engine))["t"]
+    reasoning = "".join(e.reasoning for e in events if isinstance(e, DeltaEvent))
+    answer = _text(events)
+    special = tiny_runner.special
+    assert tokens["t"][0] == special.think_start_id
+    assert reasoning and answer and "think>" not in reasoning + answer
+    usage = events[-1].usage
+    assert 0 < usage.reasoning_tokens < usage.completion_tokens
+    plain_ids = [t for t in tokens["t"] if t not in special.eos_ids]
+    split = plain_ids.index(special.think_end_id)
+    decode = tiny_runner.tokenizer.decode
+    assert reasoning == decode(plain_ids[1:split])
+    assert answer == decode(plain_ids[split + 1 :])
+
+
+def test_usage_counts_image_tokens(make_engine):
+    engine = make_engine()
+    request = chat_request("img", "What is in the image?", images={"x": (56, 84)}, max_tokens=2)
+    engine.add_request(request, {"x": image_bytes(56, 84)})
+    events = _by_request(run_to_completion(engine))["img"]
+    start, done = events[0], events[-1]
+    assert start.image_tokens > 0
+    assert done.usage.image_tokens == start.image_tokens
+    assert done.usage.prompt_tokens == start.prompt_tokens > start.image_tokens
+
+
+def test_duplicate_request_id_raises(make_engine):
+    engine = make_engine()
+    engine.add_request(chat_request("dup", "Hi"), {})
+    with pytest.raises(ValueError):
+        engine.add_request(chat_request("dup", "Hi"), {})
+
+
+def test_deadline_passed_before_start(make_engine):
+    engine = make_engine()
+    request = chat_request("late", "Hi")
+    engine.add_request(type(request)(**{**_fields(request), "deadline": time.time() - 1}), {})
+    [(rid, event)] = engine.step()
+    assert rid == "late" and event.code == ErrorCode.TIMEOUT
+
+
+def _fields(struct):
+    return {f: getattr(struct, f) for f in struct.__struct_fields__}
+
+
+def test_stats_report_batch_and_kv_use(make_engine):
+    engine = make_engine(max_batch_size=2, max_seq_len=128)
+    for i in range(3):
+        engine.add_request(chat_request(f"r{i}", "Describe the picture.", max_tokens=20), {})
+    engine.step()
+    engine.step()
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.max_batch_size) == (2, 1, 2)
+    assert stats.kv_capacity_tokens == 2 * 128
+    assert 0 < stats.kv_used_tokens <= stats.kv_capacity_tokens
+    assert stats.device == "cpu" and stats.memory_bytes > 0
+    run_to_completion(engine)
+    assert engine.stats().tokens_per_second > 0

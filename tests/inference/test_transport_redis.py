@@ -1,0 +1,258 @@
+"""The Redis Streams transport against the real Redis: both halves, no engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+
+import pytest
+import redis
+
+from inference.blobs import BlobDigestMismatch
+from inference.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinishReason,
+    ImageRef,
+    StartEvent,
+    Usage,
+    WorkerHeartbeat,
+    decode_request,
+    encode,
+)
+from inference.transports.base import InferenceSettings, KeySpace, Outgoing, ReplyState
+from inference.transports.redis_streams import RedisStreamsClient
+from inference.transports.redis_worker import REQUEST_FIELD, RedisWorkerTransport
+from tests.inference.fakes import delete_prefix, make_request, redis_url_for_tests, unique_prefix
+
+pytestmark = pytest.mark.redis
+
+MODEL = "fake"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = redis_url_for_tests()
+    if url is None:
+        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
+    return url
+
+
+@pytest.fixture
+def settings_(redis_url: str):
+    prefix = unique_prefix()
+    yield InferenceSettings(
+        transport="redis",
+        redis_url=redis_url,
+        key_prefix=prefix,
+        models={MODEL: {}},
+        claim_idle_ms=200,
+        heartbeat_s=0.5,
+        request_timeout_s=5.0,
+    )
+    delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+async def client(settings_: InferenceSettings):
+    c = RedisStreamsClient(settings=settings_)
+    yield c
+    await c.aclose()
+
+
+def _transport(settings_: InferenceSettings, worker_id: str) -> RedisWorkerTransport:
+    t = RedisWorkerTransport.from_url(
+        settings_.redis_url, settings=settings_, model=MODEL, worker_id=worker_id
+    )
+    t.setup()
+    return t
+
+
+def _beat(worker_id: str, *, running: int = 0, waiting: int = 0) -> WorkerHeartbeat:
+    now = time.time()
+    return WorkerHeartbeat(
+        worker_id=worker_id,
+        model=MODEL,
+        running=running,
+        waiting=waiting,
+        max_batch_size=4,
+        kv_used_tokens=0,
+        kv_capacity_tokens=100,
+        tokens_per_second=1.0,
+        memory_bytes=0,
+        device="cpu",
+        started_at=now,
+        updated_at=now,
+    )
+
+
+EVENTS = [
+    StartEvent(prompt_tokens=3),
+    *[DeltaEvent(text=f"w{i} ", tokens=1) for i in range(20)],
+    DoneEvent(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=3, completion_tokens=20)),
+]
+
+
+async def _collect(agen) -> list:
+    return [event async for event in agen]
+
+
+async def test_request_and_events_round_trip_through_the_streams(client, settings_):
+    request = make_request("round trip", stream=True)
+    worker = _transport(settings_, "w1")
+    consumer = asyncio.create_task(_collect(client.submit(request)))
+    deliveries = []
+    for _ in range(50):
+        deliveries = await asyncio.to_thread(worker.fetch, 4, 100)
+        if deliveries:
+            break
+    assert [d.request for d in deliveries] == [request]
+    assert deliveries[0].attempt == 1
+    worker.publish([Outgoing(request.request_id, EVENTS, ack_token=deliveries[0].token)])
+    assert await asyncio.wait_for(consumer, 5) == EVENTS
+    # Acknowledged and deleted: the request stream holds only unfinished work.
+    r = redis.Redis.from_url(settings_.redis_url)
+    stream = KeySpace(settings_.key_prefix).requests(MODEL)
+    assert r.xlen(stream) == 0
+    assert r.xpending(stream, "workers")["pending"] == 0
+    assert 0 < r.ttl(KeySpace(settings_.key_prefix).reply(request.request_id)) <= 300
+
+
+async def test_late_reader_of_a_finished_reply_misses_nothing(client, settings_):
+    request_id = "req_late"
+    _transport(settings_, "w1").publish([Outgoing(request_id, EVENTS)])
+    assert await _collect(client.events(request_id, time_limit_s=5)) == EVENTS
+
+
+async def test_reader_joining_halfway_while_the_worker_writes_misses_nothing(client, settings_):
+    request_id = "req_halfway"
+    worker = _transport(settings_, "w1")
+    half_written = threading.Event()
+
+    def write() -> None:
+        for i, event in enumerate(EVENTS):
+            worker.publish([Outgoing(request_id, [event])])
+            if i == len(EVENTS) // 2:
+                half_written.set()
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    await asyncio.to_thread(half_written.wait, 5)
+    assert await _collect(client.events(request_id, time_limit_s=5)) == EVENTS
+    writer.join()
+
+
+async def test_reader_times_out_with_an_error_event(client):
+    events = await _collect(client.events("req_never", time_limit_s=0.3))
+    assert len(events) == 1
+    assert isinstance(events[0], ErrorEvent) and events[0].code == ErrorCode.TIMEOUT
+
+
+async def test_leaving_submit_early_marks_the_request_cancelled(client, settings_):
+    request = make_request("bye")
+    worker = _transport(settings_, "w1")
+    agen = client.submit(request)
+    task = asyncio.create_task(agen.__anext__())
+    await asyncio.sleep(0.2)  # enqueued, waiting for the first event
+    worker.publish([Outgoing(request.request_id, [StartEvent(prompt_tokens=1)])])
+    assert isinstance(await task, StartEvent)
+    await agen.aclose()
+    assert worker.cancelled([request.request_id, "req_other"]) == {request.request_id}
+
+
+async def test_unknown_model_is_an_error_event(client):
+    events = await _collect(client.submit(make_request(model="nope")))
+    assert [type(e) for e in events] == [ErrorEvent]
+    assert events[0].code == ErrorCode.MODEL_NOT_FOUND
+
+
+async def test_put_image_stores_once_per_tenant_and_refreshes_ttl(client, settings_):
+    data = b"\x89PNG fake image bytes"
+    ref = ImageRef(sha256=hashlib.sha256(data).hexdigest(), width=1, height=1)
+    await client.put_image(tenant_id="tA", data=data, ref=ref)
+    r = redis.Redis.from_url(settings_.redis_url)
+    key = KeySpace(settings_.key_prefix).blob("tA", ref.sha256)
+    r.expire(key, 5)
+    await client.put_image(tenant_id="tA", data=data, ref=ref)
+    assert r.ttl(key) > 5  # refreshed to the blob TTL
+    worker = _transport(settings_, "w1")
+    assert worker.fetch_images("tA", [ref.sha256, "0" * 64]) == {ref.sha256: data}
+    assert worker.fetch_images("tB", [ref.sha256]) == {}  # another tenant cannot name it
+    with pytest.raises(BlobDigestMismatch):
+        await client.put_image(tenant_id="tA", data=b"other bytes", ref=ref)
+
+
+async def test_model_health_counts_live_workers_and_queue(client, settings_):
+    w1, w2 = _transport(settings_, "w1"), _transport(settings_, "w2")
+    w1.heartbeat(_beat("w1", running=2, waiting=1))
+    w2.heartbeat(_beat("w2", running=1))
+    r = redis.Redis.from_url(settings_.redis_url)
+    for _ in range(3):
+        r.xadd(
+            KeySpace(settings_.key_prefix).requests(MODEL), {REQUEST_FIELD: encode(make_request())}
+        )
+    health = await client.model_health(MODEL)
+    assert (health.live_workers, health.running, health.capacity) == (2, 3, 8)
+    assert (health.waiting, health.pending, health.queue_depth) == (3, 0, 4)
+    w1.fetch(2, 0)
+    health = await client.model_health(MODEL)
+    assert (health.waiting, health.pending) == (1, 2)
+    w2.unregister()
+    assert (await client.model_health(MODEL)).live_workers == 1
+    # A worker whose heartbeat expires stops counting (and leaves the registry).
+    r.delete(KeySpace(settings_.key_prefix).heartbeat(MODEL, "w1"))
+    health = await client.model_health(MODEL)
+    assert health.live_workers == 0 and not health.available
+    assert r.zcard(KeySpace(settings_.key_prefix).registry(MODEL)) == 0
+
+
+async def test_model_health_of_a_model_nobody_serves(client):
+    health = await client.model_health(MODEL)
+    assert (health.live_workers, health.queue_depth, health.capacity) == (0, 0, 0)
+
+
+def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings_):
+    keys = KeySpace(settings_.key_prefix)
+    r = redis.Redis.from_url(settings_.redis_url)
+    dead, alive, rescuer = (_transport(settings_, w) for w in ("dead", "alive", "rescuer"))
+    alive.heartbeat(_beat("alive"))
+    rescuer.heartbeat(_beat("rescuer"))
+    requests = {name: make_request(name) for name in ("empty", "started", "streamed", "done")}
+    for request in requests.values():
+        r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(request)})
+    taken = dead.fetch(4, 0)
+    assert len(taken) == 4
+    kept = make_request("kept")
+    r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(kept)})
+    assert [d.request for d in alive.fetch(1, 0)] == [kept]
+    dead.publish(
+        [
+            Outgoing(requests["started"].request_id, EVENTS[:1]),
+            Outgoing(requests["streamed"].request_id, EVENTS[:3]),
+            Outgoing(requests["done"].request_id, EVENTS),
+        ]
+    )
+    assert rescuer.claim_stale() == []  # not idle long enough yet
+    time.sleep(0.3)
+    claimed = {d.request.request_id: d for d in rescuer.claim_stale()}
+    assert set(claimed) == {r_.request_id for r_ in requests.values()}  # not the live one's
+    states = {name: claimed[req.request_id].reply_state for name, req in requests.items()}
+    assert states == {
+        "empty": ReplyState.EMPTY,
+        "started": ReplyState.STARTED,
+        "streamed": ReplyState.STREAMED,
+        "done": ReplyState.FINISHED,
+    }
+    assert all(d.attempt == 2 for d in claimed.values())
+    assert (
+        decode_request(encode(claimed[requests["empty"].request_id].request)) == requests["empty"]
+    )
+    # A second rescuer right after finds nothing: the claim reset the idle time.
+    other = _transport(settings_, "other")
+    other.heartbeat(_beat("other"))
+    assert other.claim_stale() == []

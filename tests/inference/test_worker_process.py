@@ -1,0 +1,249 @@
+"""Worker PROCESSES (``manage.py inference_worker``) with the real tiny model and Redis.
+
+Two workers, A and B, start in parallel for the module (model loading dominates the cost)
+and share one queue under their own key prefix. The tests run in order: the first kills A,
+the second stops the survivor B with SIGTERM. Every request uses the same greedy prompt,
+so every complete answer has the same text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from inference.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    decode_event,
+    decode_request,
+)
+from inference.transports.base import InferenceSettings, KeySpace
+from inference.transports.redis_streams import RedisStreamsClient
+from tests.inference.fakes import (
+    delete_prefix,
+    make_request,
+    redis_url_for_tests,
+    unique_prefix,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+MODEL = "tiny"
+ROOT = Path(__file__).resolve().parents[2]
+CLAIM_IDLE_MS = 1500
+PROMPT = "hello world"
+
+
+class WorkerProcess:
+    def __init__(
+        self, *, url: str, prefix: str, worker_id: str, log_dir: Path, model_dir: Path
+    ) -> None:
+        self.worker_id = worker_id
+        self.keys = KeySpace(prefix)
+        self.log_path = log_dir / f"{worker_id}.log"
+        env = {
+            **os.environ,
+            "REDIS_URL": url,
+            "INFERENCE_REDIS_URL": url,
+            "INFERENCE_TRANSPORT": "redis",
+            "INFERENCE_MODELS": json.dumps(
+                {MODEL: {"path": str(model_dir), "dtype": "float32", "device": "cpu"}}
+            ),
+            "INFERENCE_CLAIM_IDLE_MS": str(CLAIM_IDLE_MS),
+            "INFERENCE_HEARTBEAT_SECONDS": "0.3",
+            "PLATFORM_TESTING": "1",
+        }
+        argv = [sys.executable, "manage.py", "inference_worker", "--model", MODEL]
+        argv += ["--worker-id", worker_id, "--key-prefix", prefix, "--max-batch-size", "4"]
+        argv += ["--drain-seconds", "20"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
+
+    def wait_ready(self, r: redis.Redis, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not r.exists(self.keys.heartbeat(MODEL, self.worker_id)):
+            assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"worker not ready:\n{self.log()}"
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory, tiny_model_dir):
+    url = redis_url_for_tests()
+    if url is None:
+        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
+    prefix = unique_prefix()
+    log_dir = tmp_path_factory.mktemp("worker-logs")
+    procs = {
+        name: WorkerProcess(
+            url=url,
+            prefix=prefix,
+            worker_id=f"w{name}",
+            log_dir=log_dir,
+            model_dir=tiny_model_dir,
+        )
+        for name in ("A", "B")
+    }
+    r = redis.Redis.from_url(url)
+    try:
+        for proc in procs.values():
+            proc.wait_ready(r)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+        r.close()
+        delete_prefix(url, prefix)
+
+
+def _client(url: str, prefix: str) -> RedisStreamsClient:
+    settings = InferenceSettings(
+        transport="redis", redis_url=url, key_prefix=prefix, models={MODEL: {}}
+    )
+    return RedisStreamsClient(settings=settings)
+
+
+async def _ask(client, request) -> list:
+    return [e async for e in client.submit(request, time_limit_s=60)]
+
+
+def _text(events) -> str:
+    return "".join(e.text for e in events if isinstance(e, DeltaEvent))
+
+
+def _reply(r, keys, request_id) -> list:
+    return [decode_event(f[b"e"]) for _id, f in r.xrange(keys.reply(request_id))]
+
+
+def _pending_of(r, keys, consumer: str) -> list:
+    """(request, delta count in its reply) for each entry pending to ``consumer``."""
+    stream = keys.requests(MODEL)
+    out = []
+    for p in r.xpending_range(stream, "workers", "-", "+", 100, consumername=consumer):
+        entries = r.xrange(stream, p["message_id"], p["message_id"])
+        if entries:
+            request = decode_request(entries[0][1][b"r"])
+            deltas = sum(isinstance(e, DeltaEvent) for e in _reply(r, keys, request.request_id))
+            out.append((request, deltas))
+    return out
+
+
+async def test_two_workers_answer_everything_once_and_recover_a_killed_workers_work(workers):
+    a, b = workers["A"], workers["B"]
+    url = redis_url_for_tests()
+    keys = a.keys
+    r = redis.Redis.from_url(url)
+    client = _client(url, keys.prefix)
+    try:
+        # 1. Both workers serve; every request is answered exactly once.
+        first = [
+            make_request(PROMPT, model=MODEL, max_tokens=64, stream=i % 2 == 0) for i in range(8)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*(_ask(client, q) for q in first)), 60)
+        reference = _text(results[0])
+        assert reference and all(isinstance(ev[-1], DoneEvent) for ev in results), results
+        assert all(_text(ev) == reference for ev in results)
+        health = await client.model_health(MODEL)
+        assert health.live_workers == 2 and health.capacity == 8
+
+        # 2. SIGKILL worker A while it has a streamed request mid-answer and a non-streamed
+        # one in flight.
+        second = [
+            make_request(PROMPT, model=MODEL, max_tokens=64, stream=i % 2 == 0) for i in range(16)
+        ]
+        tasks = [asyncio.create_task(_ask(client, q)) for q in second]
+        deadline = time.monotonic() + 30
+        while True:
+            pending = await asyncio.to_thread(_pending_of, r, keys, "wA")
+            streamed = [q for q, deltas in pending if q.stream and deltas > 0]
+            quiet = [q for q, _ in pending if not q.stream]
+            if streamed and quiet:
+                break
+            assert time.monotonic() < deadline, "worker A never had the wanted work in flight"
+            await asyncio.sleep(0.005)
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        lost = await asyncio.to_thread(_pending_of, r, keys, "wA")  # frozen now
+        assert lost
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    finally:
+        await client.aclose()
+
+    by_id = {q.request_id: ev for q, ev in zip(second, results, strict=True)}
+    lost_ids = set()
+    for request, deltas_at_kill in lost:
+        lost_ids.add(request.request_id)
+        events = by_id[request.request_id]
+        if request.stream and deltas_at_kill:
+            assert events[-1] == ErrorEvent(
+                ErrorCode.WORKER_LOST, events[-1].message, retryable=False
+            )
+            text = _text(events)
+            assert len([e for e in events if isinstance(e, DeltaEvent)]) == deltas_at_kill
+            assert reference.startswith(text)  # what was sent, once, and nothing more
+        else:  # retried by B without the client noticing
+            assert isinstance(events[-1], DoneEvent), events
+            assert _text(events) == reference
+    assert any(not q.stream for q, _ in lost)
+    for request_id, events in by_id.items():
+        if request_id not in lost_ids:
+            assert isinstance(events[-1], DoneEvent) and _text(events) == reference
+        # Exactly one terminal event in the reply stream itself, not only in what we read.
+        written = _reply(r, keys, request_id)
+        assert sum(isinstance(e, DoneEvent | ErrorEvent) for e in written) == 1, written
+    stream = keys.requests(MODEL)
+    assert r.xlen(stream) == 0 and r.xpending(stream, "workers")["pending"] == 0
+    assert b.proc.poll() is None
+    r.close()
+
+
+async def test_sigterm_finishes_the_running_batch_then_exits_0(workers):
+    c = workers["B"]  # the survivor of the previous test, now alone on its queue
+    assert c.proc.poll() is None, c.log()
+    url = redis_url_for_tests()
+    r = redis.Redis.from_url(url)
+    client = _client(url, c.keys.prefix)
+    try:
+        batch = [make_request(PROMPT, model=MODEL, max_tokens=64, stream=i < 2) for i in range(4)]
+        tasks = [asyncio.create_task(_ask(client, q)) for q in batch]
+        deadline = time.monotonic() + 30
+        while r.xpending(c.keys.requests(MODEL), "workers")["pending"] < 4:
+            assert time.monotonic() < deadline, c.log()
+            await asyncio.sleep(0.005)
+        c.proc.send_signal(signal.SIGTERM)
+        late = make_request(PROMPT, model=MODEL, max_tokens=64)
+        late_task = asyncio.create_task(_ask(client, late))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert await asyncio.to_thread(c.proc.wait, 30) == 0, c.log()
+        # Taken before SIGTERM: finished. Sent after: left queued for another worker.
+        texts = {_text(events) for events in results}
+        assert all(isinstance(events[-1], DoneEvent) for events in results), results
+        assert len(texts) == 1 and texts.pop()
+        assert not late_task.done()
+        assert r.xlen(c.keys.requests(MODEL)) == 1
+        assert not r.exists(c.keys.heartbeat(MODEL, "wB"))
+        log = c.log()
+        assert "worker ready" in log and "worker stop" in log
+        late_task.cancel()
+    finally:
+        await client.aclose()
+        r.close()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "tenants",
     "inference",
@@ -147,6 +149,13 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=EMBEDDED
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BEAT_SCHEDULE = {
+    # Roll up yesterday's usage shortly after midnight UTC (the task defaults to yesterday).
+    "usage-rollup-daily": {
+        "task": "tenants.tasks.usage_rollup_day_task",
+        "schedule": crontab(hour=0, minute=5),
+    },
+}
 
 # --- Auth, sessions, security ---------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -191,6 +200,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "OpenAI-compatible chat completions over GLM-4.6V-Flash.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Docs assets are served by the project (drf-spectacular-sidecar), never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
 }
 
 # --- Tenancy --------------------------------------------------------------------------
@@ -206,7 +221,8 @@ _DEFAULT_MODELS = {
         "path": str(_VAR_DIR / "tiny-glm4v"),
         "dtype": "float32",
         "device": "auto",
-    }
+    },
+    "ocr-lite": {"kind": "ocr-lite"},
 }
 INFERENCE_MODELS: dict[str, dict[str, str]] = json.loads(
     env.str("INFERENCE_MODELS", default="") or json.dumps(_DEFAULT_MODELS)
@@ -217,10 +233,26 @@ INFERENCE_BLOB_TTL_SECONDS = env.int("INFERENCE_BLOB_TTL_SECONDS", default=900)
 INFERENCE_REPLY_TTL_SECONDS = env.int("INFERENCE_REPLY_TTL_SECONDS", default=300)
 INFERENCE_CLAIM_IDLE_MS = env.int("INFERENCE_CLAIM_IDLE_MS", default=15000)
 INFERENCE_HEARTBEAT_SECONDS = env.float("INFERENCE_HEARTBEAT_SECONDS", default=2.0)
+INFERENCE_KEY_PREFIX = env.str("INFERENCE_KEY_PREFIX", default="inference")
+# How long a client waits for a whole answer; workers skip requests queued longer than this.
+INFERENCE_REQUEST_TIMEOUT_SECONDS = env.float("INFERENCE_REQUEST_TIMEOUT_SECONDS", default=600.0)
+# A request that killed this many workers is given up as poison.
+INFERENCE_MAX_DELIVERIES = env.int("INFERENCE_MAX_DELIVERIES", default=3)
+
+# --- Answer cache and degradation -----------------------------------------------------
+ANSWER_CACHE_TTL_SECONDS = env.int("ANSWER_CACHE_TTL_SECONDS", default=3600)
+# Refuse (or fall back) when a model's queue holds more than this many requests per free
+# batch slot of its live workers: beyond it a request would wait too long to start.
+MODEL_MAX_QUEUE_PER_SLOT = env.int("MODEL_MAX_QUEUE_PER_SLOT", default=4)
+MODEL_UNAVAILABLE_RETRY_AFTER = env.int("MODEL_UNAVAILABLE_RETRY_AFTER", default=10)
+MODEL_OVERLOADED_RETRY_AFTER = env.int("MODEL_OVERLOADED_RETRY_AFTER", default=2)
+CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 
 # --- Uploads --------------------------------------------------------------------------
 CLAMD_URL = env.str("CLAMD_URL", default="")  # tcp://host:3310 or unix:///path/to/clamd.ctl
 CLAMD_REQUIRED = env.bool("CLAMD_REQUIRED", default=not EMBEDDED)
+CLAMD_TIMEOUT_SECONDS = env.float("CLAMD_TIMEOUT_SECONDS", default=15.0)
+REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS = env.float("REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS", default=10.0)
 IMAGE_MAX_PIXELS = env.int("IMAGE_MAX_PIXELS", default=40_000_000)
 IMAGE_MAX_PER_REQUEST = env.int("IMAGE_MAX_PER_REQUEST", default=4)
 REMOTE_IMAGE_HOST_ALLOWLIST = env.list("REMOTE_IMAGE_HOST_ALLOWLIST", default=[])

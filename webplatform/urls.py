@@ -2,8 +2,20 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+from webplatform import health
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("health/live", health.live, name="health-live"),
+    path("health/ready", health.ready, name="health-ready"),
+    # Before the /v1/ catch-all, which answers unknown paths with a JSON 404.
+    path("v1/openapi.json", SpectacularAPIView.as_view(), name="openapi-schema"),
+    path("v1/docs", SpectacularRedocView.as_view(url_name="openapi-schema"), name="api-docs"),
     path("v1/", include("webplatform.api.urls")),
 ]
+
+# JSON errors under /v1/ even when raised outside a DRF view; Django's pages elsewhere.
+handler404 = "webplatform.api.errors.not_found"
+handler500 = "webplatform.api.errors.server_error"

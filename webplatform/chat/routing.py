@@ -1,3 +1,7 @@
 from __future__ import annotations
 
-websocket_urlpatterns: list = []
+from django.urls import re_path
+
+from webplatform.chat.consumers import ChatConsumer
+
+websocket_urlpatterns = [re_path(r"^ws/chat/?$", ChatConsumer.as_asgi())]

@@ -1,0 +1,281 @@
+"""Websocket chat at ``/ws/chat/``: streams answers as frames, keeps history server-side.
+
+Authentication, in order: ``Authorization: Bearer <key>`` on the handshake (programs), a
+single-use ``?ticket=`` from ``POST /v1/chat/tickets`` (browsers calling with a key), or the
+dashboard session with ``?tenant=<id>`` (the playground; only with a checked ``Origin``).
+
+Client frames: ``{"type": "message", "content": [OpenAI content parts] | "text",
+"max_tokens"?, "temperature"?, "top_p"?, "seed"?, "model"?, "thinking"?}`` and
+``{"type": "cancel"}``. Server frames: ``ready`` (conversation id), ``start``
+(request id, model), ``delta`` (text, reasoning), ``done`` (finish reason, usage),
+``error`` (code, message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from tenants.errors import ApplicationError
+from tenants.principals import ApiPrincipal
+from tenants.selectors.tenants import member_principal_get
+from tenants.services.api_keys import api_key_authenticate
+from webplatform.api.chat_serializers import parse_content
+from webplatform.chat import selectors as chat_selectors
+from webplatform.chat import services as chat_services
+from webplatform.chat.tickets import chat_ticket_redeem
+from webplatform.completions.inputs import (
+    Channel,
+    ChatCompletionInput,
+    ChatTurn,
+    ImageSource,
+    StoredImage,
+)
+from webplatform.completions.service import (
+    Caller,
+    CompletionOutcome,
+    CompletionRun,
+    TextDelta,
+    chat_completion_start,
+)
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+def error_frame(exc: ApplicationError) -> dict[str, Any]:
+    """The one way an ``ApplicationError`` is rendered on a websocket."""
+    return {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin1")
+    return None
+
+
+def _session_principal(scope: dict[str, Any], tenant_ref: str | None) -> ApiPrincipal | None:
+    user = scope.get("user")
+    if user is None or not user.is_authenticated or not tenant_ref:
+        return None
+    from tenants.models import Tenant
+
+    tenant = Tenant.objects.filter(pk=tenant_ref).first() if tenant_ref.isdigit() else None
+    if tenant is None:
+        raise ApplicationError("No such organisation.", code="insufficient_permissions", status=403)
+    return member_principal_get(tenant=tenant, user=user)
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    principal: ApiPrincipal
+    channel: Channel
+    conversation: Any = None
+    run: CompletionRun | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
+        await self.accept()
+        try:
+            principal, channel = await self._authenticate(query)
+        except ApplicationError as exc:
+            await self.send_json(error_frame(exc))
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.principal, self.channel = principal, channel
+        conversation_id = (query.get("conversation") or [None])[0]
+        try:
+            if conversation_id:
+                self.conversation = await database_sync_to_async(
+                    chat_selectors.conversation_get_for_principal
+                )(principal=principal, conversation_id=conversation_id)
+        except ApplicationError as exc:
+            await self.send_json(error_frame(exc))
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.send_json(
+            {
+                "type": "ready",
+                "conversation_id": str(self.conversation.pk) if self.conversation else None,
+                "models": list(principal.allowed_models),
+            }
+        )
+
+    async def _authenticate(self, query: dict[str, list[str]]) -> tuple[ApiPrincipal, Channel]:
+        authorization = _header(self.scope, b"authorization") or ""
+        if authorization.lower().startswith("bearer "):
+            principal = await database_sync_to_async(api_key_authenticate)(
+                raw_key=authorization[7:]
+            )
+            return principal, Channel.WEBSOCKET
+        if query.get("ticket"):
+            redeemed = await database_sync_to_async(chat_ticket_redeem)(ticket=query["ticket"][0])
+            if redeemed is None:
+                raise ApplicationError(
+                    "This ticket is unknown, used or expired.", code="invalid_ticket", status=401
+                )
+            return redeemed, Channel.WEBSOCKET
+        # The session cookie rides along on any cross-site request; only a checked Origin
+        # lets it authenticate.
+        if self.scope.get("browser_origin"):
+            principal = await database_sync_to_async(_session_principal)(
+                self.scope, (query.get("tenant") or [None])[0]
+            )
+            if principal is not None:
+                return principal, Channel.PLAYGROUND
+        raise ApplicationError(
+            "Authenticate with 'Authorization: Bearer <key>', a ticket from "
+            "POST /v1/chat/tickets, or a dashboard session.",
+            code="invalid_api_key",
+            status=401,
+        )
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if not hasattr(self, "principal"):
+            return
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "cancel":
+            if self.run is not None:
+                await self.run.cancel()
+            return
+        if kind != "message":
+            await self.send_json(
+                error_frame(ApplicationError("Unknown frame type.", code="invalid_frame"))
+            )
+            return
+        if self.task is not None and not self.task.done():
+            await self.send_json(
+                error_frame(
+                    ApplicationError(
+                        "A request is already streaming on this connection; cancel it first.",
+                        code="request_in_progress",
+                    )
+                )
+            )
+            return
+        self.task = asyncio.create_task(self._answer(content))
+
+    async def _history(self) -> list[ChatTurn]:
+        if self.conversation is None:
+            return []
+        turns = await database_sync_to_async(chat_selectors.conversation_turns)(
+            conversation=self.conversation
+        )
+        history = []
+        for turn in turns:
+            parts: list[str | ImageSource | StoredImage] = [
+                StoredImage(sha256=i["sha256"], width=i["width"], height=i["height"])
+                for i in turn.images
+            ]
+            parts.append(turn.text)
+            history.append(ChatTurn(role=turn.role, parts=tuple(parts)))
+        return history
+
+    def _input(self, frame: dict[str, Any], history: list[ChatTurn]) -> ChatCompletionInput:
+        parts = parse_content(frame.get("content"), role="user", index=len(history))
+        model = frame.get("model") or (
+            self.conversation.model if self.conversation else self.principal.default_model
+        )
+        temperature = frame.get("temperature", 1.0)
+        max_tokens = frame.get("max_tokens")
+        for name, value, low, high in (
+            ("temperature", temperature, 0, 2),
+            ("max_tokens", max_tokens, 1, 1 << 20),
+        ):
+            if value is not None and (
+                not isinstance(value, int | float) or not low <= value <= high
+            ):
+                raise ApplicationError(
+                    f"{name} is out of range.", code="invalid_request", param=name
+                )
+        return ChatCompletionInput(
+            model=model or "",
+            turns=(*history, ChatTurn(role="user", parts=parts)),
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=float(frame.get("top_p", 1.0)),
+            seed=frame.get("seed"),
+            stream=True,
+            thinking=bool(frame.get("thinking", False)),
+        )
+
+    async def _answer(self, frame: dict[str, Any]) -> None:
+        try:
+            history = await self._history()
+            inp = self._input(frame, history)
+            self.run = run = await chat_completion_start(
+                caller=Caller(principal=self.principal, channel=self.channel), inp=inp
+            )
+            await self.send_json(
+                {"type": "start", "request_id": run.request_id, "model": run.model}
+            )
+            outcome: CompletionOutcome | None = None
+            async for item in run.events():
+                if isinstance(item, TextDelta):
+                    await self.send_json(
+                        {"type": "delta", "text": item.text, "reasoning": item.reasoning}
+                    )
+                else:
+                    outcome = item
+            assert outcome is not None
+            await self._remember(inp, run, outcome)
+            await self.send_json(
+                {
+                    "type": "done",
+                    "request_id": run.request_id,
+                    "finish_reason": outcome.finish_reason,
+                    "usage": {
+                        "prompt_tokens": outcome.usage.prompt_tokens,
+                        "completion_tokens": outcome.usage.completion_tokens,
+                        "total_tokens": outcome.usage.total_tokens,
+                        "image_tokens": outcome.usage.image_tokens,
+                    },
+                    "cache_hit": run.cache_hit,
+                    "conversation_id": str(self.conversation.pk) if self.conversation else None,
+                }
+            )
+        except ApplicationError as exc:
+            await self.send_json(error_frame(exc))
+        except Exception:
+            logger.exception("websocket request failed")
+            await self.send_json(
+                error_frame(ApplicationError("Internal error.", code="internal_error", status=500))
+            )
+        finally:
+            self.run = None
+
+    async def _remember(
+        self, inp: ChatCompletionInput, run: CompletionRun, outcome: CompletionOutcome
+    ) -> None:
+        if outcome.finish_reason == "cancelled":
+            return
+        if self.conversation is None:
+            self.conversation = await database_sync_to_async(chat_services.conversation_create)(
+                principal=self.principal, model=run.requested_model
+            )
+        new_turn = inp.turns[-1]
+        await database_sync_to_async(chat_services.conversation_turns_append)(
+            conversation=self.conversation,
+            user_text="".join(p for p in new_turn.parts if isinstance(p, str)),
+            user_images=[
+                {"sha256": i.sha256, "width": i.width, "height": i.height} for i in run.images
+            ],
+            assistant_text=outcome.text,
+        )
+
+    async def disconnect(self, code: int) -> None:
+        # The client went away: stop its request in the worker and settle it.
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -1,0 +1,56 @@
+"""Short-lived, single-use websocket tickets, so browsers never put a long-lived key in a URL.
+
+``POST /v1/chat/tickets`` (API key auth) returns a random ticket that stands for the key for
+``CHAT_TICKET_SECONDS``; the websocket handshake redeems it once with ``?ticket=...``. Only
+the key's database id is stored with the ticket; redemption checks revocation and expiry
+again.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from django.conf import settings
+from django.core.cache import cache
+
+from tenants.principals import ApiPrincipal
+from tenants.selectors.tenants import member_principal_get
+from tenants.services.api_keys import api_key_principal_by_id
+
+_PREFIX = "wsticket:"
+
+
+def _ttl() -> int:
+    return int(getattr(settings, "CHAT_TICKET_SECONDS", 60))
+
+
+def chat_ticket_issue(*, principal: ApiPrincipal) -> tuple[str, int]:
+    """Return ``(ticket, seconds it is valid)`` for this principal."""
+    ticket = secrets.token_urlsafe(32)
+    payload = {
+        "api_key_id": principal.api_key.pk if principal.api_key is not None else None,
+        "tenant_id": principal.tenant_id,
+        "user_id": principal.user.pk if principal.user is not None else None,
+    }
+    cache.set(_PREFIX + ticket, payload, timeout=_ttl())
+    return ticket, _ttl()
+
+
+def chat_ticket_redeem(*, ticket: str) -> ApiPrincipal | None:
+    """The principal a ticket stands for, once; ``None`` if unknown, used or expired."""
+    if not ticket or len(ticket) > 128:
+        return None
+    key = _PREFIX + ticket
+    payload = cache.get(key)
+    # ``delete`` reports whether this caller removed it: of two racing redeemers one wins.
+    if payload is None or not cache.delete(key):
+        return None
+    if payload["api_key_id"] is not None:
+        return api_key_principal_by_id(api_key_id=payload["api_key_id"])
+    from django.contrib.auth import get_user_model
+
+    from tenants.models import Tenant
+
+    tenant = Tenant.objects.get(pk=payload["tenant_id"])
+    user = get_user_model().objects.get(pk=payload["user_id"])
+    return member_principal_get(tenant=tenant, user=user)

@@ -1,0 +1,352 @@
+"""The one request path of DESIGN.md, steps 2-7, shared by REST, websocket and playground.
+
+``chat_completion_start`` admits, validates, looks up the cache, picks a model (or a
+fallback), submits, and returns a ``CompletionRun`` whose ``events()`` streams the answer and
+settles the request (usage record, quota settlement, cache store) exactly once when the
+stream ends, fails or is abandoned. Entry points only translate wire formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from inference.client import InferenceClient, get_inference_client
+from inference.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinishReason,
+    ImagePart,
+    ImageRef,
+    InferenceRequest,
+    Message,
+    SamplingParams,
+    StartEvent,
+    TextPart,
+    Usage,
+    new_request_id,
+)
+from tenants.errors import ApplicationError
+from tenants.principals import ApiPrincipal
+from tenants.services.quotas import Admission, quota_admit, quota_release, quota_settle
+from tenants.services.usage import usage_record_create
+from webplatform.completions import answer_cache
+from webplatform.completions.inputs import (
+    Channel,
+    ChatCompletionInput,
+    ImageSource,
+    StoredImage,
+)
+from webplatform.completions.routing import model_route
+from webplatform.uploads.services import UploadLimits, ValidatedImage, upload_validate_image
+
+logger = logging.getLogger(__name__)
+
+# Inference errors a client caused (4xx) versus ours (5xx).
+_CLIENT_ERRORS = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, as the entry point's authentication resolved it, and over what."""
+
+    principal: ApiPrincipal
+    channel: Channel
+
+    @property
+    def tenant(self) -> Any:
+        return self.principal.tenant
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str = ""
+    reasoning: str = ""
+
+
+@dataclass
+class CompletionOutcome:
+    text: str
+    reasoning: str
+    finish_reason: str
+    usage: Usage
+    cache_hit: bool = False
+
+
+@dataclass
+class CompletionRun:
+    """A submitted request. Iterate ``events()`` once; ``cancel()`` may be called any time."""
+
+    request_id: str
+    model: str
+    requested_model: str
+    created: int
+    admission: Admission
+    caller: Caller
+    input: ChatCompletionInput
+    images: Sequence[ValidatedImage]
+    inference_request: InferenceRequest | None
+    cached: CompletionOutcome | None
+    cache_key: str | None
+    client: InferenceClient
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    outcome: CompletionOutcome | None = None
+    _settled: bool = False
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.cached is not None
+
+    @property
+    def fallback(self) -> bool:
+        return self.model != self.requested_model
+
+    @property
+    def rate_limit_headers(self) -> dict[str, str]:
+        return self.admission.headers
+
+    async def cancel(self) -> None:
+        if self.inference_request is not None and self.outcome is None:
+            await self.client.cancel(self.request_id)
+
+    async def events(self) -> AsyncIterator[TextDelta | CompletionOutcome]:
+        """Stream the answer: ``TextDelta`` items, then one ``CompletionOutcome``.
+
+        Raises ``ApplicationError`` when inference fails before any text was sent; after
+        text was sent, a failure ends the stream with that error too (the entry point
+        reports it in-band). Settles the request exactly once, whatever happens.
+        """
+        status, error_code = "error", "internal_error"
+        try:
+            if self.cached is not None:
+                self.first_token_at = time.monotonic()
+                yield TextDelta(text=self.cached.text, reasoning=self.cached.reasoning)
+                self.outcome = self.cached
+                status, error_code = "ok", ""
+                yield self.cached
+                return
+            assert self.inference_request is not None
+            text: list[str] = []
+            reasoning: list[str] = []
+            async for event in self.client.submit(self.inference_request):
+                if isinstance(event, StartEvent):
+                    continue
+                if isinstance(event, DeltaEvent):
+                    if self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                    text.append(event.text)
+                    reasoning.append(event.reasoning)
+                    yield TextDelta(text=event.text, reasoning=event.reasoning)
+                elif isinstance(event, DoneEvent):
+                    self.outcome = CompletionOutcome(
+                        text="".join(text),
+                        reasoning="".join(reasoning),
+                        finish_reason=event.finish_reason.value,
+                        usage=event.usage,
+                    )
+                    if event.finish_reason is FinishReason.CANCELLED:
+                        status, error_code = "cancelled", ""
+                    else:
+                        status, error_code = "ok", ""
+                        if self.cache_key is not None:
+                            await answer_cache.cache_store(key=self.cache_key, outcome=self.outcome)
+                    yield self.outcome
+                    return
+                elif isinstance(event, ErrorEvent):
+                    error_code = event.code.value
+                    raise ApplicationError(
+                        event.message,
+                        code=event.code.value,
+                        status=_CLIENT_ERRORS.get(event.code, 503 if event.retryable else 500),
+                        type="invalid_request_error"
+                        if event.code in _CLIENT_ERRORS
+                        else "server_error",
+                    )
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer went away (client disconnected, task cancelled): stop the work in
+            # the worker so its batch slot frees at the next step.
+            status, error_code = "cancelled", ""
+            await asyncio.shield(self.cancel())
+            raise
+        except ApplicationError as exc:
+            error_code = exc.code
+            raise
+        finally:
+            await self._settle(status=status, error_code=error_code)
+
+    async def _settle(self, *, status: str, error_code: str) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        now = time.monotonic()
+        usage = self.outcome.usage if self.outcome else Usage()
+        ttft_ms = (
+            None
+            if self.first_token_at is None
+            else int((self.first_token_at - self.started_at) * 1000)
+        )
+        try:
+            if status == "error":
+                await sync_to_async(quota_release, thread_sensitive=False)(admission=self.admission)
+            else:
+                # Cache hits cost no model tokens; they still count as requests.
+                used = 0 if self.cache_hit else usage.prompt_tokens + usage.completion_tokens
+                await sync_to_async(quota_settle, thread_sensitive=False)(
+                    admission=self.admission, used_tokens=used
+                )
+            await sync_to_async(usage_record_create, thread_sensitive=False)(
+                tenant=self.caller.tenant,
+                api_key=self.caller.principal.api_key,
+                user=self.caller.principal.user,
+                request_id=self.request_id,
+                channel=self.caller.channel.value,
+                model=self.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                image_tokens=usage.image_tokens,
+                image_count=len(self.images),
+                image_bytes=sum(img.original_size for img in self.images),
+                time_to_first_token_ms=ttft_ms,
+                total_latency_ms=int((now - self.started_at) * 1000),
+                status=status,
+                error_code=error_code,
+                cache_hit=self.cache_hit,
+            )
+        except Exception:  # settlement must never turn a served answer into an error
+            logger.exception("settling request %s failed", self.request_id)
+
+
+def _inference_messages(
+    inp: ChatCompletionInput, images: dict[ImageSource, ValidatedImage]
+) -> list[Message]:
+    messages = []
+    for turn in inp.turns:
+        parts: list[TextPart | ImagePart] = []
+        for part in turn.parts:
+            if isinstance(part, ImageSource):
+                parts.append(ImagePart(image=images[part].ref()))
+            elif isinstance(part, StoredImage):
+                ref = ImageRef(sha256=part.sha256, width=part.width, height=part.height)
+                parts.append(ImagePart(image=ref))
+            else:
+                parts.append(TextPart(text=part))
+        messages.append(Message(role=turn.role, content=parts))  # type: ignore[arg-type]
+    return messages
+
+
+def _prompt_token_estimate(inp: ChatCompletionInput) -> int:
+    """A cheap upper-side guess of the prompt's tokens for the daily-token reservation.
+
+    Images are not counted: their token count is known only after validation, and settlement
+    charges the real figure anyway.
+    """
+    chars = sum(len(p) for turn in inp.turns for p in turn.parts if isinstance(p, str))
+    return chars // 3 + 16 * len(inp.turns)
+
+
+async def chat_completion_start(*, caller: Caller, inp: ChatCompletionInput) -> CompletionRun:
+    """Steps 2-5 of the request path. Raises ``ApplicationError`` for anything refused."""
+    limits = caller.principal.limits
+    if inp.model not in caller.principal.allowed_models:
+        raise ApplicationError(
+            f"The model '{inp.model}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            status=404,
+            param="model",
+        )
+    max_tokens = inp.max_tokens or min(limits.max_output_tokens, 1024)
+    if max_tokens > limits.max_output_tokens:
+        raise ApplicationError(
+            f"max_tokens is too large: {max_tokens}. This plan allows at most "
+            f"{limits.max_output_tokens} completion tokens.",
+            code="max_tokens_too_large",
+            param="max_tokens",
+        )
+    upload_limits = UploadLimits(
+        max_bytes=limits.max_image_bytes,
+        max_pixels=settings.IMAGE_MAX_PIXELS,
+        max_images=settings.IMAGE_MAX_PER_REQUEST,
+    )
+    upload_limits.check_count(inp.image_count)
+
+    admission = await sync_to_async(quota_admit, thread_sensitive=False)(
+        tenant_id=caller.principal.tenant_id,
+        limits=limits,
+        reserve_tokens=max_tokens + _prompt_token_estimate(inp),
+    )
+    try:
+        images: dict[ImageSource, ValidatedImage] = {}
+        for turn in inp.turns:
+            for source in turn.images:
+                # Decoding and scanning are CPU and IO bound: keep them off the event loop.
+                images[source] = await sync_to_async(upload_validate_image, thread_sensitive=False)(
+                    source=source.url, limits=upload_limits, param=source.param
+                )
+        client = get_inference_client()
+        request_id = new_request_id()
+        tenant_id = str(caller.tenant.pk)
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=inp.temperature,
+            top_p=inp.top_p,
+            stop=list(inp.stop),
+            seed=inp.seed,
+            thinking=inp.thinking,
+        )
+        messages = _inference_messages(inp, images)
+        cache_key = None
+        cached = None
+        if inp.deterministic and inp.use_cache:
+            cache_key = answer_cache.cache_key(
+                tenant_id=tenant_id, model=inp.model, messages=messages, sampling=sampling
+            )
+            cached = await answer_cache.cache_lookup(key=cache_key)
+        model = inp.model
+        inference_request = None
+        if cached is None:
+            model = await model_route(
+                client=client, model=inp.model, fallback=limits.fallback_model
+            )
+            for image in images.values():
+                await client.put_image(tenant_id=tenant_id, data=image.data, ref=image.ref())
+            inference_request = InferenceRequest(
+                request_id=request_id,
+                tenant_id=tenant_id,
+                model=model,
+                messages=messages,
+                sampling=sampling,
+                stream=inp.stream,
+            )
+            if model != inp.model:
+                cache_key = None  # a fallback's answer must not stand in for the model's
+    except BaseException:
+        await sync_to_async(quota_release, thread_sensitive=False)(admission=admission)
+        raise
+    return CompletionRun(
+        request_id=request_id,
+        model=model,
+        requested_model=inp.model,
+        created=int(time.time()),
+        admission=admission,
+        caller=caller,
+        input=inp,
+        images=list(images.values()),
+        inference_request=inference_request,
+        cached=cached,
+        cache_key=cache_key,
+        client=client,
+    )

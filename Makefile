@@ -39,7 +39,7 @@ migrate: install
 
 run: install tiny-model migrate
 	$(PY) manage.py collectstatic --no-input -v 0
-	$(PY) manage.py demo_setup
+	$(PY) manage.py demo_setup --host $(HOST) --port $(PORT)
 	@echo "Serving on http://$(HOST):$(PORT)/  (OpenAI base_url: http://$(HOST):$(PORT)/v1)"
 	$(VENV)/bin/uvicorn webplatform.asgi:application --host $(HOST) --port $(PORT) --ws websockets
 

@@ -71,3 +71,14 @@ def quota_namespace(settings) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real tiny GLM-4.6V checkpoint (random weights, real architecture), built once."""
+    import torch
+
+    from inference.tiny_model import build_tiny_model
+
+    torch.manual_seed(0)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-glm4v"), seed=0)

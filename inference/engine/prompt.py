@@ -104,8 +104,9 @@ class PromptBuilder:
         try:
             processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
             return cls(processor.tokenizer, processor.image_processor, processor)
-        except ImportError as exc:
-            # Without torchvision the video processor (and so the processor) cannot be built.
+        except Exception as exc:  # ImportError without torchvision (its video processor)
+            # The fallback needs only the tokenizer and image processor; if those are broken
+            # too, their own loading below raises the clearer error.
             logger.info(
                 "AutoProcessor unavailable (%s); assembling tokenizer + image processor", exc
             )
@@ -118,7 +119,9 @@ class PromptBuilder:
         return cls(tokenizer, image_processor)
 
     def render(self, messages: Sequence[Message], *, thinking: bool) -> str:
-        return self.tokenizer.apply_chat_template(
+        """The prompt text from the checkpoint's chat template (the processor's if loaded)."""
+        renderer = self.processor if self.processor is not None else self.tokenizer
+        return renderer.apply_chat_template(
             to_chat_messages(messages),
             tokenize=False,
             add_generation_prompt=True,

@@ -1,6 +1,6 @@
 """Engine fixtures: the real tiny GLM-4.6V checkpoint, built once per test session.
 
-Other inference tests may use ``tiny_model_dir`` (a checkpoint folder for ``engine_from_spec``
+Other inference tests may use ``tiny_model_dir`` (from tests/conftest.py: a checkpoint folder for ``engine_from_spec``
 or ``INFERENCE_MODELS``), ``tiny_runner`` (float64 CPU runner), ``make_engine`` and the
 request/image helpers below.
 """
@@ -23,16 +23,6 @@ from inference.protocol import (
     SamplingParams,
     TextPart,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from inference.tiny_model import build_tiny_model
-
-    torch.manual_seed(0)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-glm4v"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,22 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
 from webplatform.chat.security import websocket_stack  # noqa: E402
 
+
+def _preload_embedded_models() -> None:
+    """Embedded mode: load the in-process models at start, not on the first request."""
+    from django.conf import settings
+
+    if settings.INFERENCE_TRANSPORT == "inprocess" and settings.INFERENCE_PRELOAD:
+        from inference.client import get_inference_client
+
+        client = get_inference_client()
+        start = getattr(client, "start", None)
+        if start is not None:
+            start()
+
+
+_preload_embedded_models()
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,

@@ -228,6 +228,8 @@ INFERENCE_MODELS: dict[str, dict[str, str]] = json.loads(
     env.str("INFERENCE_MODELS", default="") or json.dumps(_DEFAULT_MODELS)
 )
 INFERENCE_TRANSPORT = env.str("INFERENCE_TRANSPORT", default="inprocess" if EMBEDDED else "redis")
+# Embedded mode: load in-process models when the ASGI app starts (tests load them on demand).
+INFERENCE_PRELOAD = env.bool("INFERENCE_PRELOAD", default=not TESTING)
 INFERENCE_REDIS_URL = env.str("INFERENCE_REDIS_URL", default=REDIS_URL)
 INFERENCE_BLOB_TTL_SECONDS = env.int("INFERENCE_BLOB_TTL_SECONDS", default=900)
 INFERENCE_REPLY_TTL_SECONDS = env.int("INFERENCE_REPLY_TTL_SECONDS", default=300)

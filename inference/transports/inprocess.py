@@ -248,6 +248,11 @@ class InProcessClient(InferenceClient):
                 self._workers[model] = worker
             return worker
 
+    def start(self, models: Sequence[str] | None = None) -> None:
+        """Start (and so load) the models' workers now rather than on their first request."""
+        for model in models if models is not None else list(self.settings.models):
+            self._worker(model)
+
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
         blob_check_digest(data=data, ref=ref)
         self.hub.blobs.put(tenant_id=tenant_id, sha256=ref.sha256, data=data)

@@ -248,6 +248,7 @@ ANSWER_CACHE_TTL_SECONDS = env.int("ANSWER_CACHE_TTL_SECONDS", default=3600)
 MODEL_MAX_QUEUE_PER_SLOT = env.int("MODEL_MAX_QUEUE_PER_SLOT", default=4)
 MODEL_UNAVAILABLE_RETRY_AFTER = env.int("MODEL_UNAVAILABLE_RETRY_AFTER", default=10)
 MODEL_OVERLOADED_RETRY_AFTER = env.int("MODEL_OVERLOADED_RETRY_AFTER", default=2)
+METRICS_TOKEN = _secret("METRICS_TOKEN", "") or ""
 CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 
 # --- Uploads --------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from webplatform.completions.inputs import (
     StoredImage,
 )
 from webplatform.completions.routing import model_route
+from webplatform.metrics import completion_observe
 from webplatform.uploads.services import UploadLimits, ValidatedImage, upload_validate_image
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,16 @@ class CompletionRun:
             )
         except Exception:  # settlement must never turn a served answer into an error
             logger.exception("settling request %s failed", self.request_id)
+        completion_observe(
+            model=self.model,
+            channel=self.caller.channel.value,
+            status=status,
+            cache_hit=self.cache_hit,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=None if ttft_ms is None else ttft_ms / 1000,
+            latency_s=now - self.started_at,
+        )
 
 
 def _inference_messages(

@@ -14,12 +14,16 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
 .PHONY: venv install install-test run test lint format migrate tiny-model clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml package-lock.json $(wildcard locale/*/LC_MESSAGES/django.po)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU build of this release is on the machine's disk.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e .
+	# Front-end libraries (chart.js) from the npm registry, served by the project itself.
+	npm ci --no-audit --no-fund --loglevel=error
+	# Translations: babel compiles the .po catalogues without needing GNU gettext.
+	$(VENV)/bin/pybabel compile --use-fuzzy -d locale -D django -q
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -13,3 +13,8 @@ if ! pg_isready -h 127.0.0.1 -q; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
 fi
 for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -q && break; sleep 1; done
+
+# Chromium for the browser tests (Playwright drives Debian's build; it cannot download its own).
+if ! command -v chromium >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

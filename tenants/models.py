@@ -218,3 +218,112 @@ class DailyUsage(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+# --- Dashboard: invitations, audit log, content logging --------------------------------
+
+
+class Invitation(models.Model):
+    """An e-mailed invitation to join ``tenant`` with ``role``.
+
+    Only a SHA-256 of the token is stored: the accept link carries the token itself, so a
+    database leak does not hand out working invitations.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(
+        max_length=10, choices=Membership.Role.choices, default=Membership.Role.MEMBER
+    )
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="invitation_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.tenant_id} ({self.role})"
+
+
+class AuditLogEntry(models.Model):
+    """One administrative action in an organisation (who did what to what, and when)."""
+
+    class Action(models.TextChoices):
+        ORGANISATION_CREATED = "organisation_created", "Organisation created"
+        KEY_CREATED = "key_created", "API key created"
+        KEY_REVOKED = "key_revoked", "API key revoked"
+        MEMBER_INVITED = "member_invited", "Member invited"
+        INVITATION_CANCELLED = "invitation_cancelled", "Invitation cancelled"
+        MEMBER_JOINED = "member_joined", "Member joined"
+        MEMBER_REMOVED = "member_removed", "Member removed"
+        ROLE_CHANGED = "role_changed", "Role changed"
+        PLAN_CHANGED = "plan_changed", "Plan changed"
+        CONTENT_LOGGING_CHANGED = "content_logging_changed", "Content logging changed"
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="audit_log")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    action = models.CharField(max_length=32, choices=Action.choices)
+    # What the action was about, readable without joins (an e-mail, a key's public id).
+    target = models.CharField(max_length=255, blank=True, default="")
+    details = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="audit_tenant_created")]
+        verbose_name_plural = "audit log entries"
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.action} {self.target}"
+
+
+class ContentLoggingPolicy(models.Model):
+    """How long stored prompts and answers are kept; ``Tenant.log_content`` turns storing on."""
+
+    tenant = models.OneToOneField(
+        Tenant, on_delete=models.CASCADE, related_name="content_logging_policy"
+    )
+    retention_days = models.PositiveIntegerField(default=30, validators=[MinValueValidator(1)])
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "content logging policies"
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}: {self.retention_days} days"
+
+
+class ContentLogEntry(models.Model):
+    """A request's prompt and answer text, kept only while the organisation logs content."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="content_log")
+    request_id = models.CharField(max_length=64)
+    prompt = models.TextField(blank=True, default="")
+    answer = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "request_id"], name="contentlog_unique_tenant_request"
+            )
+        ]
+        indexes = [models.Index(fields=["expires_at"], name="contentlog_expires")]
+        verbose_name_plural = "content log entries"
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.request_id}"

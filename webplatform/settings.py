@@ -149,7 +149,13 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=EMBEDDED
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# webplatform.dashboard is a package of the webplatform app, which autodiscovery does not scan.
+CELERY_IMPORTS = ["webplatform.dashboard.tasks"]
 CELERY_BEAT_SCHEDULE = {
+    "content-log-purge": {
+        "task": "webplatform.dashboard.tasks.content_log_purge_task",
+        "schedule": crontab(hour=0, minute=20),
+    },
     # Roll up yesterday's usage shortly after midnight UTC (the task defaults to yesterday).
     "usage-rollup-daily": {
         "task": "tenants.tasks.usage_rollup_day_task",
@@ -181,9 +187,21 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(_VAR_DIR / "static")))
-STATICFILES_DIRS = [p for p in [BASE_DIR / "webplatform" / "static"] if p.exists()]
+STATICFILES_DIRS: list = [p for p in [BASE_DIR / "webplatform" / "static"] if p.exists()]
+# Front-end libraries come from npm (`npm ci` in the Makefile), never from a CDN.
+_CHARTJS_DIST = BASE_DIR / "node_modules" / "chart.js" / "dist"
+if _CHARTJS_DIST.exists():
+    STATICFILES_DIRS.append(("vendor/chartjs", _CHARTJS_DIST))
 
-EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="no-reply@localhost")
+LOGIN_FAILURES_PER_USER = env.int("LOGIN_FAILURES_PER_USER", default=5)
+LOGIN_FAILURES_PER_IP = env.int("LOGIN_FAILURES_PER_IP", default=50)
+LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
+# Console by default; SMTP with EMAIL_URL=smtp+tls://user:password@host:587 (django-environ).
+if env.str("EMAIL_URL", default=""):
+    vars().update(env.email_url("EMAIL_URL"))
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 
 # --- DRF ------------------------------------------------------------------------------
 REST_FRAMEWORK = {

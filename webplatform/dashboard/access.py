@@ -1,0 +1,53 @@
+"""Who may open an organisation's pages.
+
+Every organisation page lives under ``/orgs/<tenant_id>/`` and is wrapped by ``org_view``:
+
+- anonymous: redirected to the log-in page;
+- not a member of that organisation (or no such organisation): 404, never a hint that it
+  exists;
+- a member whose role is below the page's: 403;
+- otherwise the view runs with ``request.tenant`` and ``request.membership`` set, and the
+  organisation becomes the session's current one (``current_tenant_id``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+
+from tenants.models import Membership
+from webplatform.dashboard.selectors.organisations import membership_for_user
+from webplatform.dashboard.services.members import role_at_least
+
+CURRENT_TENANT_SESSION_KEY = "current_tenant_id"
+
+View = Callable[..., HttpResponse]
+
+
+def org_view(role: str = Membership.Role.MEMBER) -> Callable[[View], View]:
+    def decorate(view: View) -> View:
+        @login_required
+        @functools.wraps(view)
+        def wrapper(
+            request: HttpRequest, tenant_id: int, *args: Any, **kwargs: Any
+        ) -> HttpResponse:
+            membership = membership_for_user(tenant_id=tenant_id, user=request.user)
+            if membership is None:
+                raise Http404("No such organisation.")
+            if not role_at_least(membership.role, role):
+                raise PermissionDenied("Your role in this organisation does not allow this page.")
+            request.tenant = membership.tenant  # type: ignore[attr-defined]
+            request.membership = membership  # type: ignore[attr-defined]
+            if request.session.get(CURRENT_TENANT_SESSION_KEY) != membership.tenant_id:
+                request.session[CURRENT_TENANT_SESSION_KEY] = membership.tenant_id
+            return view(request, *args, **kwargs)
+
+        wrapper.required_role = role  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate

@@ -1,0 +1,157 @@
+"""Forms: parse and validate what the pages post; services do the writing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib.auth import get_user_model, password_validation
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from tenants.models import ApiKey, Membership, Plan
+from webplatform.dashboard.services.organisations import MAX_RETENTION_DAYS
+
+
+class SignUpForm(forms.Form):
+    email = forms.EmailField(label=_("E-mail"), max_length=150)
+    organisation = forms.CharField(
+        label=_("Organisation name"), max_length=200, help_text=_("Your company or team.")
+    )
+    password1 = forms.CharField(
+        label=_("Password"),
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text=password_validation.password_validators_help_text_html(),
+    )
+    password2 = forms.CharField(
+        label=_("Password again"),
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        password1, password2 = data.get("password1"), data.get("password2")
+        if password1 and password2 and password1 != password2:
+            self.add_error("password2", _("The two passwords differ."))
+        elif password1 and data.get("email"):
+            user = get_user_model()(username=data["email"], email=data["email"])
+            try:
+                password_validation.validate_password(password1, user)
+            except forms.ValidationError as error:
+                self.add_error("password1", error)
+        return data
+
+
+class OrganisationForm(forms.Form):
+    name = forms.CharField(label=_("Organisation name"), max_length=200)
+
+
+def role_choices(actor_role: str) -> list[tuple[str, str]]:
+    """The roles an actor may grant: an owner any, an admin admin or member."""
+    labels = {
+        Membership.Role.MEMBER: _("Member"),
+        Membership.Role.ADMIN: _("Admin"),
+        Membership.Role.OWNER: _("Owner"),
+    }
+    roles = [Membership.Role.MEMBER, Membership.Role.ADMIN]
+    if actor_role == Membership.Role.OWNER:
+        roles.append(Membership.Role.OWNER)
+    return [(role.value, labels[role]) for role in roles]
+
+
+class InviteForm(forms.Form):
+    email = forms.EmailField(label=_("E-mail"))
+    role = forms.ChoiceField(label=_("Role"))
+
+    def __init__(self, *args: Any, actor_role: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["role"].choices = role_choices(actor_role)
+
+
+class RoleForm(forms.Form):
+    role = forms.ChoiceField(label=_("Role"))
+
+    def __init__(self, *args: Any, actor_role: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["role"].choices = role_choices(actor_role)
+
+
+EXPIRY_CHOICES = [
+    ("", _("Never")),
+    ("7", _("In 7 days")),
+    ("30", _("In 30 days")),
+    ("90", _("In 90 days")),
+    ("365", _("In a year")),
+]
+
+
+class ApiKeyForm(forms.Form):
+    name = forms.CharField(label=_("Name"), max_length=100)
+    models = forms.MultipleChoiceField(
+        label=_("Models"),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("None ticked: every model your plan allows."),
+    )
+    access = forms.ChoiceField(
+        label=_("Access"),
+        choices=[(ApiKey.Access.FULL, _("Full")), (ApiKey.Access.READ, _("Read only"))],
+        initial=ApiKey.Access.FULL,
+    )
+    expires_in_days = forms.ChoiceField(label=_("Expires"), choices=EXPIRY_CHOICES, required=False)
+
+    def __init__(self, *args: Any, models: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["models"].choices = [(name, name) for name in models]
+
+    def expires_at(self) -> Any:
+        days = self.cleaned_data.get("expires_in_days")
+        return timezone.now() + timedelta(days=int(days)) if days else None
+
+
+class PlanForm(forms.Form):
+    plan = forms.ModelChoiceField(label=_("Plan"), queryset=Plan.objects.none(), empty_label=None)
+
+    def __init__(self, *args: Any, plans: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["plan"].queryset = plans  # type: ignore[attr-defined]
+
+
+class ContentLoggingForm(forms.Form):
+    enabled = forms.BooleanField(label=_("Keep prompts and answers"), required=False)
+    retention_days = forms.IntegerField(
+        label=_("Keep them for (days)"), min_value=1, max_value=MAX_RETENTION_DAYS
+    )
+
+
+class DeleteOrganisationForm(forms.Form):
+    confirm_name = forms.CharField(label=_("Type the organisation's name to confirm"))
+
+    def __init__(self, *args: Any, expected_name: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected_name = expected_name
+
+    def clean_confirm_name(self) -> str:
+        value = self.cleaned_data["confirm_name"].strip()
+        if value != self.expected_name:
+            raise forms.ValidationError(_("The name does not match."))
+        return value
+
+
+class UsageFilterForm(forms.Form):
+    key = forms.ChoiceField(label=_("API key"), required=False)
+    model = forms.ChoiceField(label=_("Model"), required=False)
+
+    def __init__(
+        self,
+        *args: Any,
+        keys: list[tuple[str, str]],
+        models: list[str],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["key"].choices = [("", _("All keys")), *keys]
+        self.fields["model"].choices = [("", _("All models"))] + [(m, m) for m in models]

@@ -1,0 +1,1 @@
+"""Dashboard reads; every one takes the tenant whose data it reads."""

@@ -1,0 +1,49 @@
+"""Sign-up: a user, their first organisation (on the free plan) and its owner membership."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from tenants.errors import ApplicationError
+from tenants.models import Tenant
+from webplatform.dashboard.services.organisations import organisation_create
+
+
+@dataclass(frozen=True, slots=True)
+class SignedUp:
+    user: AbstractBaseUser
+    tenant: Tenant
+
+
+def user_email_taken(*, email: str) -> bool:
+    user_model = get_user_model()
+    return (
+        user_model.objects.filter(email__iexact=email.strip()).exists()
+        or user_model.objects.filter(username__iexact=email.strip()).exists()
+    )
+
+
+@transaction.atomic
+def account_sign_up(*, email: str, password: str, organisation_name: str) -> SignedUp:
+    """Create the user (username = e-mail) and their organisation, which they own.
+
+    The password must already have passed the validators (the form runs them, with the
+    user's attributes); this hashes it.
+    """
+    user_model = get_user_model()
+    email = user_model.objects.normalize_email(email.strip())
+    if user_email_taken(email=email):
+        raise ApplicationError(
+            "An account with this e-mail address already exists.",
+            code="email_taken",
+            param="email",
+        )
+    user = user_model(username=email, email=email)
+    user.set_password(password)
+    user.save()
+    tenant = organisation_create(name=organisation_name, owner=user)
+    return SignedUp(user=user, tenant=tenant)

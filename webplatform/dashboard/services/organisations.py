@@ -1,0 +1,94 @@
+"""Organisations as the dashboard changes them: create, change plan, delete, content logging."""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from tenants.errors import ApplicationError
+from tenants.models import AuditLogEntry, ContentLoggingPolicy, Plan, Tenant
+from tenants.selectors.tenants import plan_get_by_name
+from tenants.services.tenants import plans_ensure_defaults, tenant_create
+from webplatform.dashboard.services.audit import audit_log_record
+
+SIGN_UP_PLAN = "free"
+MAX_RETENTION_DAYS = 365
+
+
+@transaction.atomic
+def organisation_create(*, name: str, owner: AbstractBaseUser) -> Tenant:
+    """A new organisation on the free plan, owned by ``owner``."""
+    plans_ensure_defaults()
+    tenant = tenant_create(name=name, plan=plan_get_by_name(name=SIGN_UP_PLAN), owner=owner)
+    audit_log_record(
+        tenant=tenant,
+        actor=owner,
+        action=AuditLogEntry.Action.ORGANISATION_CREATED,
+        target=tenant.name,
+    )
+    return tenant
+
+
+@transaction.atomic
+def organisation_plan_change(*, tenant: Tenant, plan: Plan, actor: AbstractBaseUser) -> Tenant:
+    previous = tenant.plan.name
+    if tenant.plan_id == plan.pk:
+        return tenant
+    Tenant.objects.filter(pk=tenant.pk).update(plan=plan)
+    tenant.plan = plan
+    audit_log_record(
+        tenant=tenant,
+        actor=actor,
+        action=AuditLogEntry.Action.PLAN_CHANGED,
+        target=plan.name,
+        details={"from": previous, "to": plan.name},
+    )
+    return tenant
+
+
+@transaction.atomic
+def organisation_delete(*, tenant: Tenant, actor: AbstractBaseUser) -> None:
+    """Delete the organisation and everything it owns (keys, usage, members, logs).
+
+    Its API keys are revoked first, so cached key records die at once on every process
+    rather than at the end of their cache lifetime.
+    """
+    from tenants.selectors.api_keys import api_key_list_for_tenant
+    from tenants.services.api_keys import api_key_revoke
+
+    for api_key in api_key_list_for_tenant(tenant=tenant, include_revoked=False):
+        api_key_revoke(api_key=api_key)
+    Tenant.objects.filter(pk=tenant.pk).delete()
+
+
+@transaction.atomic
+def content_logging_update(
+    *, tenant: Tenant, enabled: bool, retention_days: int, actor: AbstractBaseUser
+) -> ContentLoggingPolicy:
+    """Turn storing prompts and answers on or off and set how long they are kept.
+
+    Turning it off deletes what was stored: off means nothing is kept.
+    """
+    if not 1 <= retention_days <= MAX_RETENTION_DAYS:
+        raise ApplicationError(
+            f"Retention must be 1 to {MAX_RETENTION_DAYS} days.",
+            code="invalid_value",
+            param="retention_days",
+        )
+    policy, _ = ContentLoggingPolicy.objects.select_for_update().get_or_create(tenant=tenant)
+    changed = tenant.log_content != enabled or policy.retention_days != retention_days
+    policy.retention_days = retention_days
+    policy.save(update_fields=["retention_days", "updated_at"])
+    Tenant.objects.filter(pk=tenant.pk).update(log_content=enabled)
+    tenant.log_content = enabled
+    if not enabled:
+        tenant.content_log.all().delete()
+    if changed:
+        audit_log_record(
+            tenant=tenant,
+            actor=actor,
+            action=AuditLogEntry.Action.CONTENT_LOGGING_CHANGED,
+            target="on" if enabled else "off",
+            details={"enabled": enabled, "retention_days": retention_days},
+        )
+    return policy

@@ -1,0 +1,1 @@
+"""Dashboard views: parse and validate, call one service or selector, render a template."""

@@ -1,0 +1,97 @@
+"""Sign-up, log-in (with brute-force lock-out), log-out; password reset uses Django's views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.translation import gettext as _
+from django.views.decorators.debug import sensitive_post_parameters
+
+from tenants.errors import ApplicationError
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY
+from webplatform.dashboard.forms import SignUpForm
+from webplatform.dashboard.services.accounts import account_sign_up
+from webplatform.dashboard.services.login_throttle import (
+    login_attempt_check,
+    login_failure_record,
+    login_success_reset,
+)
+from webplatform.dashboard.views.common import client_ip, form_error, render_page
+
+AUTH_BACKEND = "django.contrib.auth.backends.ModelBackend"
+
+
+def _safe_next(request: HttpRequest) -> str | None:
+    target = request.POST.get("next") or request.GET.get("next")
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return None
+
+
+@sensitive_post_parameters("password1", "password2")
+def sign_up(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        return redirect("dashboard:home")
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            signed_up = account_sign_up(
+                email=form.cleaned_data["email"],
+                password=form.cleaned_data["password1"],
+                organisation_name=form.cleaned_data["organisation"],
+            )
+        except ApplicationError as error:
+            form_error(form, error)
+        else:
+            login(request, signed_up.user, backend=AUTH_BACKEND)
+            request.session[CURRENT_TENANT_SESSION_KEY] = signed_up.tenant.pk
+            messages.success(request, _("Welcome! Your organisation is ready."))
+            return HttpResponseRedirect(
+                _safe_next(request) or reverse("dashboard:overview", args=[signed_up.tenant.pk])
+            )
+    return render_page(
+        request, "accounts/signup.html", {"form": form, "next": _safe_next(request) or ""}
+    )
+
+
+class LoginView(auth_views.LoginView):
+    """Django's log-in, refusing a client (IP and username) after repeated failures."""
+
+    template_name = "accounts/login.html"
+    redirect_authenticated_user = True
+
+    def get_default_redirect_url(self) -> str:
+        return reverse("dashboard:home")
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        ip, username = client_ip(request), request.POST.get("username", "")
+        try:
+            login_attempt_check(ip=ip, username=username)
+        except ApplicationError as error:
+            form = self.get_form()
+            form.errors.clear()
+            form.add_error(None, _("Too many failed log-in attempts. Please try again later."))
+            response = self.render_to_response(self.get_context_data(form=form), status=429)
+            for name, value in error.headers.items():
+                response[name] = value
+            return response
+        return super().post(request, *args, **kwargs)
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        login_success_reset(ip=client_ip(self.request), username=form.get_user().get_username())
+        return super().form_valid(form)
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        login_failure_record(
+            ip=client_ip(self.request), username=self.request.POST.get("username", "")
+        )
+        return super().form_invalid(form)

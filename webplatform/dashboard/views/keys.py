@@ -1,0 +1,76 @@
+"""API keys: create (the full key shown once), list (redacted), revoke."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.utils.translation import gettext as _
+
+from tenants.errors import ApplicationError
+from tenants.models import ApiKey, Membership
+from tenants.selectors.api_keys import api_key_get_for_tenant, api_key_list_for_tenant
+from tenants.selectors.tenants import tenant_limits_get
+from webplatform.dashboard.access import org_view
+from webplatform.dashboard.forms import ApiKeyForm
+from webplatform.dashboard.services.keys import dashboard_api_key_create, dashboard_api_key_revoke
+from webplatform.dashboard.views.common import form_error, render_page
+
+
+def redacted(api_key: ApiKey) -> str:
+    return f"{settings.API_KEY_PREFIX}_{api_key.public_id}_…"
+
+
+@org_view(Membership.Role.ADMIN)
+def keys(request: HttpRequest) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    models = tenant_limits_get(tenant=tenant).allowed_models
+    form = ApiKeyForm(request.POST or None, models=models)
+    created = None
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            try:
+                created = dashboard_api_key_create(
+                    tenant=tenant,
+                    name=form.cleaned_data["name"],
+                    created_by=request.user,
+                    allowed_models=form.cleaned_data["models"],
+                    access=form.cleaned_data["access"],
+                    expires_at=form.expires_at(),
+                )
+            except ApplicationError as error:
+                form_error(form, error)
+                status = 400
+            else:
+                form = ApiKeyForm(models=models)
+        else:
+            status = 400
+    rows = [{"key": k, "redacted": redacted(k)} for k in api_key_list_for_tenant(tenant=tenant)]
+    response = render_page(
+        request,
+        "dashboard/keys.html",
+        {"form": form, "created": created, "rows": rows, "models": models},
+        status=status,
+    )
+    if created is not None:
+        # The one response that carries the full key: keep it out of every cache.
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@org_view(Membership.Role.ADMIN)
+def key_revoke(request: HttpRequest, public_id: str) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    try:
+        api_key = api_key_get_for_tenant(tenant=tenant, public_id=public_id)
+    except ApplicationError as error:
+        raise Http404(error.message) from error
+    if request.method == "POST":
+        dashboard_api_key_revoke(api_key=api_key, actor=request.user)
+        messages.success(request, _("The key %(name)s was revoked.") % {"name": api_key.name})
+        return redirect("dashboard:keys", tenant.pk)
+    return render_page(
+        request, "dashboard/key_revoke.html", {"key": api_key, "redacted": redacted(api_key)}
+    )

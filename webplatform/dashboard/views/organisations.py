@@ -1,0 +1,199 @@
+"""Home, organisation create/switch, overview, settings (plan, content logging), delete."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from tenants.errors import ApplicationError
+from tenants.models import Membership
+from tenants.selectors.tenants import tenant_limits_get
+from tenants.selectors.usage import usage_today_for_tenant
+from tenants.services.quotas import duration_format, quota_status
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
+from webplatform.dashboard.forms import (
+    ContentLoggingForm,
+    DeleteOrganisationForm,
+    OrganisationForm,
+    PlanForm,
+)
+from webplatform.dashboard.selectors.organisations import (
+    content_retention_days_get,
+    membership_for_user,
+    memberships_of_user,
+    plan_list,
+)
+from webplatform.dashboard.services.organisations import (
+    content_logging_update,
+    organisation_create,
+    organisation_delete,
+    organisation_plan_change,
+)
+from webplatform.dashboard.views.common import form_error, render_page
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    """The current organisation's overview; log-in for visitors, create for the homeless."""
+    if not request.user.is_authenticated:
+        return redirect("dashboard:login")
+    current = request.session.get(CURRENT_TENANT_SESSION_KEY)
+    if current and membership_for_user(tenant_id=current, user=request.user):
+        return redirect("dashboard:overview", current)
+    first = memberships_of_user(user=request.user).first()
+    if first is None:
+        return redirect("dashboard:org-create")
+    return redirect("dashboard:overview", first.tenant_id)
+
+
+@login_required
+def org_create(request: HttpRequest) -> HttpResponse:
+    form = OrganisationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            tenant = organisation_create(name=form.cleaned_data["name"], owner=request.user)
+        except ApplicationError as error:
+            form_error(form, error)
+        else:
+            messages.success(request, _("Organisation created."))
+            return redirect("dashboard:overview", tenant.pk)
+    return render_page(request, "dashboard/org_create.html", {"form": form})
+
+
+@login_required
+@require_POST
+def org_switch(request: HttpRequest) -> HttpResponse:
+    tenant_id = request.POST.get("tenant_id", "")
+    if (
+        not tenant_id.isdigit()
+        or membership_for_user(tenant_id=int(tenant_id), user=request.user) is None
+    ):
+        raise Http404("No such organisation.")
+    request.session[CURRENT_TENANT_SESSION_KEY] = int(tenant_id)
+    return redirect("dashboard:overview", int(tenant_id))
+
+
+def quota_rows(request: HttpRequest) -> list[dict[str, object]]:
+    """Each quota against its limit, as the overview and usage pages show it."""
+    tenant = request.tenant  # type: ignore[attr-defined]
+    limits = tenant_limits_get(tenant=tenant)
+    status = quota_status(tenant_id=tenant.pk, limits=limits)
+
+    def row(label: str, used: int, limit: int, reset_ms: int | None) -> dict[str, object]:
+        return {
+            "label": label,
+            "used": used,
+            "limit": limit,
+            "percent": min(100, round(100 * used / limit)) if limit else 0,
+            "reset": duration_format(reset_ms) if reset_ms else None,
+        }
+
+    return [
+        row(
+            _("Requests per minute"),
+            status.limit_requests - status.remaining_requests,
+            status.limit_requests,
+            status.reset_requests_ms,
+        ),
+        row(
+            _("Tokens per day"),
+            status.limit_tokens - status.remaining_tokens,
+            status.limit_tokens,
+            status.reset_tokens_ms,
+        ),
+        row(_("Concurrent requests"), status.in_flight, status.limit_concurrent, None),
+    ]
+
+
+@org_view()
+def overview(request: HttpRequest) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    return render_page(
+        request,
+        "dashboard/overview.html",
+        {
+            "quota_rows": quota_rows(request),
+            "limits": tenant_limits_get(tenant=tenant),
+            "today": usage_today_for_tenant(tenant=tenant),
+        },
+    )
+
+
+def _settings_page(
+    request: HttpRequest,
+    *,
+    plan_form: PlanForm | None = None,
+    content_form: ContentLoggingForm | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    plans = plan_list()
+    return render_page(
+        request,
+        "dashboard/settings.html",
+        {
+            "plan_form": plan_form or PlanForm(plans=plans, initial={"plan": tenant.plan}),
+            "plans": plans,
+            "content_form": content_form
+            or ContentLoggingForm(
+                initial={
+                    "enabled": tenant.log_content,
+                    "retention_days": content_retention_days_get(tenant=tenant),
+                }
+            ),
+        },
+        status=status,
+    )
+
+
+@org_view(Membership.Role.ADMIN)
+def org_settings(request: HttpRequest) -> HttpResponse:
+    return _settings_page(request)
+
+
+@org_view(Membership.Role.OWNER)
+@require_POST
+def plan_change(request: HttpRequest) -> HttpResponse:
+    form = PlanForm(request.POST, plans=plan_list())
+    if not form.is_valid():
+        return _settings_page(request, plan_form=form, status=400)
+    organisation_plan_change(
+        tenant=request.tenant,  # type: ignore[attr-defined]
+        plan=form.cleaned_data["plan"],
+        actor=request.user,
+    )
+    messages.success(request, _("Plan changed."))
+    return redirect("dashboard:settings", request.tenant.pk)  # type: ignore[attr-defined]
+
+
+@org_view(Membership.Role.ADMIN)
+@require_POST
+def content_logging(request: HttpRequest) -> HttpResponse:
+    form = ContentLoggingForm(request.POST)
+    if not form.is_valid():
+        return _settings_page(request, content_form=form, status=400)
+    content_logging_update(
+        tenant=request.tenant,  # type: ignore[attr-defined]
+        enabled=form.cleaned_data["enabled"],
+        retention_days=form.cleaned_data["retention_days"],
+        actor=request.user,
+    )
+    messages.success(request, _("Content logging saved."))
+    return redirect("dashboard:settings", request.tenant.pk)  # type: ignore[attr-defined]
+
+
+@org_view(Membership.Role.OWNER)
+def org_delete(request: HttpRequest) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    form = DeleteOrganisationForm(request.POST or None, expected_name=tenant.name)
+    if request.method == "POST" and form.is_valid():
+        organisation_delete(tenant=tenant, actor=request.user)
+        request.session.pop(CURRENT_TENANT_SESSION_KEY, None)
+        messages.success(
+            request, _("The organisation %(name)s was deleted.") % {"name": tenant.name}
+        )
+        return redirect("dashboard:home")
+    return render_page(request, "dashboard/org_delete.html", {"form": form})

@@ -1,0 +1,174 @@
+"""Usage charts and CSV export, request log, audit log."""
+
+from __future__ import annotations
+
+import csv
+
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from tenants.models import Membership, UsageRecord
+from tenants.selectors.api_keys import api_key_list_for_tenant
+from webplatform.dashboard.access import org_view
+from webplatform.dashboard.forms import UsageFilterForm
+from webplatform.dashboard.selectors.organisations import (
+    audit_log_for_tenant,
+    content_log_by_request,
+)
+from webplatform.dashboard.selectors.usage import (
+    NO_KEY,
+    UsageFilter,
+    request_log_for_tenant,
+    usage_daily_series,
+    usage_models_for_tenant,
+)
+from webplatform.dashboard.services.members import role_at_least
+from webplatform.dashboard.views.common import render_page
+from webplatform.dashboard.views.organisations import quota_rows
+
+DAYS = 30
+
+
+def _filter_form(request: HttpRequest) -> tuple[UsageFilterForm, UsageFilter]:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    keys = [
+        (k.public_id, f"{k.name} ({k.public_id})") for k in api_key_list_for_tenant(tenant=tenant)
+    ]
+    keys.append((NO_KEY, _("Playground (no key)")))
+    form = UsageFilterForm(
+        request.GET or None, keys=keys, models=usage_models_for_tenant(tenant=tenant)
+    )
+    if form.is_bound and form.is_valid():
+        return form, UsageFilter(
+            api_key=form.cleaned_data["key"] or None, model=form.cleaned_data["model"] or None
+        )
+    return form, UsageFilter()
+
+
+@org_view()
+def usage(request: HttpRequest) -> HttpResponse:
+    form, usage_filter = _filter_form(request)
+    series = usage_daily_series(
+        tenant=request.tenant,  # type: ignore[attr-defined]
+        usage_filter=usage_filter,
+        days=DAYS,
+    )
+    chart = {
+        "labels": [d.day.isoformat() for d in series],
+        "requests": [d.requests for d in series],
+        "errors": [d.errors for d in series],
+        "prompt_tokens": [d.prompt_tokens for d in series],
+        "completion_tokens": [d.completion_tokens for d in series],
+        "p50": [
+            round(d.latency_p50_ms, 1) if d.latency_p50_ms is not None else None for d in series
+        ],
+        "p95": [
+            round(d.latency_p95_ms, 1) if d.latency_p95_ms is not None else None for d in series
+        ],
+        "i18n": {
+            "requests": _("Requests"),
+            "errors": _("Errors"),
+            "prompt_tokens": _("Prompt tokens"),
+            "completion_tokens": _("Completion tokens"),
+            "p50": _("p50 latency (ms)"),
+            "p95": _("p95 latency (ms)"),
+        },
+    }
+    totals = {
+        "requests": sum(d.requests for d in series),
+        "errors": sum(d.errors for d in series),
+        "tokens": sum(d.total_tokens for d in series),
+    }
+    return render_page(
+        request,
+        "dashboard/usage.html",
+        {
+            "filter_form": form,
+            "chart": chart,
+            "totals": totals,
+            "quota_rows": quota_rows(request),
+            "query": request.GET.urlencode(),
+            "days": DAYS,
+        },
+    )
+
+
+@org_view()
+def usage_csv(request: HttpRequest) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    _form, usage_filter = _filter_form(request)
+    series = usage_daily_series(tenant=tenant, usage_filter=usage_filter, days=DAYS)
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    stamp = timezone.now().strftime("%Y%m%d")
+    response["Content-Disposition"] = f'attachment; filename="usage-{tenant.slug}-{stamp}.csv"'
+    writer = csv.writer(response)
+    writer.writerow(
+        [
+            "day",
+            "requests",
+            "errors",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "latency_p50_ms",
+            "latency_p95_ms",
+            "api_key",
+            "model",
+        ]
+    )
+    for d in series:
+        writer.writerow(
+            [
+                d.day.isoformat(),
+                d.requests,
+                d.errors,
+                d.prompt_tokens,
+                d.completion_tokens,
+                d.total_tokens,
+                "" if d.latency_p50_ms is None else round(d.latency_p50_ms, 1),
+                "" if d.latency_p95_ms is None else round(d.latency_p95_ms, 1),
+                usage_filter.api_key or "",
+                usage_filter.model or "",
+            ]
+        )
+    return response
+
+
+@org_view()
+def request_log(request: HttpRequest) -> HttpResponse:
+    tenant = request.tenant  # type: ignore[attr-defined]
+    form, usage_filter = _filter_form(request)
+    status = request.GET.get("status")
+    records = list(
+        request_log_for_tenant(
+            tenant=tenant,
+            usage_filter=usage_filter,
+            status=status if status in UsageRecord.Status.values else None,
+        )
+    )
+    # Stored prompts and answers are for admins only, and only while logging is on.
+    show_content = tenant.log_content and role_at_least(
+        request.membership.role,  # type: ignore[attr-defined]
+        Membership.Role.ADMIN,
+    )
+    content = (
+        content_log_by_request(tenant=tenant, request_ids=[r.request_id for r in records])
+        if show_content
+        else {}
+    )
+    rows = [{"record": r, "content": content.get(r.request_id)} for r in records]
+    return render_page(
+        request,
+        "dashboard/requests.html",
+        {"filter_form": form, "rows": rows, "show_content": show_content},
+    )
+
+
+@org_view(Membership.Role.ADMIN)
+def audit_log(request: HttpRequest) -> HttpResponse:
+    return render_page(
+        request,
+        "dashboard/audit.html",
+        {"entries": audit_log_for_tenant(tenant=request.tenant)},  # type: ignore[attr-defined]
+    )

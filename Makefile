@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml package-lock.json $(wildcard locale/*/LC_MESS
 	# Front-end libraries (chart.js) from the npm registry, served by the project itself.
 	npm ci --no-audit --no-fund --loglevel=error
 	# Translations: babel compiles the .po catalogues without needing GNU gettext.
-	$(VENV)/bin/pybabel compile --use-fuzzy -d locale -D django -q
+	$(VENV)/bin/pybabel compile --use-fuzzy -d locale -D django
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

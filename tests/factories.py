@@ -18,8 +18,9 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"user{n}@example.com")
     email = factory.LazyAttribute(lambda user: user.username)
-    # No hashing: tests never log in with a password.
-    password = factory.PostGenerationMethodCall("set_unusable_password")
+    # Unusable and saved with the row (a post-generation call would not be saved, and a
+    # session made by force_login would then never verify).
+    password = factory.django.Password(None)
 
 
 class PlanFactory(factory.django.DjangoModelFactory):

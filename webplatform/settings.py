@@ -135,7 +135,12 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env.str("CHANNEL_PREFIX", default="asgi")},
+            # redis-py 8 defaults to a 5 s socket timeout, as long as channels-redis's
+            # blocking read: every receive would time out (channels_redis#422).
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
+                "prefix": env.str("CHANNEL_PREFIX", default="asgi"),
+            },
         }
     }
 else:

@@ -8,7 +8,10 @@ Client frames: ``{"type": "message", "content": [OpenAI content parts] | "text",
 "max_tokens"?, "temperature"?, "top_p"?, "seed"?, "model"?, "thinking"?}`` and
 ``{"type": "cancel"}``. Server frames: ``ready`` (conversation id), ``start``
 (request id, model), ``delta`` (text, reasoning), ``done`` (finish reason, usage),
-``error`` (code, message).
+``error`` (code, message). A refused connection gets an ``error`` frame, then a close code:
+4401 (no or bad credentials), 4403 (read-only key, not a member of the tenant), 4404
+(``?conversation=`` that is not the caller's). A bad frame gets an ``error`` frame and the
+connection stays open.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from rest_framework import serializers
 
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from tenants.selectors.tenants import member_principal_get
-from tenants.services.api_keys import api_key_authenticate
+from tenants.services.api_keys import api_key_authenticate, api_key_principal_by_id
 from webplatform.api.chat_serializers import parse_content
 from webplatform.chat import selectors as chat_selectors
 from webplatform.chat import services as chat_services
@@ -47,6 +51,7 @@ from webplatform.completions.service import (
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
 
@@ -74,11 +79,34 @@ def _session_principal(scope: dict[str, Any], tenant_ref: str | None) -> ApiPrin
     return member_principal_get(tenant=tenant, user=user)
 
 
+class MessageOptionsSerializer(serializers.Serializer):
+    """The sampling options of a ``message`` frame, with the REST API's limits."""
+
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    temperature = serializers.FloatField(
+        required=False, allow_null=True, min_value=0.0, max_value=2.0
+    )
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
+    seed = serializers.IntegerField(required=False, allow_null=True)
+    thinking = serializers.BooleanField(required=False, allow_null=True)
+
+
+def _invalid_frame(message: str) -> ApplicationError:
+    return ApplicationError(message, code="invalid_frame")
+
+
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    # No groups and no channel-layer messages reach this consumer: an alias with no layer
+    # configured keeps each connection from holding a blocking Redis read (channels_redis'
+    # BZPOPMIN, which redis-py 8's default 5 s socket timeout turns into a crash of every
+    # connection idle for 5 s). Point this at a real layer only when a feature needs one.
+    channel_layer_alias = "chat-has-no-channel-layer"
+
     principal: ApiPrincipal
     channel: Channel
     conversation: Any = None
     run: CompletionRun | None = None
+    cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -86,9 +114,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         try:
             principal, channel = await self._authenticate(query)
+            if not principal.can_write:
+                raise ApplicationError(
+                    "This API key is read-only (GET endpoints only); the chat needs a key "
+                    "with full access.",
+                    code="insufficient_permissions",
+                    status=403,
+                )
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
             return
         self.principal, self.channel = principal, channel
         conversation_id = (query.get("conversation") or [None])[0]
@@ -138,18 +173,35 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             status=401,
         )
 
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        # A frame that is not JSON text is the client's mistake: answer it, stay open.
+        if not hasattr(self, "principal"):
+            return
+        if text_data is None:
+            await self.send_json(error_frame(_invalid_frame("Frames must be JSON text.")))
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except ValueError:
+            await self.send_json(error_frame(_invalid_frame("This frame is not valid JSON.")))
+            return
+        await self.receive_json(content, **kwargs)
+
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if not hasattr(self, "principal"):
             return
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "cancel":
+            # Before ``start`` there is no run to cancel yet: ``_answer`` cancels it as
+            # soon as it exists, so a quick cancel still ends in ``done`` "cancelled".
+            self.cancel_requested = True
             if self.run is not None:
                 await self.run.cancel()
             return
         if kind != "message":
-            await self.send_json(
-                error_frame(ApplicationError("Unknown frame type.", code="invalid_frame"))
-            )
+            await self.send_json(error_frame(_invalid_frame("Unknown frame type.")))
             return
         if self.task is not None and not self.task.done():
             await self.send_json(
@@ -161,6 +213,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 )
             )
             return
+        self.cancel_requested = False
         self.task = asyncio.create_task(self._answer(content))
 
     async def _history(self) -> list[ChatTurn]:
@@ -184,36 +237,41 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         model = frame.get("model") or (
             self.conversation.model if self.conversation else self.principal.default_model
         )
-        temperature = frame.get("temperature", 1.0)
-        max_tokens = frame.get("max_tokens")
-        for name, value, low, high in (
-            ("temperature", temperature, 0, 2),
-            ("max_tokens", max_tokens, 1, 1 << 20),
-        ):
-            if value is not None and (
-                not isinstance(value, int | float) or not low <= value <= high
-            ):
-                raise ApplicationError(
-                    f"{name} is out of range.", code="invalid_request", param=name
-                )
+        options = MessageOptionsSerializer(data=frame)
+        if not options.is_valid():
+            name, errors = next(iter(options.errors.items()))
+            raise ApplicationError(f"{name}: {errors[0]}", code="invalid_request", param=name)
+        data = options.validated_data
+        temperature, top_p = data.get("temperature"), data.get("top_p")
         return ChatCompletionInput(
             model=model or "",
             turns=(*history, ChatTurn(role="user", parts=parts)),
-            max_tokens=max_tokens,
-            temperature=float(temperature),
-            top_p=float(frame.get("top_p", 1.0)),
-            seed=frame.get("seed"),
+            max_tokens=data.get("max_tokens"),
+            temperature=1.0 if temperature is None else temperature,
+            # As the REST API: top_p 0 means 'only the likeliest token'.
+            top_p=1.0 if top_p is None else max(top_p, 1e-6),
+            seed=data.get("seed"),
             stream=True,
-            thinking=bool(frame.get("thinking", False)),
+            thinking=bool(data.get("thinking")),
         )
+
+    async def _principal_still_valid(self) -> None:
+        """A key revoked or expired while the socket is open stops working at once."""
+        if self.principal.api_key is not None:
+            self.principal = await database_sync_to_async(api_key_principal_by_id)(
+                api_key_id=self.principal.api_key.pk
+            )
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         try:
+            await self._principal_still_valid()
             history = await self._history()
             inp = self._input(frame, history)
             self.run = run = await chat_completion_start(
                 caller=Caller(principal=self.principal, channel=self.channel), inp=inp
             )
+            if self.cancel_requested:
+                await run.cancel()
             await self.send_json(
                 {"type": "start", "request_id": run.request_id, "model": run.model}
             )
@@ -244,6 +302,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
+            if exc.status == 401:  # the key was revoked or expired while the socket was open
+                await self.close(code=CLOSE_UNAUTHENTICATED)
         except Exception:
             logger.exception("websocket request failed")
             await self.send_json(

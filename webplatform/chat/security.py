@@ -10,6 +10,7 @@ never the session cookie alone.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import AllowedHostsOriginValidator
@@ -24,11 +25,19 @@ class OriginCheck:
         self.validator = AllowedHostsOriginValidator(inner)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        has_origin = any(name == b"origin" for name, _ in scope.get("headers", []))
-        scope = {**scope, "browser_origin": has_origin}
-        if has_origin:
-            return await self.validator(scope, receive, send)
+        origins = [value for name, value in scope.get("headers", []) if name == b"origin"]
+        scope = {**scope, "browser_origin": bool(origins)}
+        if origins and not self.validator.valid_origin(urlparse(origins[-1].decode("latin1"))):
+            return await _refuse_handshake(receive, send)
         return await self.inner(scope, receive, send)
+
+
+async def _refuse_handshake(receive: Any, send: Any) -> None:
+    """Answer the handshake with HTTP 403, as Channels' ``WebsocketDenier`` does, without
+    starting a consumer: a refused connection never subscribes to the channel layer."""
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
 
 
 def websocket_stack(inner: Any) -> Any:

@@ -7,20 +7,31 @@ Django's single sync thread for all of it.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import math
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
-from django.http import StreamingHttpResponse
+from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions
+from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from inference.protocol import new_request_id
 from tenants.errors import ApplicationError
+from tenants.principals import ApiPrincipal
 from webplatform.api import openai_wire
 from webplatform.api.base import AuthenticatedApiView
 from webplatform.api.chat_serializers import ChatCompletionRequestSerializer
-from webplatform.completions.inputs import Channel
+from webplatform.api.schema import ChatCompletionSerializer, error_responses
+from webplatform.completions.inputs import Channel, ChatCompletionInput
 from webplatform.completions.service import (
     Caller,
     CompletionOutcome,
@@ -30,6 +41,60 @@ from webplatform.completions.service import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _body_limit(principal: ApiPrincipal) -> int:
+    """The largest request body this caller may send: its plan's images at their largest,
+    base64-encoded, plus room for text. Django's global ``DATA_UPLOAD_MAX_MEMORY_SIZE``
+    (2.5 MB by default) is far below one allowed image, so this view applies its own."""
+    per_image = math.ceil(principal.limits.max_image_bytes / 3) * 4 + 1024
+    text_room = 2 * 1024 * 1024
+    return max(
+        settings.IMAGE_MAX_PER_REQUEST * per_image + text_room,
+        settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0,
+    )
+
+
+def _request_body(request: Request, *, limit: int) -> Any:
+    """The JSON body, read with the caller's own size limit (413 ``request_too_large``)."""
+    media_type = request.content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise exceptions.UnsupportedMediaType(media_type or "(none)")
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        raise ApplicationError(
+            f"The request body is {length} bytes; this plan accepts at most {limit} bytes "
+            "(its images at their largest size, base64-encoded, and the text).",
+            code="request_too_large",
+            status=413,
+        )
+    raw = request.stream.read(limit + 1) if request.stream is not None else b""
+    if len(raw) > limit:
+        raise ApplicationError(
+            f"The request body is larger than {limit} bytes.", code="request_too_large", status=413
+        )
+    if not raw:
+        return {}
+    return JSONParser().parse(io.BytesIO(raw), media_type)
+
+
+def _parse_input(request: Request) -> ChatCompletionInput:
+    body = _request_body(request, limit=_body_limit(request.user))
+    serializer = ChatCompletionRequestSerializer(data=body)
+    serializer.is_valid(raise_exception=True)
+    inp = serializer.to_input(default_model=request.user.default_model)
+    if _no_store(request.headers.get("cache-control", "")):
+        inp = replace(inp, use_cache=False)
+    return inp
+
+
+def _no_store(cache_control: str) -> bool:
+    """Whether a ``Cache-Control`` request header asks not to use the answer cache."""
+    directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+    return bool(directives & {"no-store", "no-cache"})
 
 
 def _response_headers(run: CompletionRun) -> dict[str, str]:
@@ -89,36 +154,74 @@ async def _sse_stream(run: CompletionRun) -> AsyncIterator[bytes]:
     except asyncio.CancelledError:
         logger.info("client went away during %s; cancelled", run.request_id)
         raise
+    except Exception:
+        # Not ours to swallow silently, but the client must not see a torn stream either.
+        logger.exception("streaming %s failed", run.request_id)
+        yield openai_wire.sse(openai_wire.stream_error_object())
     finally:
         await events.aclose()
+        await run.abandon()  # a no-op when events() settled, as it does unless never started
     yield openai_wire.SSE_DONE
 
 
+class CompletionStreamResponse(StreamingHttpResponse):
+    """The SSE response of one run. Django closes every response it handled, also when the
+    client went away before the body started (then ``_sse_stream`` never ran and could not
+    settle): closing settles the run in that case, so its admission is never leaked."""
+
+    def __init__(self, run: CompletionRun) -> None:
+        super().__init__(_sse_stream(run), content_type="text/event-stream")
+        self.run = run
+
+    def close(self) -> None:
+        super().close()
+        async_to_sync(self.run.abandon)()
+
+
 class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
-    """Async dispatch from adrf; rate-limit headers on every response from the base view."""
+    """Async dispatch from adrf; rate-limit headers on every response from the base view,
+    and an ``x-request-id`` on every response, errors included (the id of the usage record
+    when the request was admitted)."""
+
+    request_id: str = ""
+
+    def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
+        self.request_id = new_request_id()
+        return super().initialize_request(request, *args, **kwargs)
+
+    def finalize_response(
+        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
+    ) -> HttpResponseBase:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if "x-request-id" not in response:
+            response["x-request-id"] = self.request_id or new_request_id()
+        return response
 
     @extend_schema(
         operation_id="createChatCompletion",
         request=ChatCompletionRequestSerializer,
         responses={
-            200: OpenApiResponse(description="chat.completion, or SSE chat.completion.chunk")
+            200: OpenApiResponse(
+                response=ChatCompletionSerializer,
+                description="A chat.completion; with stream=true, Server-Sent Events of "
+                "chat.completion.chunk objects ending with `data: [DONE]`",
+            ),
+            **error_responses(400, 401, 403, 404, 413, 429, 503),
         },
         summary="Create a chat completion (OpenAI-compatible; images as data URIs)",
     )
     async def post(self, request: Request) -> Response | StreamingHttpResponse:
-        serializer = ChatCompletionRequestSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        inp = serializer.to_input(default_model=request.user.default_model)
-        if request.headers.get("cache-control", "").lower() == "no-store":
-            from dataclasses import replace
-
-            inp = replace(inp, use_cache=False)
+        # Parsing and validating a body of several MB of base64 takes tens of ms of CPU:
+        # off the event loop, which meanwhile streams other requests' answers.
+        inp = await sync_to_async(_parse_input, thread_sensitive=False)(request)
         run = await chat_completion_start(
-            caller=Caller(principal=request.user, channel=Channel.REST), inp=inp
+            caller=Caller(principal=request.user, channel=Channel.REST),
+            inp=inp,
+            request_id=self.request_id,
         )
         headers = _response_headers(run)
         if inp.stream:
-            response = StreamingHttpResponse(_sse_stream(run), content_type="text/event-stream")
+            response = CompletionStreamResponse(run)
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
             for name, value in headers.items():

@@ -101,6 +101,42 @@ def _parse_thinking(value: Any) -> bool:
     )
 
 
+# OpenAI request fields that would change what the answer is; we cannot honour them, so a
+# request carrying them is refused instead of answered as if they were absent.
+_UNSUPPORTED_FIELDS = ("tools", "functions", "tool_choice", "function_call", "audio")
+
+
+def _refuse_unsupported(data: dict[str, Any], raw: Any) -> None:
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise _invalid(
+            f"n={n} is not supported: this API returns exactly one choice per request. "
+            "Send n separate requests (with different seeds) instead.",
+            param="n",
+            code="unsupported_value",
+        )
+    if data.get("logprobs"):
+        raise _invalid("logprobs are not supported.", param="logprobs", code="unsupported_value")
+    if isinstance(raw, dict):
+        for name in _UNSUPPORTED_FIELDS:
+            if raw.get(name) not in (None, [], "none"):
+                raise _invalid(
+                    f"'{name}' is not supported by this API.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+        response_format = raw.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") not in (
+            None,
+            "text",
+        ):
+            raise _invalid(
+                "Only response_format {'type': 'text'} is supported.",
+                param="response_format",
+                code="unsupported_value",
+            )
+
+
 class ChatCompletionRequestSerializer(serializers.Serializer):
     """The OpenAI request body (and the simple form). Validation errors become OpenAI errors."""
 
@@ -118,13 +154,17 @@ class ChatCompletionRequestSerializer(serializers.Serializer):
     seed = serializers.IntegerField(required=False, allow_null=True)
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = serializers.JSONField(required=False, allow_null=True)
-    user = serializers.CharField(required=False, allow_null=True, max_length=256)
-    n = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=1)
+    # OpenAI's end-user identifier (abuse monitoring): accepted, never confused with the
+    # member a usage record names.
+    user = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=256)
+    n = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    logprobs = serializers.BooleanField(required=False, allow_null=True)
     thinking = serializers.JSONField(required=False, allow_null=True)
     cache = serializers.BooleanField(required=False, default=True)
 
     def to_input(self, *, default_model: str) -> ChatCompletionInput:
         data: dict[str, Any] = self.validated_data  # type: ignore[assignment]
+        _refuse_unsupported(data, self.initial_data)
         if data.get("messages") is not None:
             turns = parse_messages(data["messages"])
         elif data.get("prompt") is not None:

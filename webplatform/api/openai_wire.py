@@ -87,6 +87,18 @@ def chunk_object(
     return chunk
 
 
+def stream_error_object() -> dict[str, Any]:
+    """The in-band error event for a stream that failed on our side after its headers."""
+    return {
+        "error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     payload = (
         data

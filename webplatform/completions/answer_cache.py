@@ -37,7 +37,8 @@ def cache_key(
 ) -> str:
     canonical = _encoder.encode([tenant_id, model, messages, sampling])
     digest = hashlib.sha256(canonical).hexdigest()
-    return f"answer:{tenant_id}:{model}:{digest}"
+    prefix = getattr(settings, "ANSWER_CACHE_KEY_PREFIX", "answer")
+    return f"{prefix}:{tenant_id}:{model}:{digest}"
 
 
 async def cache_lookup(*, key: str):  # -> CompletionOutcome | None
@@ -50,7 +51,11 @@ async def cache_lookup(*, key: str):  # -> CompletionOutcome | None
         return None
     if raw is None:
         return None
-    answer = _decoder.decode(raw)
+    try:
+        answer = _decoder.decode(raw)
+    except (msgspec.DecodeError, TypeError):  # an entry of an older format: a miss
+        logger.warning("answer cache entry %s is unreadable; ignoring it", key)
+        return None
     return CompletionOutcome(
         text=answer.text,
         reasoning=answer.reasoning,

@@ -47,6 +47,7 @@ from webplatform.completions.inputs import (
     StoredImage,
 )
 from webplatform.completions.routing import model_route
+from webplatform.dashboard.services.content_logging import content_log_record
 from webplatform.metrics import completion_observe
 from webplatform.uploads.services import UploadLimits, ValidatedImage, upload_validate_image
 
@@ -107,6 +108,9 @@ class CompletionRun:
     first_token_at: float | None = None
     outcome: CompletionOutcome | None = None
     _settled: bool = False
+    _prompt_tokens_seen: int = 0
+    _image_tokens_seen: int = 0
+    _tokens_streamed: int = 0
 
     @property
     def cache_hit(self) -> bool:
@@ -145,8 +149,11 @@ class CompletionRun:
             reasoning: list[str] = []
             async for event in self.client.submit(self.inference_request):
                 if isinstance(event, StartEvent):
+                    self._prompt_tokens_seen = event.prompt_tokens
+                    self._image_tokens_seen = event.image_tokens
                     continue
                 if isinstance(event, DeltaEvent):
+                    self._tokens_streamed += event.tokens
                     if self.first_token_at is None:
                         self.first_token_at = time.monotonic()
                     text.append(event.text)
@@ -179,9 +186,11 @@ class CompletionRun:
                     )
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnected, task cancelled): stop the work in
-            # the worker so its batch slot frees at the next step.
-            status, error_code = "cancelled", ""
-            await asyncio.shield(self.cancel())
+            # the worker so its batch slot frees at the next step. Once the outcome is out
+            # the answer was served whole: closing the stream then cancels nothing.
+            if self.outcome is None:
+                status, error_code = "cancelled", ""
+                await asyncio.shield(self.cancel())
             raise
         except ApplicationError as exc:
             error_code = exc.code
@@ -189,19 +198,44 @@ class CompletionRun:
         finally:
             await self._settle(status=status, error_code=error_code)
 
+    async def abandon(self) -> None:
+        """Settle a run whose ``events()`` never ran to its end or was never started (the
+        client went away before the first byte of the body): release its admission and
+        record it as cancelled. Harmless after a normal settlement; call it when done."""
+        if self._settled:
+            return
+        await asyncio.shield(self.cancel())
+        await self._settle(status="cancelled", error_code="")
+
+    def _prompt_text(self) -> str:
+        """The user's newest question as text (images are referenced, never logged)."""
+        last = self.input.turns[-1]
+        return "\n".join(p for p in last.parts if isinstance(p, str))
+
     async def _settle(self, *, status: str, error_code: str) -> None:
         if self._settled:
             return
         self._settled = True
         now = time.monotonic()
-        usage = self.outcome.usage if self.outcome else Usage()
+        # A stream that ended early (client gone, worker error) is charged what it consumed:
+        # its prompt and the tokens already streamed. Otherwise reading an answer and
+        # hanging up before its end would cost nothing.
+        usage = (
+            self.outcome.usage
+            if self.outcome
+            else Usage(
+                prompt_tokens=self._prompt_tokens_seen,
+                completion_tokens=self._tokens_streamed,
+                image_tokens=self._image_tokens_seen,
+            )
+        )
         ttft_ms = (
             None
             if self.first_token_at is None
             else int((self.first_token_at - self.started_at) * 1000)
         )
         try:
-            if status == "error":
+            if status == "error" and usage.total_tokens == 0:
                 await sync_to_async(quota_release, thread_sensitive=False)(admission=self.admission)
             else:
                 # Cache hits cost no model tokens; they still count as requests.
@@ -227,6 +261,14 @@ class CompletionRun:
                 error_code=error_code,
                 cache_hit=self.cache_hit,
             )
+            if self.outcome is not None:
+                # Kept only when the organisation turned content logging on (checked there).
+                await sync_to_async(content_log_record, thread_sensitive=False)(
+                    tenant=self.caller.tenant,
+                    request_id=self.request_id,
+                    prompt=self._prompt_text(),
+                    answer=self.outcome.text,
+                )
         except Exception:  # settlement must never turn a served answer into an error
             logger.exception("settling request %s failed", self.request_id)
         completion_observe(
@@ -269,8 +311,14 @@ def _prompt_token_estimate(inp: ChatCompletionInput) -> int:
     return chars // 3 + 16 * len(inp.turns)
 
 
-async def chat_completion_start(*, caller: Caller, inp: ChatCompletionInput) -> CompletionRun:
-    """Steps 2-5 of the request path. Raises ``ApplicationError`` for anything refused."""
+async def chat_completion_start(
+    *, caller: Caller, inp: ChatCompletionInput, request_id: str | None = None
+) -> CompletionRun:
+    """Steps 2-5 of the request path. Raises ``ApplicationError`` for anything refused.
+
+    ``request_id``: the id the entry point already showed the client (``x-request-id``);
+    a new one when None.
+    """
     limits = caller.principal.limits
     if inp.model not in caller.principal.allowed_models:
         raise ApplicationError(
@@ -308,7 +356,7 @@ async def chat_completion_start(*, caller: Caller, inp: ChatCompletionInput) -> 
                     source=source.url, limits=upload_limits, param=source.param
                 )
         client = get_inference_client()
-        request_id = new_request_id()
+        request_id = request_id or new_request_id()
         tenant_id = str(caller.tenant.pk)
         sampling = SamplingParams(
             max_tokens=max_tokens,

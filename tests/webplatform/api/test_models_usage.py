@@ -232,3 +232,9 @@ def test_embedded_mode_gives_the_same_answers_from_this_process(owner, api_clien
     assert models.status_code == 200
     assert models["x-ratelimit-remaining-requests"] == str(limit - 1)
     assert isinstance(quota_store_get(), LocalQuotaStore)
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/usage", "/v1/no-such-path", "/health/live"])
+def test_every_response_carries_a_request_id(path, api_client_for, key) -> None:
+    response = api_client_for(key).get(path)
+    assert response["x-request-id"].startswith("req_")

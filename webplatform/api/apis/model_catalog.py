@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.selectors.served_models import model_get_for_principal, model_list_for_principal
 from webplatform.api.base import AuthenticatedApiView
+from webplatform.api.schema import ModelListSchemaSerializer, ModelSchemaSerializer, error_responses
 
 
 class ModelOutputSerializer(serializers.Serializer):
@@ -23,6 +25,11 @@ class ModelOutputSerializer(serializers.Serializer):
 class ModelListApi(AuthenticatedApiView):
     """The models this key may use: served, allowed by the plan, within the key's scope."""
 
+    @extend_schema(
+        operation_id="listModels",
+        responses={200: ModelListSchemaSerializer, **error_responses(401)},
+        summary="List the models this key may use",
+    )
     def get(self, request: Request) -> Response:
         models = model_list_for_principal(principal=self.principal)
         return Response({"object": "list", "data": ModelOutputSerializer(models, many=True).data})
@@ -31,6 +38,11 @@ class ModelListApi(AuthenticatedApiView):
 class ModelDetailApi(AuthenticatedApiView):
     """One model; 404 ``model_not_found`` when this key may not use it."""
 
+    @extend_schema(
+        operation_id="retrieveModel",
+        responses={200: ModelSchemaSerializer, **error_responses(401, 404)},
+        summary="Retrieve one model",
+    )
     def get(self, request: Request, model_id: str) -> Response:
         model = model_get_for_principal(principal=self.principal, model_id=model_id)
         return Response(ModelOutputSerializer(model).data)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 
 from tenants.errors import ApplicationError
 from webplatform.api.base import AuthenticatedApiView
 
 
+@extend_schema(exclude=True)  # a catch-all, not an operation
 class UnknownPathApi(AuthenticatedApiView):
     """404 ``not_found`` for any method. No key needed (as OpenAI answers); a key that is
     sent is still checked, and a good one gets the rate-limit headers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -9,6 +10,7 @@ from rest_framework.response import Response
 from tenants.selectors.usage import usage_today_for_tenant
 from tenants.services.quotas import duration_format, quota_status
 from webplatform.api.base import AuthenticatedApiView
+from webplatform.api.schema import UsageSchemaSerializer, error_responses
 
 
 class UsageTotalsSerializer(serializers.Serializer):
@@ -32,6 +34,11 @@ class UsageApi(AuthenticatedApiView):
     Reading it consumes no quota (see ``tenants.services.quotas``).
     """
 
+    @extend_schema(
+        operation_id="getUsage",
+        responses={200: UsageSchemaSerializer, **error_responses(401)},
+        summary="Today's usage and rate-limit position of your organisation",
+    )
     def get(self, request: Request) -> Response:
         principal = self.principal
         summary = usage_today_for_tenant(tenant=principal.tenant)

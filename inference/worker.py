@@ -109,6 +109,22 @@ def _error_code_for(exc: BaseException) -> ErrorCode:
     return ErrorCode.INTERNAL_ERROR
 
 
+# What a client is told when the failure is ours: exception text (device names, shapes,
+# file paths, other requests' ids) stays in the worker's log.
+_OUR_FAILURE_MESSAGES = {
+    ErrorCode.OUT_OF_MEMORY: "The model ran out of memory; retry, or send a smaller request.",
+    ErrorCode.INTERNAL_ERROR: "The model failed while serving this request.",
+}
+
+
+def _client_message(code: ErrorCode, exc: BaseException) -> str:
+    """The message of an ``ErrorEvent`` for ``exc``: the exception's own text only for a
+    request the client got wrong (``INVALID_REQUEST``), a fixed sentence otherwise."""
+    if code is ErrorCode.INVALID_REQUEST:
+        return str(exc)
+    return _OUR_FAILURE_MESSAGES.get(code, _OUR_FAILURE_MESSAGES[ErrorCode.INTERNAL_ERROR])
+
+
 def _coalesce(events: list[Event]) -> list[Event]:
     """A non-streamed reply: its start, all text as one delta, and its terminal event.
 
@@ -242,7 +258,8 @@ class Worker:
                 raise
             except Exception as exc:  # one request's problem, not the worker's
                 logger.exception("admitting %s failed", delivery.request.request_id)
-                self._finish_early(delivery, ErrorEvent(_error_code_for(exc), str(exc)))
+                code = _error_code_for(exc)
+                self._finish_early(delivery, ErrorEvent(code, _client_message(code, exc)))
             self._backlog.pop(0)
 
     def _admit(self, delivery: Delivery, *, cancelled: bool) -> None:
@@ -324,11 +341,16 @@ class Worker:
             self._step_failures,
             len(self._inflight),
         )
+        # Nothing the clients did: the batch holds other tenants' requests, so neither the
+        # exception's text nor a client-error code (a ValueError deep in the runner) goes out.
         code = _error_code_for(exc)
+        if code is not ErrorCode.OUT_OF_MEMORY:
+            code = ErrorCode.INTERNAL_ERROR
+        message = _OUR_FAILURE_MESSAGES[code]
         for rid in list(self._inflight):
             flight = self._inflight[rid]
             self._safe_abort(rid)
-            error = ErrorEvent(code, f"The model failed: {exc}", retryable=not flight.sent_text)
+            error = ErrorEvent(code, message, retryable=not flight.sent_text)
             self._route(rid, error)
         if self._step_failures >= self.config.max_step_failures:
             raise RuntimeError("engine failed repeatedly; stopping this worker") from exc

@@ -198,6 +198,51 @@ def test_a_step_that_raises_fails_its_batch_only(r, settings_):
     assert text_of(reply(r, settings_, after.request_id)) == fake_answer(after)
 
 
+class _LeakyEngine(FakeEngine):
+    """Fails the way a real runner can: an exception whose text names internals."""
+
+    secret = "req_0ther tenant 42 at /srv/models/glm cuda:3"
+
+    def add_request(self, request, images) -> None:
+        if "BREAK_ADMISSION" in text_of_request(request):
+            raise RuntimeError(f"loader crashed for {self.secret}")
+        super().add_request(request, images)
+
+    def step(self):
+        if any(
+            "BREAK_STEP" in text_of_request(seq.request) and rid not in self._aborted
+            for rid, seq in self._running.items()
+        ):
+            raise ValueError(f"chunk 0..9 outside a slot of 8 for {self.secret}")
+        return super().step()
+
+
+def text_of_request(request) -> str:
+    return " ".join(p.text for m in request.messages for p in m.content if hasattr(p, "text"))
+
+
+def test_a_failure_of_ours_tells_clients_nothing_of_the_exception(r, settings_):
+    """A failing step fails every request of its batch (other tenants' too) and a failing
+    admission its own request: they get a fixed message and a server-error code, never the
+    exception's text, and a step's ValueError is not blamed on the clients (400)."""
+    worker = make_worker(settings_, engine=_LeakyEngine())
+    breaker = make_request("BREAK_STEP now", max_tokens=50)
+    bystander = make_request("calm", max_tokens=50)
+    for request in (breaker, bystander):
+        enqueue(r, settings_, request)
+    run_until_idle(worker, r, settings_)
+    admission = make_request("BREAK_ADMISSION please")
+    enqueue(r, settings_, admission)
+    run_until_idle(worker, r, settings_)
+
+    for request in (breaker, bystander, admission):
+        error = reply(r, settings_, request.request_id)[-1]
+        assert isinstance(error, ErrorEvent), request
+        assert error.code == ErrorCode.INTERNAL_ERROR
+        assert _LeakyEngine.secret not in error.message
+        assert "0ther" not in error.message and "/srv" not in error.message
+
+
 def test_a_non_streamed_reply_is_written_only_when_finished(r, settings_):
     worker = make_worker(settings_)
     worker.transport.setup()

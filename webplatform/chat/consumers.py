@@ -17,6 +17,7 @@ connection stays open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 from urllib.parse import parse_qs
@@ -67,16 +68,39 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
+def _member_principal(*, tenant_ref: str, user: Any) -> ApiPrincipal:
+    """The member principal of ``user`` in organisation ``tenant_ref``, read afresh (plan,
+    overrides, membership); 403 ``insufficient_permissions`` when it is gone."""
+    from tenants.models import Tenant
+
+    tenant = (
+        Tenant.objects.select_related("plan").filter(pk=tenant_ref).first()
+        if tenant_ref.isdigit()
+        else None
+    )
+    if tenant is None or not user.is_active:
+        raise ApplicationError("No such organisation.", code="insufficient_permissions", status=403)
+    return member_principal_get(tenant=tenant, user=user)
+
+
 def _session_principal(scope: dict[str, Any], tenant_ref: str | None) -> ApiPrincipal | None:
     user = scope.get("user")
     if user is None or not user.is_authenticated or not tenant_ref:
         return None
-    from tenants.models import Tenant
+    return _member_principal(tenant_ref=tenant_ref, user=user)
 
-    tenant = Tenant.objects.filter(pk=tenant_ref).first() if tenant_ref.isdigit() else None
-    if tenant is None:
-        raise ApplicationError("No such organisation.", code="insufficient_permissions", status=403)
-    return member_principal_get(tenant=tenant, user=user)
+
+def _member_principal_refresh(principal: ApiPrincipal) -> ApiPrincipal:
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.filter(pk=principal.user.pk).first()  # type: ignore[union-attr]
+    if user is None:
+        raise ApplicationError(
+            "You are not a member of this organisation.",
+            code="insufficient_permissions",
+            status=403,
+        )
+    return _member_principal(tenant_ref=str(principal.tenant_id), user=user)
 
 
 class MessageOptionsSerializer(serializers.Serializer):
@@ -256,15 +280,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def _principal_still_valid(self) -> None:
-        """A key revoked or expired while the socket is open stops working at once."""
+        """Credentials that stop being valid while the socket is open stop working at once:
+        a key revoked or expired, a member removed from the organisation (or the
+        organisation deleted). Read afresh, so a plan change applies from the next message.
+        """
         if self.principal.api_key is not None:
             self.principal = await database_sync_to_async(api_key_principal_by_id)(
                 api_key_id=self.principal.api_key.pk
             )
+        elif self.principal.user is not None:
+            self.principal = await database_sync_to_async(_member_principal_refresh)(self.principal)
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         try:
             await self._principal_still_valid()
+        except ApplicationError as exc:
+            await self.send_json(error_frame(exc))
+            await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
+            return
+        run: CompletionRun | None = None
+        try:
             history = await self._history()
             inp = self._input(frame, history)
             self.run = run = await chat_completion_start(
@@ -276,13 +311,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 {"type": "start", "request_id": run.request_id, "model": run.model}
             )
             outcome: CompletionOutcome | None = None
-            async for item in run.events():
-                if isinstance(item, TextDelta):
-                    await self.send_json(
-                        {"type": "delta", "text": item.text, "reasoning": item.reasoning}
-                    )
-                else:
-                    outcome = item
+            # aclosing: a cancel that lands while a frame is being sent closes (and so
+            # settles) the stream now, not whenever the generator is garbage-collected.
+            async with contextlib.aclosing(run.events()) as events:
+                async for item in events:
+                    if isinstance(item, TextDelta):
+                        await self.send_json(
+                            {"type": "delta", "text": item.text, "reasoning": item.reasoning}
+                        )
+                    else:
+                        outcome = item
             assert outcome is not None
             await self._remember(inp, run, outcome)
             await self.send_json(
@@ -302,7 +340,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
-            if exc.status == 401:  # the key was revoked or expired while the socket was open
+            if exc.status == 401:
                 await self.close(code=CLOSE_UNAUTHENTICATED)
         except Exception:
             logger.exception("websocket request failed")
@@ -311,6 +349,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
         finally:
             self.run = None
+            if run is not None:
+                # Settles a run whose stream never started or was cut short (the task was
+                # cancelled between admission and the first event): without it the quota
+                # lease and the day's token reservation would stay taken. A no-op otherwise.
+                await run.abandon()
 
     async def _remember(
         self, inp: ChatCompletionInput, run: CompletionRun, outcome: CompletionOutcome

@@ -51,6 +51,10 @@ def chat_ticket_redeem(*, ticket: str) -> ApiPrincipal | None:
 
     from tenants.models import Tenant
 
-    tenant = Tenant.objects.get(pk=payload["tenant_id"])
-    user = get_user_model().objects.get(pk=payload["user_id"])
+    # Either may be gone since the ticket was issued: then the ticket is worth nothing
+    # (``None``, refused as invalid), never a crash of the handshake.
+    tenant = Tenant.objects.select_related("plan").filter(pk=payload["tenant_id"]).first()
+    user = get_user_model().objects.filter(pk=payload["user_id"], is_active=True).first()
+    if tenant is None or user is None:
+        return None
     return member_principal_get(tenant=tenant, user=user)

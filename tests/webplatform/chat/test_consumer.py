@@ -5,13 +5,16 @@ Channels' ``WebsocketCommunicator``, answered by the real tiny model in-process.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
 from channels.db import database_sync_to_async
 
-from tenants.models import ApiKey
+from tenants.models import ApiKey, Membership, UsageRecord
+from tenants.selectors.tenants import member_principal_get, tenant_limits_get
 from tenants.services.api_keys import api_key_authenticate, api_key_revoke
+from tenants.services.quotas import quota_status
 from tests.factories import api_key_for
 from tests.webplatform.chat.support import (
     LONG_PROMPT,
@@ -22,6 +25,7 @@ from tests.webplatform.chat.support import (
     image_message,
     png_data_uri,
     settled_usage_record,
+    wait_for,
 )
 from webplatform.api.chat_serializers import parse_content
 from webplatform.completions.inputs import Channel, ChatCompletionInput, ChatTurn
@@ -433,3 +437,71 @@ async def test_a_second_message_while_streaming_is_refused(connect_chat, owner_k
     await chat.send({"type": "cancel"})
     rest = await frames_until_end(chat.receive, timeout_s=3.0)
     assert rest[-1]["finish_reason"] == "cancelled"
+
+
+# --- credentials that go away, admissions that must not leak --------------------------------
+
+
+async def test_a_member_removed_while_the_socket_is_open_stops_working(
+    connect_chat, owner, teammate, session_cookie
+):
+    """A session principal is checked again for every message, as a key is: someone removed
+    from the organisation cannot go on spending its quota over a socket opened before."""
+    cookie = await database_sync_to_async(session_cookie)(teammate.user)
+    chat = await connect_chat(f"tenant={teammate.tenant.pk}", cookie=cookie, origin=ALLOWED_ORIGIN)
+    await _ready(chat)
+    assert_streamed_answer(await chat.ask("Hello!", max_tokens=4))
+
+    await database_sync_to_async(Membership.objects.filter(pk=teammate.membership.pk).delete)()
+    frames = await chat.ask("Still there?", max_tokens=4)
+
+    assert [f["type"] for f in frames] == ["error"]
+    assert frames[0]["code"] == "insufficient_permissions"
+    assert await chat.closed_with() == 4403
+
+
+async def test_a_ticket_of_a_deleted_member_is_refused_not_a_crash(connect_chat, owner):
+    from webplatform.chat.tickets import chat_ticket_issue
+
+    principal = await database_sync_to_async(member_principal_get)(
+        tenant=owner.tenant, user=owner.user
+    )
+    ticket, _ = await database_sync_to_async(chat_ticket_issue)(principal=principal)
+    await database_sync_to_async(type(owner.user).objects.filter(pk=owner.user.pk).delete)()
+
+    chat = await connect_chat(f"ticket={ticket}")
+    assert await _refused(chat) == ("invalid_ticket", 4401)
+
+
+async def test_a_request_cancelled_before_its_stream_starts_is_settled(
+    connect_chat, owner, owner_key, monkeypatch
+):
+    """The task can be cancelled (client gone) after admission but before the stream is
+    read, e.g. while the ``start`` frame is sent: the run must still be settled, or its
+    concurrency lease and its reserved tokens stay taken."""
+    from webplatform.chat.consumers import ChatConsumer
+
+    real_send_json = ChatConsumer.send_json
+
+    async def send_json(self, content, close=False):
+        if content.get("type") == "start":
+            raise asyncio.CancelledError  # as if disconnect() cancelled the task here
+        return await real_send_json(self, content, close)
+
+    monkeypatch.setattr(ChatConsumer, "send_json", send_json)
+    chat = await connect_chat(key=owner_key)
+    await chat.receive()
+    await chat.send({"type": "message", "content": "Hello!", "max_tokens": 64})
+
+    record = await wait_for(
+        database_sync_to_async(UsageRecord.objects.filter(tenant=owner.tenant).first)
+    )
+    assert record is not None and record.status == "cancelled"
+
+    def quota_of_owner():
+        tenant = type(owner.tenant).objects.select_related("plan").get(pk=owner.tenant.pk)
+        return quota_status(tenant_id=tenant.pk, limits=tenant_limits_get(tenant=tenant))
+
+    status = await database_sync_to_async(quota_of_owner)()
+    assert status.in_flight == 0
+    assert status.remaining_tokens == status.limit_tokens

@@ -59,6 +59,29 @@ def test_invite_by_email_then_accept_with_the_link(
 
 
 @pytest.mark.django_db
+def test_an_invitation_cannot_be_accepted_by_another_account(
+    client_for, owner, outsider, django_capture_on_commit_callbacks
+) -> None:
+    """A forwarded or leaked link does not make a stranger a member: the signed-in
+    account's e-mail must be the invited one."""
+    with django_capture_on_commit_callbacks(execute=True):
+        _invite(client_for(owner), owner.tenant.pk, "grace@example.com", "admin")
+    link = _accept_link()
+    stranger = client_for(outsider)
+    refused = stranger.post(link)
+    assert refused.status_code == 403
+    assert "another e-mail address" in refused.content.decode()
+    assert not Membership.objects.filter(tenant=owner.tenant, user=outsider.user).exists()
+    assert Invitation.objects.get(tenant=owner.tenant).accepted_at is None
+    # The invited person can still use it (case of the address does not matter).
+    grace = _user("Grace@Example.com")
+    client = Client()
+    client.force_login(grace)
+    assert client.post(link).status_code == 302
+    assert Membership.objects.get(tenant=owner.tenant, user=grace).role == "admin"
+
+
+@pytest.mark.django_db
 def test_an_unknown_or_cancelled_invitation_is_404(
     client_for, owner, django_capture_on_commit_callbacks
 ) -> None:

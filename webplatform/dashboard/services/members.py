@@ -145,10 +145,27 @@ def invitation_get_by_token(*, token: str) -> Invitation:
 
 @transaction.atomic
 def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
-    """Join the inviting organisation as ``user`` (any signed-in account: the link is the
-    credential). An existing member keeps the higher of the two roles."""
+    """Join the inviting organisation as ``user``. An existing member keeps the higher of
+    the two roles.
+
+    The link alone is not enough: the signed-in account's e-mail address must be the one
+    invited (403 ``invitation_email_mismatch``), so a forwarded or leaked link cannot make a
+    stranger a member. The invitation row is locked before it is checked, so two accepts of
+    one link cannot both succeed.
+    """
+    # Lock first, then check: a second accept waits here and then sees ``accepted_at``.
+    list(Invitation.objects.select_for_update().filter(token_hash=invitation_token_hash(token)))
     invitation = invitation_get_by_token(token=token)
-    Invitation.objects.select_for_update().filter(pk=invitation.pk).first()
+    user_email = (getattr(user, "email", "") or "").strip().lower()
+    if not user_email or user_email != invitation.email.strip().lower():
+        raise ApplicationError(
+            _(
+                "This invitation is for another e-mail address. Log in with the invited "
+                "address to accept it."
+            ),
+            code="invitation_email_mismatch",
+            status=403,
+        )
     existing = Membership.objects.filter(tenant=invitation.tenant, user=user).first()
     role = invitation.role
     if existing is not None and role_at_least(existing.role, role):

@@ -169,7 +169,15 @@ def invitation_accept_view(request: HttpRequest, token: str) -> HttpResponse:
     if request.method == "POST":
         if not request.user.is_authenticated:
             return redirect(f"{reverse('dashboard:login')}?next={request.path}")
-        membership = invitation_accept(token=token, user=request.user)
+        try:
+            membership = invitation_accept(token=token, user=request.user)
+        except ApplicationError as error:
+            return render_page(
+                request,
+                "dashboard/invitation.html",
+                {"error": error.message},
+                status=error.status,
+            )
         request.session[CURRENT_TENANT_SESSION_KEY] = membership.tenant_id
         messages.success(
             request, _("You joined %(organisation)s.") % {"organisation": membership.tenant.name}

@@ -183,6 +183,8 @@
   });
 
   // "View code": the same request through the OpenAI-compatible API.
+  // Single quotes stop every expansion; a quote inside is closed, escaped and reopened.
+  function shellQuote(text) { return "'" + text.replace(/'/g, "'\\''") + "'"; }
   function shellEscapeHeredoc(text) { return text.replace(/[\\$`]/g, "\\$&"); }
   function renderCode() {
     var model = modelSelect.value, max = parseInt(maxTokens.value, 10) || 256;
@@ -201,8 +203,10 @@
           { type: "text", text: q },
         ] }],
       }, null, 2);
-      code = "IMAGE=$(base64 -w0 " + JSON.stringify(fileName) + ")\n" +
-        "cat > request.json <<EOF\n" + shellEscapeHeredoc(body).replace("__IMAGE__", "${IMAGE}") + "\nEOF\n" +
+      // A terminator no line of the body can be (JSON lines start with a space, brace or quote).
+      code = "IMAGE=$(base64 -w0 " + shellQuote(fileName) + ")\n" +
+        "cat > request.json <<END_OF_REQUEST_JSON\n" + shellEscapeHeredoc(body).replace("__IMAGE__", "${IMAGE}") +
+        "\nEND_OF_REQUEST_JSON\n" +
         "curl -N " + config.api_base + "/chat/completions \\\n" +
         "  -H \"Authorization: Bearer $API_KEY\" \\\n" +
         "  -H \"Content-Type: application/json\" \\\n" +

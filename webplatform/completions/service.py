@@ -217,9 +217,9 @@ class CompletionRun:
             return
         self._settled = True
         now = time.monotonic()
-        # A stream that ended early (client gone, worker error) is charged what it consumed:
-        # its prompt and the tokens already streamed. Otherwise reading an answer and
-        # hanging up before its end would cost nothing.
+        # A stream that ended early is recorded with what it consumed: its prompt and the
+        # tokens already streamed. A client that hangs up is charged that, or reading an
+        # answer and hanging up just before its end would cost nothing.
         usage = (
             self.outcome.usage
             if self.outcome
@@ -235,7 +235,9 @@ class CompletionRun:
             else int((self.first_token_at - self.started_at) * 1000)
         )
         try:
-            if status == "error" and usage.total_tokens == 0:
+            # Our failure costs the tenant nothing; a request the client abandoned is charged
+            # what it consumed (see above).
+            if status == "error":
                 await sync_to_async(quota_release, thread_sensitive=False)(admission=self.admission)
             else:
                 # Cache hits cost no model tokens; they still count as requests.

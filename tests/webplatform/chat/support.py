@@ -84,6 +84,6 @@ def usage_record(request_id: str) -> Any:
     return UsageRecord.objects.filter(request_id=request_id).first()
 
 
-async def settled_usage_record(request_id: str, *, timeout_s: float = 5.0) -> Any:
+async def settled_usage_record(request_id: str, *, timeout_s: float = 15.0) -> Any:
     """The request's usage record, once settlement has written it."""
     return await wait_for(lambda: usage_record(request_id), timeout_s=timeout_s)

@@ -1,23 +1,39 @@
-"""Engine against naive ``model.generate``: time to first token and tokens/s at 1, 8, 32 streams.
+"""Engine benchmarks: throughput against ``model.generate``, and latency under mixed load.
 
+``--mode throughput`` (default): time to first token and tokens/s at 1, 8, 32 streams.
 Standard request: one 672x672 image + a ~30-token question, 64 new tokens, greedy. EOS is
-disabled on both sides (engine: no EOS ids; generate: ``min_new_tokens``) so every request
-generates exactly ``--new-tokens``.
+disabled on every path (engine: no EOS ids; generate: ``min_new_tokens``) so every request
+generates exactly ``--new-tokens``. Paths (``--paths``):
 
-- Engine: all requests submitted at t=0, ``step()`` until done (continuous batching;
-  ``--prefills-per-step`` prompts are prefilled per step while the others decode).
-- Naive: ``model.generate`` on the same requests, either all at once as one left-padded
-  batch (``--naive batch``, default; what the anchor in shared/notes/glm4v.md measured) or
-  one request after the other (``--naive sequential``).
+- ``engine``: all requests submitted at t=0, ``step()`` until done (continuous batching,
+  chunked prefill, decode padded to batch buckets; on CUDA one CUDA graph per decode shape,
+  captured by ``Engine.warmup()`` before timing, its duration printed);
+- ``naive``: ``model.generate`` on the same requests, all at once as one left-padded batch
+  (``--naive batch``, default; what shared/notes/glm4v.md measured) or one after the other
+  (``--naive sequential``);
+- ``static``: the same ``generate`` with ``cache_implementation="static"`` (transformers
+  compiles its decode step); one untimed run per batch size first pays the compilation.
 
 Definitions: TTFT = submit -> first token sampled (mean and max over requests); per-stream
 tokens/s = mean over requests of new tokens / (submit -> last token); total tokens/s =
 all new tokens / wall time. Each figure is the fastest of ``--repeat`` runs (shared machines
-are noisy); engine and naive runs alternate.
+are noisy); the paths alternate.
 
-CPU (tiny model, built into a temp dir):   .venv/bin/python benchmarks/engine.py
+``--mode mixed``: inter-token latency of running streams while large-image requests arrive.
+``--streams`` text streams decode; once they all stream, one ``--large-image`` px request
+arrives every ``--large-every`` steps until ``--large-count`` have come (``--large-kind
+text``: a text prompt of as many tokens instead, to see the prefill without the vision pass,
+which chunking cannot split). Reported: p50/p99/max
+of the gaps between consecutive tokens of the running streams from the first arrival to the
+last large request's first token, the same before any arrival (the plain decode step), and
+the large requests' TTFT; once with ``prefill_chunk_tokens=--chunk`` and once unchunked.
+
+CPU (tiny model, built into a temp dir):
+    .venv/bin/python benchmarks/engine.py
+    .venv/bin/python benchmarks/engine.py --mode mixed
 GPU (random full-size GLM-4.6V-Flash, bf16, no download):
-    .venv/bin/python benchmarks/engine.py --full-size
+    .venv/bin/python benchmarks/engine.py --full-size --paths engine naive static
+    .venv/bin/python benchmarks/engine.py --full-size --mode mixed --large-image 2016
 """
 
 from __future__ import annotations
@@ -98,34 +114,57 @@ def full_size_runner(tiny_dir: Path, device: torch.device) -> ModelRunner:
     return ModelRunner(model.eval(), prompts, device=device)
 
 
-def make_requests(n: int, image_size: int, question_tokens: int, tokenizer: Any):
+def _question(tokenizer: Any, tokens: int) -> str:
+    """The fewest whole words of ``QUESTION_WORDS`` (repeated) making ``tokens`` tokens."""
+
+    def count(n: int) -> int:
+        text = " ".join(QUESTION_WORDS[i % len(QUESTION_WORDS)] for i in range(n))
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    low, high = 0, 1
+    while count(high) < tokens:
+        low, high = high, high * 2
+    while low + 1 < high:  # count(low) < tokens <= count(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if count(middle) < tokens else (low, middle)
+    return " ".join(QUESTION_WORDS[i % len(QUESTION_WORDS)] for i in range(high))
+
+
+def _png(size: int, seed: int) -> bytes:
     from io import BytesIO
 
     import numpy as np
     from PIL import Image
 
-    words: list[str] = []
-    while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < question_tokens:
-        words.append(QUESTION_WORDS[len(words) % len(QUESTION_WORDS)])
-    question = " ".join(words)
-    requests, images = [], {}
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        pixels = rng.integers(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
-        buffer = BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        sha = f"img{i}"
-        images[sha] = buffer.getvalue()
-        ref = ImageRef(sha256=sha, width=image_size, height=image_size)
-        requests.append(
-            InferenceRequest(
-                request_id=f"r{i}",
-                tenant_id=f"t{i % 4}",
-                model="bench",
-                messages=[Message(role="user", content=[ImagePart(ref), TextPart(question)])],
-                sampling=SamplingParams(temperature=0.0, max_tokens=1_000_000, thinking=False),
-            )
-        )
+    rng = np.random.default_rng(seed)
+    buffer = BytesIO()
+    pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_request(
+    rid: str, question: str, *, image: tuple[str, int] | None, max_tokens: int
+) -> InferenceRequest:
+    parts: list[Any] = [TextPart(question)]
+    if image is not None:
+        parts.insert(0, ImagePart(ImageRef(sha256=image[0], width=image[1], height=image[1])))
+    return InferenceRequest(
+        request_id=rid,
+        tenant_id=f"t{hash(rid) % 4}",
+        model="bench",
+        messages=[Message(role="user", content=parts)],
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, thinking=False),
+    )
+
+
+def make_requests(n: int, image_size: int, question: str, new_tokens: int):
+    """``n`` requests, each with its own image (no image-cache hits between them)."""
+    images = {f"img{i}": _png(image_size, i) for i in range(n)}
+    requests = [
+        make_request(f"r{i}", question, image=(f"img{i}", image_size), max_tokens=new_tokens)
+        for i in range(n)
+    ]
     return requests, images
 
 
@@ -134,25 +173,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_engine(runner, requests, images, *, new_tokens, prefills_per_step, max_seq_len):
-    limited = [
-        msgspec.structs.replace(
-            r, sampling=msgspec.structs.replace(r.sampling, max_tokens=new_tokens)
-        )
-        for r in requests
-    ]
-    engine = Engine(
-        runner,
-        EngineConfig(
-            max_batch_size=len(requests),
-            max_seq_len=max_seq_len,
-            prefills_per_step=prefills_per_step,
-        ),
-    )
-    _sync(runner.device)
+def run_engine(engine: Engine, requests, images, *, tag: str):
+    """One timed batch on a warm, idle engine. Request ids get ``tag`` (ids must not repeat
+    while running, and the image cache is cleared so every run pays its vision passes)."""
+    engine.image_cache.clear()
+    _sync(engine.runner.device)
     t0 = time.perf_counter()
-    for request in limited:
-        engine.add_request(request, images)
+    for request in requests:
+        engine.add_request(
+            msgspec.structs.replace(request, request_id=f"{request.request_id}-{tag}"), images
+        )
     first, last, generated = {}, {}, {}
     while engine.has_unfinished():
         events = engine.step()
@@ -200,7 +230,7 @@ def _collate_left(prompts: list[PreparedPrompt], pad_id: int) -> dict[str, torch
     return out
 
 
-def _generate(runner, inputs, new_tokens, t0):
+def _generate(runner, inputs, new_tokens, t0, extra):
     inputs = {k: v.to(runner.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(runner.dtype)
@@ -212,28 +242,29 @@ def _generate(runner, inputs, new_tokens, t0):
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             streamer=timer,
+            **extra,
         )
     _sync(runner.device)
     return out.shape[1] - inputs["input_ids"].shape[1], timer.first
 
 
-def run_naive(runner, requests, images, *, new_tokens, mode):
+def run_generate(runner, requests, images, *, new_tokens, mode, extra=None):
     """Prompt building (image decode + preprocessing) is inside the timing, as in the engine."""
+    extra = extra or {}
     first, last, generated = {}, {}, {}
     _sync(runner.device)
     t0 = time.perf_counter()
     prepare = [lambda r=r: runner.prepare(r.messages, images, thinking=False) for r in requests]
     if mode == "batch":
         prompts = [p() for p in prepare]
-        n, ttft = _generate(
-            runner, _collate_left(prompts, runner.tokenizer.pad_token_id), new_tokens, t0
-        )
+        inputs = _collate_left(prompts, runner.tokenizer.pad_token_id)
+        n, ttft = _generate(runner, inputs, new_tokens, t0, extra)
         end = time.perf_counter() - t0
         for r in requests:
             first[r.request_id], last[r.request_id], generated[r.request_id] = ttft, end, n
     else:
         for r, p in zip(requests, prepare, strict=True):
-            n, ttft = _generate(runner, p().model_inputs(), new_tokens, t0)
+            n, ttft = _generate(runner, p().model_inputs(), new_tokens, t0, extra)
             first[r.request_id] = ttft
             last[r.request_id] = time.perf_counter() - t0
             generated[r.request_id] = n
@@ -253,18 +284,212 @@ def _summary(first, last, generated, wall):
     }
 
 
+def throughput(runner: ModelRunner, args: argparse.Namespace) -> None:
+    question = _question(runner.tokenizer, args.question_tokens)
+    requests, images = make_requests(
+        max(args.concurrency), args.image_size, question, args.new_tokens
+    )
+    prompt = runner.prepare(requests[0].messages, images, thinking=False)
+    print(f"prompt tokens={prompt.length} (image tokens={prompt.image_tokens})")
+    engine = Engine(
+        runner,
+        EngineConfig(
+            max_batch_size=max(args.concurrency),
+            max_seq_len=prompt.length + args.new_tokens,
+            prefills_per_step=args.prefills_per_step,
+            prefill_chunk_tokens=args.chunk,
+            preprocess_threads=args.preprocess_threads,
+        ),
+    )
+    print(f"engine warm-up {engine.warmup():.2f}s ({len(engine.decoder.shapes)} decode shapes)")
+    paths = {
+        "engine": lambda batch, tag: run_engine(engine, batch, images, tag=tag),
+        "naive": lambda batch, tag: run_generate(
+            runner, batch, images, new_tokens=args.new_tokens, mode=args.naive
+        ),
+        "static": lambda batch, tag: run_generate(
+            runner,
+            batch,
+            images,
+            new_tokens=args.new_tokens,
+            mode=args.naive,
+            extra={"cache_implementation": "static"},
+        ),
+    }
+    paths = {name: paths[name] for name in args.paths}
+    header = (
+        f"{'streams':>7} | {'path':<6} | {'TTFT mean':>9} | {'TTFT max':>9} | "
+        f"{'tok/s/stream':>12} | {'tok/s total':>11} | {'wall':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n in args.concurrency:
+        batch = requests[:n]
+        if "static" in paths:  # compiles for this batch shape; not timed
+            started = time.perf_counter()
+            paths["static"](batch, "compile")
+            print(f"{n:>7} | static warm-up (compile) {time.perf_counter() - started:.1f}s")
+        runs: dict[str, list[dict]] = {name: [] for name in paths}
+        for repeat in range(args.repeat):
+            for name, run in paths.items():
+                runs[name].append(run(batch, f"{n}-{repeat}"))
+        best = {name: min(results, key=lambda r: r["wall"]) for name, results in runs.items()}
+        for name, r in best.items():
+            assert r["tokens"] == [args.new_tokens], (name, r["tokens"])
+            print(
+                f"{n:>7} | {name:<6} | {r['ttft_mean'] * 1e3:>7.1f}ms | "
+                f"{r['ttft_max'] * 1e3:>7.1f}ms | {r['stream_tps']:>12.1f} | "
+                f"{r['total_tps']:>11.1f} | {r['wall']:>6.2f}s"
+            )
+        if "engine" in best and "naive" in best:
+            eng, naive = best["engine"], best["naive"]
+            print(
+                f"{n:>7} | ratio engine/naive: total tok/s "
+                f"x{eng['total_tps'] / naive['total_tps']:.2f}, per-stream "
+                f"x{eng['stream_tps'] / naive['stream_tps']:.2f}, TTFT mean "
+                f"x{eng['ttft_mean'] / naive['ttft_mean']:.2f}"
+            )
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_mixed(runner: ModelRunner, args: argparse.Namespace, chunk: int | None) -> dict:
+    """Background streams decode while large-image requests arrive (see module doc)."""
+    question = _question(runner.tokenizer, args.question_tokens)
+    large_size, large_new = args.large_image, 8
+    if args.large_kind == "image":
+        images = {f"big{i}": _png(large_size, 100 + i) for i in range(args.large_count)}
+        large = [
+            make_request(f"big{i}", question, image=(f"big{i}", large_size), max_tokens=large_new)
+            for i in range(args.large_count)
+        ]
+    else:  # as many text tokens as the image would give: no vision pass, only prefill
+        images = {}
+        text = _question(runner.tokenizer, (large_size // 28) ** 2)
+        large = [
+            make_request(f"big{i}", f"{i} {text}", image=None, max_tokens=large_new)
+            for i in range(args.large_count)
+        ]
+    large_len = runner.prepare(large[0].messages, images, thinking=False).length
+    max_seq_len = max(large_len + large_new, 2048)
+    stream_len = runner.prepare(
+        make_request("s", question, image=None, max_tokens=1).messages, {}, thinking=False
+    ).length
+    stamps: dict[str, list[float]] = {}
+    engine = Engine(
+        runner,
+        EngineConfig(
+            max_batch_size=args.streams + args.large_count,
+            max_seq_len=max_seq_len,
+            prefill_chunk_tokens=chunk,
+            preprocess_threads=args.preprocess_threads,
+            token_observer=lambda rid, tok: stamps.setdefault(rid, []).append(time.perf_counter()),
+        ),
+    )
+    engine.warmup()
+    streams = [f"s{i}" for i in range(args.streams)]
+    for rid in streams:
+        engine.add_request(
+            make_request(rid, question, image=None, max_tokens=max_seq_len - stream_len), {}
+        )
+    while not all(rid in stamps for rid in streams):
+        engine.step()
+    for _ in range(5):  # steady state: the plain decode step
+        engine.step()
+    _sync(runner.device)
+    arrivals: dict[str, float] = {}
+    step = 0
+    while len(arrivals) < len(large) or not all(r.request_id in stamps for r in large):
+        if len(arrivals) < len(large) and step % args.large_every == 0:
+            request = large[len(arrivals)]
+            arrivals[request.request_id] = time.perf_counter()
+            engine.add_request(request, images)
+        engine.step()
+        step += 1
+    _sync(runner.device)
+    window = (min(arrivals.values()), max(stamps[r.request_id][0] for r in large))
+    before, during = [], []
+    for rid in streams:
+        gaps = zip(stamps[rid], stamps[rid][1:], strict=False)
+        for a, b in gaps:
+            if b <= window[0]:
+                before.append(b - a)
+            elif a >= window[0] and b <= window[1] + 1e-9:
+                during.append(b - a)
+    for rid in streams:
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    engine.close()
+    ttft = [stamps[r.request_id][0] - arrivals[r.request_id] for r in large]
+    return {
+        "large_prompt": large_len,
+        "before_p50": _percentile(before, 0.5),
+        "p50": _percentile(during, 0.5),
+        "p99": _percentile(during, 0.99),
+        "max": max(during),
+        "ttft_mean": statistics.mean(ttft),
+        "ttft_max": max(ttft),
+    }
+
+
+def mixed(runner: ModelRunner, args: argparse.Namespace) -> None:
+    what = f"a {args.large_image}px image" if args.large_kind == "image" else "a long text"
+    print(
+        f"mixed load: {args.streams} running streams; {args.large_count} requests with "
+        f"{what}, one every {args.large_every} steps"
+    )
+    header = (
+        f"{'prefill chunk':>13} | {'ITL before p50':>14} | {'ITL p50':>8} | {'ITL p99':>8} | "
+        f"{'ITL max':>8} | {'large TTFT mean':>15} | {'large TTFT max':>14}"
+    )
+    printed = False
+    for chunk in (args.chunk, None):
+        runs = [run_mixed(runner, args, chunk) for _ in range(args.repeat)]
+        r = min(runs, key=lambda run: run["p99"])
+        if not printed:
+            print(f"large prompt tokens={r['large_prompt']}")
+            print(header)
+            print("-" * len(header))
+            printed = True
+        print(
+            f"{chunk or 'off':>13} | {r['before_p50'] * 1e3:>12.1f}ms | {r['p50'] * 1e3:>6.1f}ms | "
+            f"{r['p99'] * 1e3:>6.1f}ms | {r['max'] * 1e3:>6.1f}ms | "
+            f"{r['ttft_mean'] * 1e3:>13.1f}ms | {r['ttft_max'] * 1e3:>12.1f}ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["throughput", "mixed"], default="throughput")
     parser.add_argument("--model", help="checkpoint folder (default: build the tiny model)")
     parser.add_argument("--full-size", action="store_true", help="random 10B GLM-4.6V on CUDA")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--paths", nargs="+", default=["engine", "naive"])
     parser.add_argument("--image-size", type=int, default=672)
     parser.add_argument("--question-tokens", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefills-per-step", type=int, default=1)
+    parser.add_argument("--chunk", type=int, default=1024, help="prefill_chunk_tokens")
+    parser.add_argument(
+        "--preprocess-threads", type=int, help="engine image threads (default: its own)"
+    )
     parser.add_argument("--naive", choices=["batch", "sequential"], default="batch")
+    parser.add_argument("--streams", type=int, default=8, help="mixed: running streams")
+    parser.add_argument("--large-image", type=int, default=1344, help="mixed: image px")
+    parser.add_argument("--large-count", type=int, default=4)
+    parser.add_argument(
+        "--large-kind",
+        choices=["image", "text"],
+        default="image",
+        help="mixed: large requests carry an image, or as many text tokens (no vision pass)",
+    )
+    parser.add_argument("--large-every", type=int, default=10, help="mixed: steps apart")
     parser.add_argument(
         "--repeat", type=int, default=2, help="runs per measurement; the fastest is reported"
     )
@@ -282,62 +507,18 @@ def main() -> None:
         runner = ModelRunner.from_spec(spec)
     # Every request must run the full length: the engine sees no EOS ids.
     runner.special = dataclasses.replace(runner.special, eos_ids=frozenset())
-
     print(
         f"device={runner.device_name} dtype={str(runner.dtype).removeprefix('torch.')} "
         f"layers={runner.num_layers} image={args.image_size}px "
         f"question~{args.question_tokens} tokens new={args.new_tokens} naive={args.naive} "
-        f"prefills/step={args.prefills_per_step} torch={torch.__version__} "
+        f"prefills/step={args.prefills_per_step} chunk={args.chunk} "
+        f"preprocess_threads={args.preprocess_threads} torch={torch.__version__} "
         f"threads={torch.get_num_threads()}"
     )
-    requests, images = make_requests(
-        max(args.concurrency), args.image_size, args.question_tokens, runner.tokenizer
-    )
-    prompt = runner.prepare(requests[0].messages, images, thinking=False)
-    print(f"prompt tokens={prompt.length} (image tokens={prompt.image_tokens})")
-    max_seq_len = prompt.length + args.new_tokens + 1
-    # Warm-up: first calls pay lazy initialisation (kernels, allocator).
-    run_engine(
-        runner, requests[:2], images, new_tokens=4, prefills_per_step=2, max_seq_len=max_seq_len
-    )
-    run_naive(runner, requests[:1], images, new_tokens=4, mode="sequential")
-
-    header = (
-        f"{'streams':>7} | {'path':<6} | {'TTFT mean':>9} | {'TTFT max':>9} | "
-        f"{'tok/s/stream':>12} | {'tok/s total':>11} | {'wall':>7}"
-    )
-    print(header)
-    print("-" * len(header))
-    for n in args.concurrency:
-        batch = requests[:n]
-        runs = [
-            (
-                run_engine(
-                    runner,
-                    batch,
-                    images,
-                    new_tokens=args.new_tokens,
-                    prefills_per_step=args.prefills_per_step,
-                    max_seq_len=max_seq_len,
-                ),
-                run_naive(runner, batch, images, new_tokens=args.new_tokens, mode=args.naive),
-            )
-            for _ in range(args.repeat)
-        ]
-        eng = min((r[0] for r in runs), key=lambda r: r["wall"])
-        naive = min((r[1] for r in runs), key=lambda r: r["wall"])
-        for name, r in (("engine", eng), ("naive", naive)):
-            assert r["tokens"] == [args.new_tokens], r["tokens"]
-            print(
-                f"{n:>7} | {name:<6} | {r['ttft_mean'] * 1e3:>7.1f}ms | "
-                f"{r['ttft_max'] * 1e3:>7.1f}ms | {r['stream_tps']:>12.1f} | "
-                f"{r['total_tps']:>11.1f} | {r['wall']:>6.2f}s"
-            )
-        print(
-            f"{n:>7} | ratio engine/naive: total tok/s x{eng['total_tps'] / naive['total_tps']:.2f}, "
-            f"per-stream x{eng['stream_tps'] / naive['stream_tps']:.2f}, "
-            f"TTFT mean x{eng['ttft_mean'] / naive['ttft_mean']:.2f}"
-        )
+    if args.mode == "mixed":
+        mixed(runner, args)
+    else:
+        throughput(runner, args)
     tmp.cleanup()
 
 

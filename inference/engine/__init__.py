@@ -13,6 +13,7 @@ _EXPORTS = {
     "Engine": "inference.engine.engine",
     "EngineConfig": "inference.engine.engine",
     "EngineStats": "inference.engine.engine",
+    "GlmEngineStats": "inference.engine.engine",
     "engine_from_spec": "inference.engine.engine",
     "ModelRunner": "inference.engine.runner",
     "ModelSpec": "inference.engine.runner",

@@ -1,85 +1,59 @@
 """The serving engine: continuous batching over a ``ModelRunner``. Pure logic, no IO.
 
-One ``step()``:
+A request goes queue -> preparing -> prefilling -> running. One ``step()``:
 
 1. takes in requests and aborts that arrived since the last step (``add_request`` and
    ``abort`` only queue work under a lock, so another thread may call them);
 2. ends cancelled requests (frees their slots; ``DoneEvent(CANCELLED)``);
-3. admits up to ``prefills_per_step`` waiting requests, fair across tenants
-   (``FairQueue``), while a slot is free and the batch is below ``max_batch_size``: builds
-   the prompt, prefills it alone into its slot, samples and streams its first token;
-4. runs one decode forward for every running request (newly admitted included), samples
-   one token each and streams it.
+3. admits up to ``prefills_per_step`` requests, fair across tenants (``FairQueue``), while a
+   slot is free and running + prefilling requests are below the batch limit. Their images
+   were decoded and preprocessed a few places ahead, in a thread pool on CUDA (inline on
+   CPU; ``Admission``, ``Preprocessor``);
+   the prompt is tokenized, checked against the KV capacity (prompt + ``max_tokens`` must
+   fit a slot, else ``context_length_exceeded`` at once), and the vision tower runs once
+   for all their images not in the image-embedding cache;
+4. prefills at most ``prefill_chunk_tokens`` prompt tokens, oldest request first, written
+   straight into the requests' slots: a long prompt (a large image) takes several steps,
+   each of which still runs the decode batch below. A request whose prompt is complete
+   samples and streams its first token and joins the decode batch;
+5. runs one decode step for every running request (``BucketedDecoder``: padded to a batch
+   bucket, static buffers, a CUDA graph per shape on GPU), samples one token each.
 
 Events come back in order per request: ``StartEvent``, ``DeltaEvent``\\*, then one
 ``DoneEvent`` or ``ErrorEvent``. A problem with one request (bad image, prompt too long,
-an exception or out-of-memory in its prefill) ends only that request. An exception in the
-shared decode forward ends the requests of that batch; the engine itself keeps serving.
+an exception or out-of-memory in its vision pass or prefill) ends only that request. An
+exception in the shared decode step ends the requests of that batch; the engine keeps serving.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from inference.engine.detokenizer import OutputStream, TextDelta
-from inference.engine.prompt import PromptError
-from inference.engine.runner import ModelRunner
+from inference.engine.admission import Admission
+from inference.engine.attention import GROUPED_ATTENTION
+from inference.engine.config import EngineConfig, EngineStats, GlmEngineStats
+from inference.engine.decoder import BucketedDecoder, batch_buckets, kv_buckets
+from inference.engine.image_cache import ImageEmbeddingCache
+from inference.engine.memory import plan_num_slots
+from inference.engine.outputs import Events, RequestOutputs
+from inference.engine.prompt import PreparedPrompt
+from inference.engine.runner import EncodedImages, ModelRunner
 from inference.engine.sampling import RowSampler, sample
-from inference.engine.scheduler import FairQueue
 from inference.engine.sequence import Sequence
-from inference.protocol import (
-    DeltaEvent,
-    DoneEvent,
-    ErrorCode,
-    ErrorEvent,
-    Event,
-    FinishReason,
-    InferenceRequest,
-    StartEvent,
-)
+from inference.engine.slots import SlotPool
+from inference.engine.warmup import warm_prefill
+from inference.protocol import ErrorCode, FinishReason, InferenceRequest
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 8  # running requests sharing one decode forward
-    max_seq_len: int = 4096  # KV capacity per slot: prompt + completion tokens
-    num_slots: int | None = None  # KV slots allocated; defaults to max_batch_size
-    prefills_per_step: int = 1  # bounds how long one step stalls running streams
-    tps_window_s: float = 10.0  # window of EngineStats.tokens_per_second
-    # Called with (request_id, token_id) for every sampled token, EOS included: for tests
-    # and tracing (events carry text, not ids).
-    token_observer: Callable[[str, int], None] | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_slots is None:
-            self.num_slots = self.max_batch_size
-        if min(self.max_batch_size, self.num_slots, self.prefills_per_step) < 1:
-            raise ValueError("max_batch_size, num_slots and prefills_per_step must be >= 1")
-        if self.max_seq_len < 2:
-            raise ValueError("max_seq_len must be >= 2")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    max_batch_size: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    tokens_per_second: float
-    device: str
-    memory_bytes: int
+__all__ = ["Engine", "EngineConfig", "EngineStats", "GlmEngineStats", "engine_from_spec"]
 
 
 class Engine:
@@ -88,18 +62,49 @@ class Engine:
     def __init__(self, runner: ModelRunner, config: EngineConfig) -> None:
         self.runner = runner
         self.config = config
-        self._slots_total = int(config.num_slots or config.max_batch_size)
+        self.image_cache = ImageEmbeddingCache(config.image_cache_bytes)
+        self._slots_total = plan_num_slots(
+            requested=config.num_slots,
+            max_batch_size=config.max_batch_size,
+            bytes_per_slot=runner.bytes_per_slot(config.max_seq_len),
+            free_bytes=runner.free_memory_bytes(),
+            memory_fraction=config.gpu_memory_fraction,
+            reserved_bytes=self.image_cache.max_bytes,
+        )
         self._batch_limit = min(config.max_batch_size, self._slots_total)
         self.cache = runner.allocate_cache(num_slots=self._slots_total, max_len=config.max_seq_len)
-        self._free_slots = list(range(self._slots_total))  # min-heap: low slots keep rows 0..B-1
-        self._queue: FairQueue[Sequence] = FairQueue()
+        self.slots = SlotPool(self._slots_total)
+        self.decoder = BucketedDecoder(
+            runner,
+            self.cache,
+            batch_sizes=batch_buckets(self._batch_limit, config.decode_batch_sizes),
+            kv_lengths=kv_buckets(
+                config.max_seq_len,
+                config.decode_kv_lengths,
+                # Each shape is a CUDA graph to capture on GPU; on CPU shapes cost nothing.
+                smallest=512 if runner.device.type == "cuda" else 64,
+            ),
+            attention=GROUPED_ATTENTION if config.decode_attention == "grouped" else None,
+            cuda_graphs=config.cuda_graphs,
+            compile_batch_sizes=config.compile_batch_sizes,
+            compile_mode=config.compile_mode,
+            compile_backend=config.compile_backend,
+        )
+        self._outputs = RequestOutputs(
+            runner,
+            max_seq_len=config.max_seq_len,
+            release=self._release,
+            token_observer=config.token_observer,
+        )
+        self._admission = Admission(runner, config, self._outputs)
+        self._prefilling: deque[Sequence] = deque()  # own a slot, prompt partly written
         self._running: dict[str, Sequence] = {}
         self._lock = threading.Lock()  # guards the three below
         self._inbox: list[Sequence] = []
         self._aborts: set[str] = set()
-        self._known: set[str] = set()  # ids queued or running, for duplicate detection
+        self._known: set[str] = set()  # ids not finished yet, for duplicate detection
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step
-        self._step_tokens = 0
+        self.warmup_seconds: float | None = None
 
     # ------------------------------------------------------------------ public API
     def add_request(self, request: InferenceRequest, images: Mapping[str, bytes]) -> None:
@@ -128,205 +133,192 @@ class Engine:
         with self._lock:
             return bool(self._known)
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> GlmEngineStats:
         with self._lock:
             inbox = len(self._inbox)
-        running = list(self._running.values())  # a snapshot: a heartbeat thread may call this
-        return EngineStats(
-            running=len(running),
-            waiting=len(self._queue) + inbox,
+        # Snapshots: a heartbeat thread may call this while the engine thread steps.
+        running = list(self._running.values())
+        prefilling = list(self._prefilling)
+        return GlmEngineStats(
+            running=len(running) + len(prefilling),
+            waiting=self._admission.waiting + inbox,
             max_batch_size=self._batch_limit,
-            kv_used_tokens=sum(s.cached_len for s in running),
+            kv_used_tokens=sum(s.cached_len for s in running + prefilling),
             kv_capacity_tokens=self._slots_total * self.config.max_seq_len,
             tokens_per_second=self._tokens_per_second(),
             device=self.runner.device_name,
             memory_bytes=self.runner.memory_bytes(self.cache),
+            prefilling=len(prefilling),
+            image_cache_hits=self.image_cache.hits,
+            image_cache_misses=self.image_cache.misses,
+            warmup_seconds=self.warmup_seconds,
+            decode_batch_sizes=self.decoder.batch_sizes,
+            cuda_graphs=self.decoder.use_graphs,
         )
 
-    def step(self) -> list[tuple[str, Event]]:
-        events: list[tuple[str, Event]] = []
+    def warmup(self) -> float:
+        """Run one dummy prefill and every decode shape once (on CUDA: capture their graphs),
+        before serving; returns (and ``stats()`` reports) the seconds it took.
+
+        Call before the first ``add_request``: it writes into free slots."""
+        if self.has_unfinished() or self._running or self._prefilling:
+            raise RuntimeError("warmup() must run before the engine takes requests")
+        started = time.perf_counter()
+        warm_prefill(self.runner, self.cache, slot=0)
+        self.decoder.warmup()
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        self.warmup_seconds = time.perf_counter() - started
+        logger.info(
+            "warm-up %.2fs: %d decode shapes (graphs: %s)",
+            self.warmup_seconds,
+            len(self.decoder.shapes),
+            self.decoder.use_graphs,
+        )
+        return self.warmup_seconds
+
+    def close(self) -> None:
+        """Stop the preprocessing threads (the engine is not used afterwards)."""
+        self._admission.close()
+
+    def step(self) -> Events:
+        events: Events = []
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
         for sequence in inbox:
-            self._queue.push(sequence.request.tenant_id, sequence, sequence.request.priority)
+            self._admission.push(sequence)
         self._cancel(aborts, events)
-        self._step_tokens = 0
+        self._outputs.step_tokens = 0
         self._admit(events)
+        self._prefill(events)
         if self._running:
             self._decode(events)
-        self._recent.append((time.monotonic(), self._step_tokens))
+        self._recent.append((time.monotonic(), self._outputs.step_tokens))
         self._trim_recent()
         return events
 
-    # ------------------------------------------------------------------ steps
-    def _cancel(self, request_ids: set[str], events: list[tuple[str, Event]]) -> None:
+    # ------------------------------------------------------------------ admission
+    def _cancel(self, request_ids: set[str], events: Events) -> None:
         if not request_ids:
             return
-        for request_id in request_ids & self._running.keys():
-            self._finish(self._running[request_id], FinishReason.CANCELLED, events, flush=False)
-        for sequence in self._queue.remove(lambda s: s.request_id in request_ids):
-            self._finish(sequence, FinishReason.CANCELLED, events, flush=False)
+        cancelled = [self._running[rid] for rid in request_ids & self._running.keys()]
+        cancelled += [s for s in self._prefilling if s.request_id in request_ids]
+        cancelled += self._admission.remove(request_ids)
+        for seq in cancelled:
+            self._outputs.finish(seq, FinishReason.CANCELLED, events, flush=False)
 
-    def _admit(self, events: list[tuple[str, Event]]) -> None:
-        budget = self.config.prefills_per_step
-        while budget and self._free_slots and len(self._running) < self._batch_limit:
-            sequence = self._queue.pop()
-            if sequence is None:
+    def _room(self) -> int:
+        in_flight = len(self._running) + len(self._prefilling)
+        return min(self.config.prefills_per_step, self.slots.free, self._batch_limit - in_flight)
+
+    def _admit(self, events: Events) -> None:
+        """Waiting -> prefilling: up to ``_room()`` prompts this step, in queue order."""
+        busy = bool(self._running or self._prefilling)
+        admitted = self._admission.take(self._room(), busy=busy, events=events)
+        for seq, _ in admitted:
+            self.slots.acquire(seq)
+        if admitted:
+            self._start_prefills(admitted, events)
+
+    def _start_prefills(
+        self, admitted: list[tuple[Sequence, PreparedPrompt]], events: Events
+    ) -> None:
+        for seq, prompt, images in self._encode(admitted, events):
+            try:
+                job = self.runner.begin_prefill(prompt, images)
+            except Exception as exc:
+                self._fail_with(seq, exc, "prefill", events)
+                continue
+            seq.prefill = job
+            seq.prompt_tokens = prompt.length
+            seq.image_tokens = prompt.image_tokens
+            seq.cached_image_tokens = images.cached_tokens
+            seq.rope_delta = job.rope_delta
+            seq.cached_len = 0
+            self._prefilling.append(seq)
+
+    def _encode(
+        self, admitted: list[tuple[Sequence, PreparedPrompt]], events: Events
+    ) -> list[tuple[Sequence, PreparedPrompt, EncodedImages]]:
+        """One vision pass for all ``admitted``; on failure, one request at a time, so that
+        only the request at fault (or too large for memory) fails."""
+        try:
+            encoded = self.runner.encode_images([p for _, p in admitted], self.image_cache)
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                self._release_memory()
+            if len(admitted) > 1:
+                return [out for item in admitted for out in self._encode([item], events)]
+            self._fail_with(admitted[0][0], exc, "vision encoding", events)
+            return []
+        return [(s, p, e) for (s, p), e in zip(admitted, encoded, strict=True)]
+
+    # ------------------------------------------------------------------ model steps
+    def _prefill(self, events: Events) -> None:
+        budget = self.config.prefill_chunk_tokens
+        for seq in list(self._prefilling):
+            if budget is not None and budget <= 0:
                 return
-            if self._prefill(sequence, events):
-                budget -= 1
+            job = seq.prefill
+            assert job is not None
+            start = job.done
+            end = job.length if budget is None else min(job.length, start + budget)
+            try:
+                logits = self.runner.prefill_chunk(self.cache, job, seq.slot, end)
+            except Exception as exc:
+                self._fail_with(seq, exc, "prefill", events)
+                continue
+            seq.cached_len = job.done
+            if budget is not None:
+                budget -= end - start
+            if logits is not None:
+                self._prefilling.remove(seq)
+                self._running[seq.request_id] = seq
+                self._outputs.start(seq, job.token_ids, events)
+                seq.prefill = None
+                first = sample(logits.view(1, -1), [seq.sampler])[0]
+                self._outputs.on_token(seq, first, events)
 
-    def _prefill(self, seq: Sequence, events: list[tuple[str, Event]]) -> bool:
-        """Admit one request; return whether a prefill forward ran."""
-        request = seq.request
-        if request.deadline is not None and time.time() > request.deadline:
-            self._fail(seq, ErrorCode.TIMEOUT, "deadline passed before start", events)
-            return False
+    def _decode(self, events: Events) -> None:
+        rows = self.slots.compact(self._running.values(), self.cache)
         try:
-            prompt = self.runner.prepare(
-                request.messages, seq.images or {}, thinking=request.sampling.thinking
-            )
-        except PromptError as exc:
-            self._fail(seq, exc.code, exc.message, events)
-            return False
-        except Exception as exc:
-            logger.exception("building prompt of %s failed", seq.request_id)
-            self._fail(seq, ErrorCode.INTERNAL_ERROR, f"prompt processing failed: {exc}", events)
-            return False
-        seq.images = None
-        if prompt.length >= self.config.max_seq_len:
-            message = (
-                f"prompt is {prompt.length} tokens ({prompt.image_tokens} for images); "
-                f"this worker holds at most {self.config.max_seq_len} tokens per request "
-                "including at least one completion token"
-            )
-            self._fail(seq, ErrorCode.CONTEXT_LENGTH_EXCEEDED, message, events)
-            return False
-        seq.slot = heapq.heappop(self._free_slots)
-        try:
-            result = self.runner.prefill(prompt)
-            self.cache.write_prompt(seq.slot, result.kv)
-            result.kv.clear()  # the slot holds it now; free the DynamicCache tensors
-        except torch.OutOfMemoryError:
-            self._release_memory()
-            self._fail(seq, ErrorCode.OUT_OF_MEMORY, "out of memory during prefill", events)
-            return True
-        except Exception as exc:
-            logger.exception("prefill of %s failed", seq.request_id)
-            self._fail(seq, ErrorCode.INTERNAL_ERROR, f"prefill failed: {exc}", events)
-            return True
-        seq.prompt_tokens = prompt.length
-        seq.image_tokens = prompt.image_tokens
-        seq.cached_len = prompt.length
-        seq.rope_delta = result.rope_delta
-        seq.output = self._output_stream(request, prompt.input_ids[0].tolist())
-        self._running[seq.request_id] = seq
-        events.append((seq.request_id, StartEvent(prompt.length, prompt.image_tokens)))
-        first = sample(result.logits.view(1, -1), [seq.sampler])[0]
-        self._on_token(seq, first, events)
-        return True
-
-    def _decode(self, events: list[tuple[str, Event]]) -> None:
-        rows = sorted(self._running.values(), key=lambda s: s.slot)
-        try:
-            logits = self.runner.decode(
-                self.cache,
-                slots=[s.slot for s in rows],
-                token_ids=[s.next_token for s in rows],
-                positions=[s.cached_len for s in rows],
-                rope_deltas=[s.rope_delta for s in rows],
+            logits = self.decoder.decode(
+                [s.next_token for s in rows],
+                [s.cached_len for s in rows],
+                [s.rope_delta for s in rows],
             )
             tokens = sample(logits, [s.sampler for s in rows])
-        except torch.OutOfMemoryError:
-            self._release_memory()
-            for seq in rows:
-                self._fail(seq, ErrorCode.OUT_OF_MEMORY, "out of memory during decode", events)
-            return
         except Exception as exc:
-            logger.exception("decode step failed for %d requests", len(rows))
+            if not isinstance(exc, torch.OutOfMemoryError):
+                logger.exception("decode step failed for %d requests", len(rows))
             for seq in rows:
-                self._fail(seq, ErrorCode.INTERNAL_ERROR, f"decode failed: {exc}", events)
+                self._fail_with(seq, exc, "decode", events, logged=True)
             return
         for seq, token in zip(rows, tokens, strict=True):
             seq.cached_len += 1
-            self._on_token(seq, token, events)
-
-    # ------------------------------------------------------------------ per-token output
-    def _output_stream(self, request: InferenceRequest, prompt_ids: list[int]) -> OutputStream:
-        special = self.runner.special
-        return OutputStream(
-            self.runner.tokenizer,
-            stop=request.sampling.stop,
-            think_start_id=special.think_start_id,
-            think_end_id=special.think_end_id,
-            in_reasoning=_ends_inside_think(
-                prompt_ids, special.think_start_id, special.think_end_id
-            ),
-        )
-
-    def _on_token(self, seq: Sequence, token: int, events: list[tuple[str, Event]]) -> None:
-        seq.generated += 1
-        seq.undelivered_tokens += 1
-        self._step_tokens += 1
-        seq.next_token = token
-        if self.config.token_observer is not None:
-            self.config.token_observer(seq.request_id, token)
-        assert seq.output is not None
-        if token in self.runner.special.eos_ids:
-            self._finish(seq, FinishReason.STOP, events, flush=True)
-            return
-        delta = seq.output.push(token)
-        if seq.output.stopped:
-            self._finish(seq, FinishReason.STOP, events, flush=False, delta=delta)
-        elif (
-            seq.generated >= seq.request.sampling.max_tokens
-            or seq.prompt_tokens + seq.generated >= self.config.max_seq_len
-        ):
-            self._finish(seq, FinishReason.LENGTH, events, flush=True, delta=delta)
-        elif delta:
-            self._emit_delta(seq, delta, events)
-
-    def _emit_delta(self, seq: Sequence, delta: TextDelta, events: list[tuple[str, Event]]) -> None:
-        event = DeltaEvent(
-            text=delta.text, reasoning=delta.reasoning, tokens=seq.undelivered_tokens
-        )
-        events.append((seq.request_id, event))
-        seq.undelivered_tokens = 0
-        seq.streamed = True
+            self._outputs.on_token(seq, token, events)
 
     # ------------------------------------------------------------------ endings
-    def _finish(
-        self,
-        seq: Sequence,
-        reason: FinishReason,
-        events: list[tuple[str, Event]],
-        *,
-        flush: bool,
-        delta: TextDelta | None = None,
+    def _fail_with(
+        self, seq: Sequence, exc: Exception, stage: str, events: Events, *, logged: bool = False
     ) -> None:
-        delta = delta or TextDelta()
-        if flush and seq.output is not None:
-            tail = seq.output.finish()
-            delta = TextDelta(delta.text + tail.text, delta.reasoning + tail.reasoning)
-        if delta:
-            self._emit_delta(seq, delta, events)
-        events.append((seq.request_id, DoneEvent(finish_reason=reason, usage=seq.usage())))
-        self._release(seq)
-
-    def _fail(
-        self, seq: Sequence, code: ErrorCode, message: str, events: list[tuple[str, Event]]
-    ) -> None:
-        # Out of memory is worth retrying elsewhere; only if nothing was streamed yet.
-        retryable = code == ErrorCode.OUT_OF_MEMORY and not seq.streamed
-        events.append((seq.request_id, ErrorEvent(code=code, message=message, retryable=retryable)))
-        self._release(seq)
+        if isinstance(exc, torch.OutOfMemoryError):
+            self._release_memory()
+            message = f"out of memory during {stage}"
+            self._outputs.fail(seq, ErrorCode.OUT_OF_MEMORY, message, events)
+            return
+        if not logged:
+            logger.exception("%s of %s failed", stage, seq.request_id)
+        self._outputs.fail(seq, ErrorCode.INTERNAL_ERROR, f"{stage} failed: {exc}", events)
 
     def _release(self, seq: Sequence) -> None:
         self._running.pop(seq.request_id, None)
-        if seq.slot >= 0:
-            heapq.heappush(self._free_slots, seq.slot)
-            seq.slot = -1
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        self.slots.release(seq)
+        seq.prefill = None
+        seq.images = None
         with self._lock:
             self._known.discard(seq.request_id)
 
@@ -350,27 +342,33 @@ class Engine:
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
 
-def _ends_inside_think(prompt_ids: list[int], start: int | None, end: int | None) -> bool:
-    """True when the prompt's last think tag is an opening one (template pre-opened it)."""
-    if start is None:
-        return False
-    for token in reversed(prompt_ids):
-        if token == start:
-            return True
-        if token == end:
-            return False
-    return False
-
-
-_SPEC_CONFIG_KEYS = ("max_batch_size", "max_seq_len", "num_slots", "prefills_per_step")
+_SPEC_INT_KEYS = (
+    "max_batch_size",
+    "max_seq_len",
+    "num_slots",
+    "prefills_per_step",
+    "prefill_chunk_tokens",
+    "preprocess_threads",
+    "image_cache_bytes",
+)
 
 
 def engine_from_spec(spec: Mapping[str, Any], config: EngineConfig | None = None) -> Engine:
-    """Load the model named by ``spec`` (see ``ModelSpec``) and build an engine around it.
+    """Load the model named by ``spec`` (see ``ModelSpec``), build an engine and warm it up.
 
-    Without ``config``, engine limits may come from the spec itself (``max_batch_size``,
-    ``max_seq_len``, ``num_slots``, ``prefills_per_step``), else the defaults.
+    Without ``config``, engine limits may come from the spec itself (the integer keys in
+    ``_SPEC_INT_KEYS``, where null means the field's None, and ``gpu_memory_fraction``),
+    else the defaults. ``"warmup": false``
+    in the spec skips the warm-up (its duration is in ``stats().warmup_seconds``).
     """
     if config is None:
-        config = EngineConfig(**{k: int(spec[k]) for k in _SPEC_CONFIG_KEYS if k in spec})
-    return Engine(ModelRunner.from_spec(spec), config)
+        values: dict[str, Any] = {
+            k: None if spec[k] is None else int(spec[k]) for k in _SPEC_INT_KEYS if k in spec
+        }
+        if "gpu_memory_fraction" in spec:
+            values["gpu_memory_fraction"] = float(spec["gpu_memory_fraction"])
+        config = EngineConfig(**values)
+    engine = Engine(ModelRunner.from_spec(spec), config)
+    if spec.get("warmup", True):
+        engine.warmup()
+    return engine

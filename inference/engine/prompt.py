@@ -6,11 +6,21 @@ processor. When the checkpoint's full ``AutoProcessor`` loads (it needs torchvis
 video processor) it does the image-token expansion; otherwise ``PromptBuilder`` does the same
 expansion itself (each ``<|image|>`` becomes ``t*h*w / merge**2`` copies, and
 ``mm_token_type_ids`` marks them 1), exactly what ``Glm46VProcessor`` does for images.
+
+The engine builds a prompt in two parts so that the slow part can leave its step loop:
+``process_images`` (decode + resize + normalise each image, and its cache key; thread-safe,
+run in a thread pool) and ``build_from_processed`` (template + tokenizer + expansion, on the
+engine thread: fast tokenizers are not safe to share between threads). Images are
+preprocessed one at a time, which gives the same tensors as one call for all of them (the
+image processor treats each image alone; checked by the tests). ``build`` does the whole
+prompt in one call, as a reference and for ``model.generate``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,15 +43,30 @@ class PromptError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One preprocessed image: what the vision tower takes, and its cache key."""
+
+    key: str  # see PromptBuilder.image_key
+    pixel_values: torch.Tensor  # [t*h*w patches, C*T*P*P] float32
+    grid_thw: torch.Tensor  # [3] long
+    tokens: int  # image tokens in the prompt: t*h*w / merge**2
+
+
 @dataclass
 class PreparedPrompt:
-    """Model inputs for one request, batch dimension 1, on CPU until prefill moves them."""
+    """Model inputs for one request, batch dimension 1, on CPU until prefill moves them.
+
+    From ``build``: ``pixel_values`` holds every image. From ``build_from_processed``:
+    ``images`` holds them one by one (with cache keys) and ``pixel_values`` is None.
+    """
 
     input_ids: torch.Tensor  # [1, L] long
     mm_token_type_ids: torch.Tensor  # [1, L] int, 1 on image tokens
     pixel_values: torch.Tensor | None  # [patches, C*T*P*P]
     image_grid_thw: torch.Tensor | None  # [images, 3]
     image_tokens: int
+    images: tuple[ProcessedImage, ...] = ()
 
     @property
     def length(self) -> int:
@@ -57,6 +82,9 @@ class PreparedPrompt:
         if self.pixel_values is not None:
             inputs["pixel_values"] = self.pixel_values
             inputs["image_grid_thw"] = self.image_grid_thw
+        elif self.images:
+            inputs["pixel_values"] = torch.cat([image.pixel_values for image in self.images])
+            inputs["image_grid_thw"] = torch.stack([image.grid_thw for image in self.images])
         return inputs
 
 
@@ -96,6 +124,11 @@ class PromptBuilder:
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {}
+        # What makes two preprocessings of the same bytes differ: part of the cache key.
+        self.settings_digest = hashlib.sha256(
+            json.dumps(settings, sort_keys=True, default=str).encode()
+        ).hexdigest()
 
     @classmethod
     def from_pretrained(cls, path: str, *, local_files_only: bool) -> PromptBuilder:
@@ -148,23 +181,83 @@ class PromptBuilder:
             return self._prepared(out)
         return self._build_without_processor(text, pil_images)
 
+    def image_key(self, data: bytes, *, scope: str) -> str:
+        """Cache key of an image: sha256 over ``scope`` (the tenant), the processor settings
+        and the bytes. Never equal for different tenants, settings or bytes."""
+        digest = hashlib.sha256()
+        for part in (scope.encode(), self.settings_digest.encode(), data):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        return digest.hexdigest()
+
+    def process_images(
+        self, messages: Sequence[Message], images: Mapping[str, bytes], *, scope: str
+    ) -> list[ProcessedImage]:
+        """Decode and preprocess every image of ``messages`` in order. Raises PromptError.
+
+        Thread-safe (Pillow + the image processor, no tokenizer): the engine runs it in a
+        thread pool, off its step loop.
+        """
+        out = []
+        for message in messages:
+            for part in message.content:
+                if not isinstance(part, ImagePart):
+                    continue
+                data = images.get(part.image.sha256)
+                if data is None:
+                    raise PromptError(
+                        ErrorCode.IMAGE_UNAVAILABLE, f"image {part.image.sha256} unavailable"
+                    )
+                processed = self.image_processor(images=[decode_image(data)], return_tensors="pt")
+                grid = processed["image_grid_thw"][0].to(torch.long)
+                out.append(
+                    ProcessedImage(
+                        key=self.image_key(data, scope=scope),
+                        pixel_values=processed["pixel_values"],
+                        grid_thw=grid,
+                        tokens=int(grid.prod()) // self.merge_size**2,
+                    )
+                )
+        return out
+
+    def build_from_processed(
+        self, messages: Sequence[Message], images: Sequence[ProcessedImage], *, thinking: bool
+    ) -> PreparedPrompt:
+        """Template + tokens for images already processed by ``process_images``."""
+        text = self.render(messages, thinking=thinking)
+        ids = self._tokenize(text, [image.tokens for image in images])
+        mm = (ids == self.image_token_id).to(torch.int)
+        return PreparedPrompt(
+            input_ids=ids,
+            mm_token_type_ids=mm,
+            pixel_values=None,
+            image_grid_thw=torch.stack([i.grid_thw for i in images]) if images else None,
+            image_tokens=int((mm == 1).sum()),
+            images=tuple(images),
+        )
+
+    def _tokenize(self, text: str, counts: Sequence[int]) -> torch.Tensor:
+        """Expand each image placeholder to its token count, then tokenize: ``[1, L]``."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(counts):
+            raise PromptError(
+                ErrorCode.INVALID_REQUEST,
+                f"{len(pieces) - 1} image placeholders for {len(counts)} images",
+            )
+        text = pieces[0] + "".join(
+            self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
+        )
+        # The template already wrote [gMASK]<sop>; add nothing.
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
     def _build_without_processor(self, text: str, pil_images: list[Any]) -> PreparedPrompt:
         pixel_values = grid = None
+        counts: list[int] = []
         if pil_images:
             processed = self.image_processor(images=pil_images, return_tensors="pt")
             pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
             counts = [int(g.prod()) // self.merge_size**2 for g in grid]
-            pieces = text.split(self.image_token)
-            if len(pieces) - 1 != len(counts):
-                raise PromptError(
-                    ErrorCode.INVALID_REQUEST,
-                    f"{len(pieces) - 1} image placeholders for {len(counts)} images",
-                )
-            text = pieces[0] + "".join(
-                self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
-            )
-        # The template already wrote [gMASK]<sop>; add nothing.
-        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = self._tokenize(text, counts)
         return self._prepared(
             {
                 "input_ids": ids,

@@ -1,19 +1,19 @@
 """Model runner: GLM-4.6V-family modelling code driven for continuous batching.
 
-- ``prefill`` runs one request alone (vision encoder + prompt, a ``DynamicCache``, exactly the
-  code path ``model.generate`` takes for its first step) and returns its logits, keys/values
-  and rope delta; the engine copies the keys/values into the request's slot.
-- ``decode`` runs one token for every running request in a single forward of the text model:
-  the slot cache writes each row at its own position, a boolean ``[batch, 1, 1, kv_len]`` mask
-  lets each row see only its own cached length, and M-RoPE positions are
-  ``cached_len + rope_delta`` on all three axes.
+A prefill goes through the same steps as ``Glm4vModel.forward``, split so that the engine can
+schedule them:
 
+1. ``encode_images``: the vision tower, once per image, for every request admitted in one
+   step together (one batched pass), skipping images whose embedding is cached;
+2. ``begin_prefill``: token embeddings with the image embeddings scattered over the image
+   tokens, and the prompt's 3-D M-RoPE positions and decode offset (``rope_delta``);
+3. ``prefill_chunk``: the text model over positions ``start..end-1`` of those embeddings,
+   writing keys/values straight into the request's KV slot and attending over
+   ``0..end-1`` with a causal mask. One chunk for the whole prompt is an ordinary prefill;
+   several chunks give the same result (up to float rounding) spread over engine steps.
+
+Decode steps are run by ``decoder.BucketedDecoder`` (fixed shapes, CUDA graphs).
 All special-token ids come from the checkpoint (config, generation config, tokenizer).
-
-GPU fast-path extension points (not implemented here; this runs eagerly on CPU and GPU):
-``decode`` already takes fixed-capacity inputs (a slot cache and ``kv_len`` rounded up to a
-bucket); a CUDA-graph path would keep per-batch-bucket static buffers for ids, positions,
-mask and slot index, copy into them and replay.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ from typing import Any
 
 import torch
 
+from inference.engine.attention import register_grouped_attention
+from inference.engine.image_cache import ImageEmbeddingCache
 from inference.engine.kv_cache import SlotKVCache
-from inference.engine.prompt import PreparedPrompt, PromptBuilder
+from inference.engine.prompt import PreparedPrompt, ProcessedImage, PromptBuilder
 from inference.protocol import Message
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPES["float64"] = torch.float64
-# kv_len of a decode step is rounded up to this, so attention shapes repeat across steps.
-KV_LEN_BUCKET = 64
-# Attention implementations that take the per-row 4D mask decode builds.
+# Attention implementations that take the 4D masks the engine builds.
 _MASKED_ATTENTION = ("sdpa", "eager")
 
 
@@ -114,14 +114,35 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
 
 
 @dataclass
-class PrefillOutput:
-    logits: torch.Tensor  # [vocab] float32, next-token logits after the prompt
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [1, kv_heads, L, head_dim]
-    rope_delta: int  # decode position of token t is t + rope_delta (all three M-RoPE axes)
+class EncodedImages:
+    """One request's image embeddings, in prompt order, and how many tokens were cached."""
+
+    embeddings: list[torch.Tensor]  # [tokens_i, hidden] each, on the model's device
+    cached_tokens: int = 0
+
+
+@dataclass
+class PrefillJob:
+    """A prompt on its way into a KV slot. ``done`` positions are written; ``0 <= done <= length``."""
+
+    embeds: torch.Tensor  # [1, L, hidden] input embeddings, images scattered in
+    positions: torch.Tensor  # [3, 1, L] M-RoPE positions
+    rope_delta: int  # decode position of token t is t + rope_delta (all three axes)
+    token_ids: list[int]  # the prompt's ids (the output stream looks for think tags)
+    done: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.length - self.done
 
 
 class ModelRunner:
-    """Owns the model, its prompt builder and its special tokens. Not thread-safe."""
+    """Owns the model, its prompt builder and its special tokens. Not thread-safe, except
+    ``process_images`` (CPU preprocessing, no model)."""
 
     def __init__(self, model: Any, prompts: PromptBuilder, *, device: torch.device) -> None:
         self.model = model
@@ -131,6 +152,7 @@ class ModelRunner:
         self.dtype: torch.dtype = next(model.parameters()).dtype
         self.special = SpecialTokens.read(model, self.tokenizer)
         text = model.config.get_text_config()
+        self.text_config = text
         self.num_layers = int(text.num_hidden_layers)
         self.kv_heads = int(text.num_key_value_heads)
         self.head_dim = int(
@@ -139,9 +161,10 @@ class ModelRunner:
         self.vocab_size = int(text.vocab_size)
         attention = text._attn_implementation
         if attention not in _MASKED_ATTENTION:
-            # Decode hands the text model a ready 4D mask; flash-attention paths take none.
+            # The engine hands the text model ready 4D masks; flash-attention paths take none.
             raise ValueError(f"attention {attention!r} unsupported; use one of {_MASKED_ATTENTION}")
-        self._bool_mask = attention != "eager"  # eager adds the mask to the scores
+        self.attention: str = attention
+        register_grouped_attention()
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | ModelSpec) -> ModelRunner:
@@ -173,11 +196,35 @@ class ModelRunner:
         params = sum(p.nbytes for p in self.model.parameters())
         return params + (cache.nbytes if cache is not None else 0)
 
+    def free_memory_bytes(self) -> int | None:
+        """Free accelerator memory now, or None on CPU (sized from the config there)."""
+        if self.device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(free)
+
+    def additive_mask(self, attention: str | None) -> bool:
+        """Whether ``attention`` (None: the model's own) wants an additive float mask."""
+        return (attention or self.attention) == "eager"
+
+    # ------------------------------------------------------------------ prompts (CPU)
     def prepare(
         self, messages: Sequence[Message], images: Mapping[str, bytes], *, thinking: bool
     ) -> PreparedPrompt:
-        """Inputs for one request (CPU work: template, image decode/resize). Raises PromptError."""
+        """The whole prompt in one call, as ``model.generate`` takes it (tests, benchmarks)."""
         return self.prompts.build(messages, images, thinking=thinking)
+
+    def process_images(
+        self, messages: Sequence[Message], images: Mapping[str, bytes], *, scope: str
+    ) -> list[ProcessedImage]:
+        """Decode + preprocess the images (thread-safe, no model). Raises PromptError."""
+        return self.prompts.process_images(messages, images, scope=scope)
+
+    def build_prompt(
+        self, messages: Sequence[Message], images: Sequence[ProcessedImage], *, thinking: bool
+    ) -> PreparedPrompt:
+        """Template and tokens around processed images (engine thread). Raises PromptError."""
+        return self.prompts.build_from_processed(messages, images, thinking=thinking)
 
     def allocate_cache(self, *, num_slots: int, max_len: int) -> SlotKVCache:
         return SlotKVCache(
@@ -190,79 +237,119 @@ class ModelRunner:
             device=self.device,
         )
 
+    def bytes_per_slot(self, max_len: int) -> int:
+        return SlotKVCache.bytes_per_slot(
+            num_layers=self.num_layers,
+            kv_heads=self.kv_heads,
+            max_len=max_len,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+        )
+
+    # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
-    def prefill(self, prompt: PreparedPrompt) -> PrefillOutput:
-        """Encode images + prompt alone: next-token logits, the prompt's KV, its rope delta.
+    def encode_images(
+        self, prompts: Sequence[PreparedPrompt], cache: ImageEmbeddingCache | None
+    ) -> list[EncodedImages]:
+        """Image embeddings of every prompt: one vision pass over all images not in ``cache``
+        (each distinct image once, however many prompts hold it); new ones are cached."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, ProcessedImage] = {}
+        cached_keys: set[str] = set()
+        for image in (image for prompt in prompts for image in prompt.images):
+            if image.key in found or image.key in todo:
+                if cache is not None:
+                    cache.count_hit()
+                continue
+            hit = cache.get(image.key) if cache is not None else None
+            if hit is not None:
+                found[image.key] = hit
+                cached_keys.add(image.key)
+            else:
+                todo[image.key] = image
+        if todo:
+            for key, embedding in zip(todo, self._vision(list(todo.values())), strict=True):
+                found[key] = embedding
+                if cache is not None:
+                    cache.put(key, embedding)
+        out = []
+        seen: set[str] = set(cached_keys)
+        for prompt in prompts:
+            encoded = EncodedImages([found[image.key] for image in prompt.images])
+            for image in prompt.images:
+                if image.key in seen:
+                    encoded.cached_tokens += image.tokens
+                seen.add(image.key)
+            out.append(encoded)
+        return out
 
-        The caller copies ``kv`` into a slot (``SlotKVCache.write_prompt``) and drops it.
-        """
-        inputs = {k: v.to(self.device) for k, v in prompt.model_inputs().items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        position_ids, rope_delta = self._prompt_positions(inputs)
-        out = self.model(
-            **inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1, return_dict=True
-        )
-        return PrefillOutput(
-            logits=out.logits[0, -1].float(),
-            kv=[(layer.keys, layer.values) for layer in out.cache.layers],
-            rope_delta=rope_delta,
-        )
+    def _vision(self, images: Sequence[ProcessedImage]) -> list[torch.Tensor]:
+        pixels = torch.cat([image.pixel_values for image in images]).to(self.device, self.dtype)
+        grid = torch.stack([image.grid_thw for image in images]).to(self.device)
+        out = self.model.model.get_image_features(pixels, grid, return_dict=True)
+        # clone: a split is a view of the whole batch, which a cache entry would keep alive.
+        return [embedding.clone() for embedding in out.pooler_output]
 
-    def _prompt_positions(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    @torch.inference_mode()
+    def begin_prefill(self, prompt: PreparedPrompt, images: EncodedImages) -> PrefillJob:
+        """Input embeddings and M-RoPE positions of ``prompt`` (as ``Glm4vModel.forward``)."""
+        ids = prompt.input_ids.to(self.device)
+        embeds = self.model.model.get_input_embeddings()(ids)
+        if images.embeddings:
+            image_embeds = torch.cat(images.embeddings).to(embeds.dtype)
+            mask = (ids == self.special.image_token_id).unsqueeze(-1)
+            if int(mask.sum()) != image_embeds.shape[0]:
+                raise ValueError("image tokens and image embeddings do not match")
+            embeds = embeds.masked_scatter(mask, image_embeds)
+        positions, rope_delta = self._prompt_positions(prompt, ids)
+        return PrefillJob(embeds, positions, rope_delta, prompt.input_ids[0].tolist())
+
+    def _prompt_positions(
+        self, prompt: PreparedPrompt, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         """3-D M-RoPE positions of the prompt and its decode offset (0 without images).
 
         Computed here rather than left to the model, whose ``rope_deltas`` attribute is state
         shared by every request (a text-only prefill would otherwise see a stale value).
         """
-        ids = inputs["input_ids"]
-        if "image_grid_thw" in inputs:
+        if prompt.image_grid_thw is not None:
             positions, deltas = self.model.model.get_rope_index(
                 ids,
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=inputs["attention_mask"],
+                mm_token_type_ids=prompt.mm_token_type_ids.to(self.device),
+                image_grid_thw=prompt.image_grid_thw.to(self.device),
+                attention_mask=torch.ones_like(ids),
             )
             return positions, int(deltas.reshape(-1)[0])
         positions = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
         return positions, 0
 
     @torch.inference_mode()
-    def decode(
-        self,
-        cache: SlotKVCache,
-        *,
-        slots: Sequence[int],
-        token_ids: Sequence[int],
-        positions: Sequence[int],
-        rope_deltas: Sequence[int],
-    ) -> torch.Tensor:
-        """One token for each row: row ``i`` feeds ``token_ids[i]`` at ``positions[i]`` (its
-        cached length) in ``slots[i]``. Returns next-token logits ``[batch, vocab]`` float32.
+    def prefill_chunk(
+        self, cache: SlotKVCache, job: PrefillJob, slot: int, end: int
+    ) -> torch.Tensor | None:
+        """Run positions ``job.done..end-1`` into ``slot``; advance ``job.done`` to ``end``.
+
+        Returns the next-token logits ``[vocab]`` (float32) when ``end`` completes the prompt,
+        else None. Uses the model's own attention (SDPA): prefill is compute-bound.
         """
-        batch = len(slots)
-        device = self.device
-        pos = torch.tensor(list(positions), dtype=torch.long, device=device)
-        delta = torch.tensor(list(rope_deltas), dtype=torch.long, device=device)
-        ids = torch.tensor(list(token_ids), dtype=torch.long, device=device).view(batch, 1)
-        kv_len = min(cache.max_len, _round_up(int(pos.max()) + 1, KV_LEN_BUCKET))
-        position_ids = (pos + delta).view(1, batch, 1).expand(3, batch, 1)
-        visible = torch.arange(kv_len, device=device).view(1, kv_len) <= pos.view(batch, 1)
-        mask = visible.view(batch, 1, 1, kv_len)
-        if not self._bool_mask:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=device).masked_fill(
+        start = job.done
+        queries = end - start
+        causal = torch.arange(end, device=self.device).view(1, end) <= torch.arange(
+            start, end, device=self.device
+        ).view(queries, 1)
+        mask = causal.view(1, 1, queries, end)
+        if self.additive_mask(None):
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(self.dtype).min
             )
-        view = cache.decode_view(slots, pos, kv_len)
         out = self.model.model.language_model(
-            input_ids=ids,
-            position_ids=position_ids,
+            inputs_embeds=job.embeds[:, start:end],
+            position_ids=job.positions[:, :, start:end],
             attention_mask=mask,
-            cache=view,
+            cache=cache.chunk_view(slot, start, end),
             use_cache=True,
         )
-        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
+        job.done = end
+        if end < job.length:
+            return None
+        return self.model.lm_head(out.last_hidden_state[0, -1]).float()

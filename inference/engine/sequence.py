@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from inference.engine.detokenizer import OutputStream
 from inference.engine.sampling import RowSampler
 from inference.protocol import InferenceRequest, Usage
 
+if TYPE_CHECKING:
+    from inference.engine.prompt import ProcessedImage
+    from inference.engine.runner import PrefillJob
+
 
 @dataclass(eq=False)
 class Sequence:
-    """One request. Invariants while running:
+    """One request. Its stages, in order (each at most once):
+
+    1. queued (``FairQueue``), holding ``images`` (bytes);
+    2. preparing: ``processing`` resolves to its preprocessed images (thread pool);
+    3. prefilling: ``prefill`` is set and ``slot`` owned; ``cached_len`` positions written;
+    4. running (decoding); then its terminal event frees the slot.
+
+    Invariants while running:
 
     - ``slot`` is owned by this request alone; positions ``< cached_len`` of the slot hold
       this request's prompt and completion keys/values;
@@ -22,10 +35,13 @@ class Sequence:
     """
 
     request: InferenceRequest
-    images: Mapping[str, bytes] | None  # dropped once the prompt is built
+    images: Mapping[str, bytes] | None  # dropped once the images are processed
     sampler: RowSampler
+    processing: Future[list[ProcessedImage]] | None = None
+    prefill: PrefillJob | None = None
     prompt_tokens: int = 0
     image_tokens: int = 0
+    cached_image_tokens: int = 0
     slot: int = -1
     cached_len: int = 0
     rope_delta: int = 0
@@ -45,4 +61,5 @@ class Sequence:
             completion_tokens=self.generated,
             image_tokens=self.image_tokens,
             reasoning_tokens=self.output.reasoning_tokens if self.output is not None else 0,
+            cached_image_tokens=self.cached_image_tokens,
         )

@@ -101,20 +101,40 @@ def test_cancel_while_waiting(make_engine):
     assert streams["b"][0].finish_reason == FinishReason.CANCELLED
 
 
-def test_prompt_too_long_for_kv_capacity(make_engine):
-    engine = make_engine(max_batch_size=2, max_seq_len=24)
+def test_prompt_plus_max_tokens_must_fit_a_slot(make_engine, tiny_runner):
+    hi = chat_request("ok", "Hi", max_tokens=1)
+    prompt_len = tiny_runner.prepare(hi.messages, {}, thinking=False).length
+    engine = make_engine(max_batch_size=2, max_seq_len=prompt_len + 6)
     engine.add_request(
-        chat_request("long", "What is in the image?", images={"x": (56, 56)}),
+        chat_request("image", "What is in the image?", images={"x": (56, 56)}),
         {"x": image_bytes(56, 56)},
     )
-    engine.add_request(chat_request("ok", "Hi", max_tokens=40), {})
+    engine.add_request(chat_request("greedy", "Hi", max_tokens=7), {})
+    engine.add_request(chat_request("ok", "Hi", max_tokens=6), {})
+    first = _by_request(engine.step())
+    # Rejected at once, before any model work, with what to change in the message.
+    for rid in ("image", "greedy"):
+        [error] = first[rid]
+        assert isinstance(error, ErrorEvent) and error.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        assert "max_tokens" in error.message and str(prompt_len + 6) in error.message
+    assert isinstance(first["ok"][0], StartEvent)
     streams = _by_request(run_to_completion(engine))
-    [error] = streams["long"]
-    assert isinstance(error, ErrorEvent) and error.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED
     done = streams["ok"][-1]
-    # Capacity also bounds generation: prompt + completion never exceed max_seq_len.
-    assert done.usage.prompt_tokens + done.usage.completion_tokens <= 24
-    assert done.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert isinstance(done, DoneEvent)
+    assert done.usage.prompt_tokens + done.usage.completion_tokens <= prompt_len + 6
+
+
+def test_requests_wait_for_a_free_slot_rather_than_fail(make_engine):
+    engine = make_engine(max_batch_size=2, num_slots=2)
+    for i in range(5):
+        engine.add_request(chat_request(f"r{i}", "天气怎么样？", max_tokens=4), {})
+    engine.step()
+    engine.step()
+    stats = engine.stats()
+    assert (stats.running, stats.waiting) == (2, 3)
+    streams = _by_request(run_to_completion(engine))
+    assert all(isinstance(events[-1], DoneEvent) for events in streams.values())
+    assert len(streams) == 5
 
 
 def test_bad_or_missing_image_fails_only_that_request(make_engine):
@@ -138,16 +158,16 @@ def test_bad_or_missing_image_fails_only_that_request(make_engine):
 def test_prefill_failure_fails_only_that_request(
     make_engine, tiny_runner, monkeypatch, exc, code, retryable
 ):
-    real_prefill = tiny_runner.prefill
+    real_prefill = tiny_runner.prefill_chunk
     calls = []
 
-    def prefill(prompt):
-        calls.append(prompt)
+    def prefill_chunk(cache, job, slot, end):
+        calls.append(job)
         if len(calls) == 2:
             raise exc
-        return real_prefill(prompt)
+        return real_prefill(cache, job, slot, end)
 
-    monkeypatch.setattr(tiny_runner, "prefill", prefill)
+    monkeypatch.setattr(tiny_runner, "prefill_chunk", prefill_chunk)
     engine = make_engine(max_batch_size=1)
     for rid in ("first", "victim", "third"):
         engine.add_request(chat_request(rid, "天气怎么样？", max_tokens=3), {})

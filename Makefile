@@ -45,7 +45,7 @@ run: install tiny-model migrate
 	$(PY) manage.py collectstatic --no-input -v 0
 	$(PY) manage.py demo_setup --host $(HOST) --port $(PORT)
 	@echo "Serving on http://$(HOST):$(PORT)/  (OpenAI base_url: http://$(HOST):$(PORT)/v1)"
-	$(VENV)/bin/uvicorn webplatform.asgi:application --host $(HOST) --port $(PORT) --ws websockets
+	$(VENV)/bin/uvicorn webplatform.asgi:application --host $(HOST) --port $(PORT) --ws websockets-sansio
 
 lint: install-test
 	$(VENV)/bin/ruff check .

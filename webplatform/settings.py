@@ -193,6 +193,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(_VAR_DIR / "static")))
+try:  # WhiteNoise warns at every start when the folder is missing (before collectstatic)
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+except OSError:  # a read-only image: collectstatic ran at build time
+    pass
 STATICFILES_DIRS: list = [p for p in [BASE_DIR / "webplatform" / "static"] if p.exists()]
 # Front-end libraries come from npm (`npm ci` in the Makefile), never from a CDN.
 _CHARTJS_DIST = BASE_DIR / "node_modules" / "chart.js" / "dist"

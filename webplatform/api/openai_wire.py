@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from webplatform.completions.service import CompletionOutcome
+from webplatform.completions.run import CompletionOutcome
 
 
 def _finish_reason(reason: str) -> str:

@@ -42,7 +42,7 @@ def cache_key(
 
 
 async def cache_lookup(*, key: str):  # -> CompletionOutcome | None
-    from webplatform.completions.service import CompletionOutcome
+    from webplatform.completions.run import CompletionOutcome
 
     try:
         raw = await sync_to_async(cache.get, thread_sensitive=False)(key)

@@ -33,6 +33,7 @@ and per-client count times clients),
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import base64
@@ -177,19 +178,19 @@ async def closed_loop(
     return time.perf_counter() - started, latencies, errors
 
 
-class Target:
+class Target(abc.ABC):
     """Something to send the standard request to: ``call(item)`` -> None or an error kind."""
 
     mode: str
 
-    async def call(self, item: Any) -> str | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def call(self, item: Any) -> str | None: ...
 
+    @abc.abstractmethod
     def prepare(self, jpeg: bytes) -> Any:
         """The per-request input made from one image, outside the timing."""
-        raise NotImplementedError
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook; most targets hold nothing
         pass
 
 

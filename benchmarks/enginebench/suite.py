@@ -1,0 +1,266 @@
+"""The GPU-speed issue's figures in one budgeted run (``benchmarks/engine.py --mode suite``).
+
+Stages, in order of importance (a stage that no longer fits ``--budget-s`` is recorded as
+skipped; one that fails is recorded as an error and the run goes on):
+
+1. the engine (warmed: on CUDA every decode shape captured as a graph): decode step alone by
+   batch, one request alone, TTFT by stage, engine steps by batch, all requests at once,
+   a closed loop at full concurrency, a profile of a decode step;
+2. naive ``model.generate`` (one left-padded batch);
+3. worker start to ready in a fresh process (the full-size random model is saved first);
+4. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
+5. mixed load: inter-token latency while large images arrive, chunked prefill and not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from inference.engine import Engine, EngineConfig
+
+from . import generate, models, report, startup, workloads
+from .mixed import run_mixed
+from .profiling import decode_profile, ttft_stages
+
+# Rough seconds per stage on an H100/H200 with the full-size model (for the time budget).
+GPU_ESTIMATES = {
+    "decoder steps": 15,
+    "engine alone": 10,
+    "ttft stages": 5,
+    "engine steps": 15,
+    "engine batches": 20,
+    "sustained": 40,
+    "profile": 20,
+    "naive": 45,
+    "startup": 150,
+    "static": 180,
+    "mixed": 45,
+}
+
+
+def best(results: list[dict], key: str = "wall") -> dict:
+    return min(results, key=lambda r: r[key])
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------- suite
+def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
+    """Run every stage that fits; records to ``--out``, Markdown printed at the end."""
+    out = Path(args.out) if args.out else None
+    rec = report.Recorder(out, args.budget_s)
+    estimate = GPU_ESTIMATES if args.full_size else dict.fromkeys(GPU_ESTIMATES, 0)
+    built = time.perf_counter()
+    runner = models.without_eos(models.runner_from_args(args, tiny_dir))
+    build_s = time.perf_counter() - built
+    text = workloads.question(runner.tokenizer, args.question_tokens)
+    top = max(args.concurrency)
+    n_sustained = args.sustained_requests or 5 * top
+    requests, images = workloads.make_requests(
+        max(top, n_sustained), args.image_size, text, args.new_tokens
+    )
+    prompt = runner.prepare(requests[0].messages, images, thinking=False)
+    import transformers
+
+    rec.add(
+        "meta",
+        device=runner.device_name,
+        device_type=runner.device.type,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        model="random full-size GLM-4.6V-Flash" if args.full_size else (args.model or "tiny"),
+        dtype=str(runner.dtype).removeprefix("torch."),
+        layers=runner.num_layers,
+        prompt_tokens=prompt.length,
+        image_tokens=prompt.image_tokens,
+        new_tokens=args.new_tokens,
+        model_build_s=build_s,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=_commit(),
+        command=" ".join(["python3", *sys.argv]),
+    )
+    print(f"model ready in {build_s:.1f}s; prompt {prompt.length} tokens", flush=True)
+    # Room for the standard request, and for the timed decode steps of one request.
+    max_seq_len = prompt.length + max(args.new_tokens, args.steps + 12)
+    engine = Engine(
+        runner,
+        EngineConfig(
+            max_batch_size=top,
+            max_seq_len=max_seq_len,
+            prefill_chunk_tokens=args.chunk,
+            preprocess_threads=args.preprocess_threads,
+        ),
+    )
+    warmup_s = engine.warmup()
+    stats = engine.stats()
+    rec.add(
+        "engine_build",
+        warmup_s=warmup_s,
+        shapes=len(engine.decoder.shapes),
+        graphs=stats.cuda_graphs,
+        slots=stats.kv_capacity_tokens // engine.config.max_seq_len,
+        batch_buckets=list(stats.decode_batch_sizes),
+    )
+    batches = [b for b in (1, 8, 32) if b <= top] or [top]
+
+    def decoder_steps() -> None:
+        for b in batches:
+            t = workloads.decoder_step_times(
+                engine, batch=b, position=prompt.length + args.new_tokens // 2, repeats=args.steps
+            )
+            rec.add(
+                "decoder_step",
+                batch=b,
+                wall_median_s=statistics.median(t["wall"]),
+                device_median_s=statistics.median(t["device"]) if t["device"] else None,
+            )
+
+    def engine_alone() -> None:
+        runs = [
+            workloads.run_engine(engine, requests[:1], images, tag=f"alone{i}")
+            for i in range(args.repeat)
+        ]
+        rec.add("run", path="engine", streams=1, **best(runs))
+
+    def stages() -> None:
+        rec.add("ttft_stages", stages=ttft_stages(engine, requests[0], images))
+
+    def engine_steps() -> None:
+        for b in batches:
+            t = workloads.engine_step_times(
+                engine, requests[:b], images, steps=args.steps, tag=f"steps{b}"
+            )
+            rec.add(
+                "engine_step",
+                batch=b,
+                median_s=statistics.median(t),
+                p90_s=workloads.percentile(t, 0.9),
+            )
+
+    def engine_batches() -> None:
+        for n in [c for c in args.concurrency if c > 1]:
+            runs = [
+                workloads.run_engine(engine, requests[:n], images, tag=f"b{n}-{i}")
+                for i in range(args.repeat)
+            ]
+            rec.add("run", path="engine", streams=n, **best(runs))
+
+    def sustained() -> None:
+        result = workloads.run_sustained(
+            engine, requests[:n_sustained], images, concurrency=top, tag="sustained"
+        )
+        rec.add("sustained", **result)
+
+    def profile() -> None:
+        table = out / "profile-decode.txt" if out else None
+        result = decode_profile(
+            engine, requests[:top], images, steps=min(args.steps, 20), tag="prof", table_path=table
+        )
+        rec.add("profile", **result)
+
+    def naive() -> None:
+        for n in args.concurrency:
+            runs = [
+                generate.run_generate(runner, requests[:n], images, new_tokens=args.new_tokens)
+                for _ in range(args.repeat)
+            ]
+            rec.add("run", path="naive", streams=n, **best(runs))
+
+    def start_to_ready() -> None:
+        with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=args.scratch) as scratch:
+            saved = time.perf_counter()
+            checkpoint = (
+                models.save_checkpoint(runner, tiny_dir, Path(scratch) / "model")
+                if args.full_size
+                else Path(args.model or tiny_dir)
+            )
+            save_s = time.perf_counter() - saved
+            # Just written, so the weights load from the page cache: a warm-disk start.
+            result = startup.measure_startup(
+                checkpoint,
+                max_batch_size=top,
+                max_seq_len=max_seq_len,
+                device=str(runner.device),
+                timeout_s=max(60.0, (args.budget_s or 3600) - rec.elapsed),
+            )
+        rec.add("startup", save_s=save_s, **result)
+
+    def static() -> None:
+        extra = {"cache_implementation": "static"}
+        for n in args.static_batches:
+            if not rec.allows(f"static batch {n}", estimate["static"] / 3):
+                continue
+            started = time.perf_counter()
+            generate.run_generate(
+                runner, requests[:n], images, new_tokens=args.new_tokens, extra=extra
+            )
+            rec.add("static_compile", batch=n, seconds=time.perf_counter() - started)
+            runs = [
+                generate.run_generate(
+                    runner, requests[:n], images, new_tokens=args.new_tokens, extra=extra
+                )
+                for _ in range(args.repeat)
+            ]
+            rec.add("run", path="static", streams=n, **best(runs))
+
+    def mixed() -> None:
+        for size in args.mixed_sizes:
+            for chunk in (args.chunk, None):
+                if not rec.allows(f"mixed {size}px chunk={chunk}", estimate["mixed"] / 4):
+                    continue
+                result = run_mixed(
+                    runner,
+                    chunk=chunk,
+                    size=size,
+                    streams=args.streams,
+                    count=args.large_count,
+                    question_tokens=args.question_tokens,
+                    preprocess_threads=args.preprocess_threads,
+                )
+                rec.add("mixed", **result)
+
+    plan = [
+        ("decoder steps", decoder_steps),
+        ("engine alone", engine_alone),
+        ("ttft stages", stages),
+        ("engine steps", engine_steps),
+        ("engine batches", engine_batches),
+        ("sustained", sustained),
+        ("profile", profile),
+    ]
+    for name, fn in plan:
+        rec.stage(name, estimate[name], fn)
+    engine.close()  # its slots stay allocated: later stages have memory enough
+    later = [("naive", naive), ("startup", start_to_ready), ("static", static), ("mixed", mixed)]
+    for name, fn in later:
+        if name in args.skip:
+            rec.add("skipped", what=name, reason="--skip")
+            continue
+        if name in ("static", "mixed"):  # budgeted per part inside
+            rec.stage(name, 0, fn)
+        else:
+            rec.stage(name, estimate[name], fn)
+        if runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+    rec.close()
+    markdown = report.render(rec.records)
+    if out is not None:
+        (out / "engine-bench.md").write_text(markdown)
+    print(markdown, flush=True)

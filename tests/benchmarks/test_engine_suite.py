@@ -1,0 +1,165 @@
+"""The GPU benchmark's one-call script, run end to end on the CPU with the tiny model.
+
+A lent GPU host gives a session minutes, not hours: ``scripts/device-bench.sh`` must work the
+first time it runs there. This runs the same script (the same stages, records and tables)
+with the tiny model on the CPU, so a broken stage shows up here, not on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.enginebench import report
+
+ROOT = Path(__file__).resolve().parents[2]
+NEW_TOKENS = 4
+SMALL = [
+    "--concurrency", "1", "2",
+    "--new-tokens", str(NEW_TOKENS),
+    "--image-size", "56",
+    "--question-tokens", "8",
+    "--sustained-requests", "5",
+    "--steps", "3",
+    "--repeat", "1",
+    "--static-batches", "1",
+    "--mixed-sizes", "112",
+    "--large-count", "2",
+    "--streams", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``scripts/device-bench.sh`` as the device runs it, ``python3`` being this Python."""
+    tmp = tmp_path_factory.mktemp("device-bench")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python3.chmod(0o755)
+    out = tmp / "out"
+    env = dict(
+        os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), MODEL_ARGS="", WHEELS=""
+    )
+    done = subprocess.run(
+        ["bash", "scripts/device-bench.sh", *SMALL],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout
+
+
+def _records(out: Path) -> list[dict]:
+    return report.load(out / "engine-bench.jsonl")
+
+
+@pytest.mark.slow
+def test_every_stage_of_the_suite_runs_and_is_recorded(device_run):
+    out, _ = device_run
+    records = _records(out)
+    problems = [r for r in records if r["stage"] in ("error", "skipped")]
+    assert problems == []
+    stages = {r["stage"] for r in records}
+    assert {
+        "meta",
+        "engine_build",
+        "decoder_step",
+        "engine_step",
+        "run",
+        "ttft_stages",
+        "sustained",
+        "profile",
+        "startup",
+        "static_compile",
+        "mixed",
+    } <= stages
+    runs = {(r["path"], r["streams"]): r for r in records if r["stage"] == "run"}
+    assert set(runs) == {
+        ("engine", 1),
+        ("engine", 2),
+        ("naive", 1),
+        ("naive", 2),
+        ("static", 1),
+    }
+    # Every path generated exactly the standard number of tokens for every request.
+    assert all(r["tokens"] == [NEW_TOKENS] for r in runs.values())
+    assert all(r["ttft_mean"] > 0 and r["e2e_mean"] >= r["ttft_mean"] for r in runs.values())
+    sustained = next(r for r in records if r["stage"] == "sustained")
+    assert sustained["requests"] == 5 and sustained["requests_per_s"] > 0
+    startup = next(r for r in records if r["stage"] == "startup")
+    assert startup["start_to_ready_s"] > startup["load_s"] + startup["warmup_s"] > 0
+    assert {r["chunk"] for r in records if r["stage"] == "mixed"} == {1024, None}
+    assert (out / "versions.txt").read_text().startswith("python ")
+    assert "aten::" in (out / "profile-decode.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_markdown_holds_the_issue_table_with_the_engine_figures(device_run):
+    out, stdout = device_run
+    markdown = (out / "engine-bench.md").read_text()
+    assert markdown in stdout  # printed last, where the device tool's output tail shows it
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines() if "|" in line}
+    alone = rows["one request alone, end to end"].split("|")
+    assert alone[4].strip().endswith(" s") and alone[2].strip().endswith(" s")  # engine, naive
+    assert "n/a (not a GPU)" in rows["time to first token, idle"]
+    assert rows["decode step, batch 1"].split("|")[4].strip().endswith(" ms")
+
+
+@pytest.mark.slow
+def test_rendering_into_the_docs_replaces_one_marked_section(device_run, tmp_path):
+    out, _ = device_run
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    records = _records(out)
+    for _ in range(2):  # a second rendering replaces the first
+        report.replace_section(doc, report.render(records))
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert text.count(report.BEGIN) == text.count(report.END) == 1
+    assert "| one request alone, end to end |" in text
+
+
+def test_a_stage_past_the_budget_is_skipped_and_recorded(tmp_path):
+    recorder = report.Recorder(tmp_path, budget_s=0.0)
+    ran = []
+    assert recorder.stage("static", 10.0, lambda: ran.append(1)) is False
+    assert ran == []
+    recorder.close()
+    [record] = report.load(tmp_path / "engine-bench.jsonl")
+    assert record["stage"] == "skipped" and record["what"] == "static"
+
+
+def test_a_failing_stage_is_recorded_and_the_run_goes_on(tmp_path):
+    recorder = report.Recorder(tmp_path, budget_s=None)
+
+    def broken() -> None:
+        raise RuntimeError("no graph")
+
+    assert recorder.stage("decoder steps", 1.0, broken) is False
+    assert recorder.stage("naive", 1.0, lambda: recorder.add("run", path="naive")) is True
+    recorder.close()
+    lines = (tmp_path / "engine-bench.jsonl").read_text().splitlines()
+    assert [json.loads(line)["stage"] for line in lines] == ["error", "run"]
+    assert "RuntimeError: no graph" in lines[0]
+
+
+def test_targets_are_judged_only_on_a_gpu():
+    records = [
+        {"stage": "meta", "device_type": "cuda"},
+        {"stage": "run", "path": "engine", "streams": 1, "e2e_mean": 0.7, "ttft_mean": 0.04},
+    ]
+    rows = "\n".join(report.issue_table(records))
+    assert "| 0.70 s | <= 0.6 s | **no** |" in rows
+    assert "| 40.0 ms | <= 50 ms | yes |" in rows
+    records[0]["device_type"] = "cpu"
+    assert "n/a (not a GPU)" in "\n".join(report.issue_table(records))

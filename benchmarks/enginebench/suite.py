@@ -33,14 +33,14 @@ from .profiling import decode_profile, ttft_stages
 
 # Rough seconds per stage on an H100/H200 with the full-size model (for the time budget).
 GPU_ESTIMATES = {
-    "decoder steps": 15,
+    "decode steps": 30,
     "engine alone": 10,
     "ttft stages": 5,
-    "engine steps": 15,
     "engine batches": 20,
     "sustained": 40,
     "profile": 20,
     "naive": 45,
+    "compiled": 150,
     "startup": 150,
     "static": 180,
     "mixed": 45,
@@ -99,16 +99,21 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     print(f"model ready in {build_s:.1f}s; prompt {prompt.length} tokens", flush=True)
     # Room for the standard request, and for the timed decode steps of one request.
     max_seq_len = prompt.length + max(args.new_tokens, args.steps + 12)
-    engine = Engine(
-        runner,
-        EngineConfig(
-            max_batch_size=top,
-            max_seq_len=max_seq_len,
-            prefill_chunk_tokens=args.chunk,
-            preprocess_threads=args.preprocess_threads,
-        ),
-    )
-    warmup_s = engine.warmup()
+
+    def build_engine(**config: object) -> tuple[Engine, float]:
+        engine = Engine(
+            runner,
+            EngineConfig(
+                max_batch_size=top,
+                max_seq_len=max_seq_len,
+                prefill_chunk_tokens=args.chunk,
+                preprocess_threads=args.preprocess_threads,
+                **config,  # type: ignore[arg-type]
+            ),
+        )
+        return engine, engine.warmup()
+
+    engine, warmup_s = build_engine()
     stats = engine.stats()
     rec.add(
         "engine_build",
@@ -118,18 +123,31 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
         slots=stats.kv_capacity_tokens // engine.config.max_seq_len,
         batch_buckets=list(stats.decode_batch_sizes),
     )
-    batches = [b for b in (1, 8, 32) if b <= top] or [top]
+    batches = sorted({b for b in (1, 8, 32) if b <= top} | {top})
 
-    def decoder_steps() -> None:
+    def step_times(engine: Engine, variant: str) -> None:
+        """The decode step alone, then the whole engine step, per batch."""
         for b in batches:
             t = workloads.decoder_step_times(
                 engine, batch=b, position=prompt.length + args.new_tokens // 2, repeats=args.steps
             )
             rec.add(
                 "decoder_step",
+                variant=variant,
                 batch=b,
                 wall_median_s=statistics.median(t["wall"]),
                 device_median_s=statistics.median(t["device"]) if t["device"] else None,
+            )
+        for b in batches:
+            t = workloads.engine_step_times(
+                engine, requests[:b], images, steps=args.steps, tag=f"{variant}{b}"
+            )
+            rec.add(
+                "engine_step",
+                variant=variant,
+                batch=b,
+                median_s=statistics.median(t),
+                p90_s=workloads.percentile(t, 0.9),
             )
 
     def engine_alone() -> None:
@@ -141,18 +159,6 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
 
     def stages() -> None:
         rec.add("ttft_stages", stages=ttft_stages(engine, requests[0], images))
-
-    def engine_steps() -> None:
-        for b in batches:
-            t = workloads.engine_step_times(
-                engine, requests[:b], images, steps=args.steps, tag=f"steps{b}"
-            )
-            rec.add(
-                "engine_step",
-                batch=b,
-                median_s=statistics.median(t),
-                p90_s=workloads.percentile(t, 0.9),
-            )
 
     def engine_batches() -> None:
         for n in [c for c in args.concurrency if c > 1]:
@@ -174,6 +180,15 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
             engine, requests[:top], images, steps=min(args.steps, 20), tag="prof", table_path=table
         )
         rec.add("profile", **result)
+
+    def compiled_steps() -> None:
+        """The same steps with the decode parts compiled for each measured batch bucket."""
+        compiled, seconds = build_engine(
+            decode_batch_sizes=tuple(batches), compile_batch_sizes=tuple(batches)
+        )
+        rec.add("compiled_build", warmup_s=seconds, batches=batches)
+        step_times(compiled, "compiled")
+        compiled.close()
 
     def naive() -> None:
         for n in args.concurrency:
@@ -237,10 +252,9 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 rec.add("mixed", **result)
 
     plan = [
-        ("decoder steps", decoder_steps),
+        ("decode steps", lambda: step_times(engine, "default")),
         ("engine alone", engine_alone),
         ("ttft stages", stages),
-        ("engine steps", engine_steps),
         ("engine batches", engine_batches),
         ("sustained", sustained),
         ("profile", profile),
@@ -248,7 +262,13 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     for name, fn in plan:
         rec.stage(name, estimate[name], fn)
     engine.close()  # its slots stay allocated: later stages have memory enough
-    later = [("naive", naive), ("startup", start_to_ready), ("static", static), ("mixed", mixed)]
+    later = [
+        ("naive", naive),
+        ("compiled", compiled_steps),
+        ("startup", start_to_ready),
+        ("static", static),
+        ("mixed", mixed),
+    ]
     for name, fn in later:
         if name in args.skip:
             rec.add("skipped", what=name, reason="--skip")

@@ -14,6 +14,7 @@ _EXPORTS = {
     "EngineConfig": "inference.engine.engine",
     "EngineStats": "inference.engine.engine",
     "GlmEngineStats": "inference.engine.engine",
+    "config_from_spec": "inference.engine.engine",
     "engine_from_spec": "inference.engine.engine",
     "ModelRunner": "inference.engine.runner",
     "ModelSpec": "inference.engine.runner",

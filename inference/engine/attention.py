@@ -11,14 +11,12 @@ Head layout (the same as ``repeat_kv``): query head ``h`` reads KV head ``h // g
 
 The function is registered once as ``GROUPED_ATTENTION`` in ``AttentionInterface`` (and its
 mask function in ``AttentionMaskInterface``, though the engine always passes a ready 4D mask).
-``use_attention`` selects it for the duration of a forward by swapping the text config's
-implementation name, so ``model.generate`` and the vision tower keep their own (SDPA).
+Only the decode step (``DecodeForward``) calls it by that name; ``model.generate``, the
+prefill and the vision tower keep the model's own attention (SDPA).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -85,21 +83,3 @@ def register_grouped_attention() -> str:
         AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
         _registered = True
     return GROUPED_ATTENTION
-
-
-@contextmanager
-def use_attention(text_config: Any, implementation: str | None) -> Iterator[None]:
-    """Run the text model with ``implementation`` inside the block (None: leave it as is).
-
-    Swaps only the text config's own name (not its sub-configs, it has none that attend),
-    and restores it even if the forward raises. Not thread-safe: the runner is not either.
-    """
-    if implementation is None:
-        yield
-        return
-    previous = text_config._attn_implementation_internal
-    text_config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        text_config._attn_implementation_internal = previous

@@ -29,6 +29,10 @@ class EngineConfig:
     compile_batch_sizes: tuple[int, ...] = ()
     compile_mode: str | None = None
     compile_backend: str = "inductor"
+    # Inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR): a worker restarted on the same host
+    # reuses its compiled kernels instead of compiling again. None: inductor's default (a
+    # folder under the system temp dir, lost with a container's file system).
+    compile_cache_dir: str | None = None
     image_cache_bytes: int = 256 * 2**20  # image-embedding cache; 0 disables it
     # Image decoding/preprocessing threads, off the step loop; 0: inline in step().
     # None: 2 on CUDA; 0 on CPU, where the model computes on the same cores (no spare core

@@ -21,22 +21,26 @@ same closure simply runs eagerly on the same buffers, so CPU tests exercise the 
 that a GPU captures. On CUDA (``cuda_graphs=True``) each shape is captured on first use or by
 ``warmup()`` into ``torch.cuda.CUDAGraph`` sharing one memory pool, and replayed.
 
-``compile_batch_sizes`` wraps the step of those batch buckets in ``torch.compile`` before
-capture. Off by default: on an H100 compiling helped batch 1 and hurt batch 32
-(shared/notes/glm4v.md), so it must be measured per bucket before it is turned on.
+The step itself is ``DecodeForward``: the text model layer by layer, split around the KV
+write. ``compile_batch_sizes`` runs the step of those batch buckets with its two per-layer
+parts compiled (``torch.compile``, once per shape, shared by every layer) before capture.
+Off by default: on an H100 compiling the whole step helped batch 1 and hurt batch 32
+(shared/notes/glm4v.md), so it must be measured per bucket before it is turned on
+(``benchmarks/engine.py --mode suite`` does).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from inference.engine.attention import use_attention
+from inference.engine.decode_forward import DecodeForward
 from inference.engine.kv_cache import SlotKVCache
 
 logger = logging.getLogger(__name__)
@@ -132,6 +136,7 @@ class BucketedDecoder:
         compile_batch_sizes: Sequence[int] = (),
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
+        compile_cache_dir: str | None = None,
     ) -> None:
         self.runner = runner
         self.cache = cache
@@ -143,7 +148,19 @@ class BucketedDecoder:
         self.device = cache.keys.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.compile_batch_sizes = frozenset(compile_batch_sizes)
-        self._compile = {"mode": compile_mode, "backend": compile_backend, "dynamic": False}
+        attention_name = attention or runner.attention
+        self._forward = DecodeForward(runner.model, attention_name)
+        self._forward_compiled: DecodeForward | None = None
+        if self.compile_batch_sizes:
+            # Each (batch, kv_len) shape is its own specialisation: let dynamo keep them all.
+            _raise_recompile_limit(len(batch_sizes) * len(kv_lengths))
+            if compile_cache_dir:
+                # Inductor reads its cache location from the environment when it compiles.
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir
+            options = {"mode": compile_mode, "backend": compile_backend, "dynamic": False}
+            self._forward_compiled = DecodeForward(
+                runner.model, attention_name, compile_options=options
+            )
         self.inputs = StaticDecodeInputs(
             self.batch_sizes[-1], cache.max_len, cache.scratch, self.device
         )
@@ -197,11 +214,7 @@ class BucketedDecoder:
     def _fn(self, shape: tuple[int, int]) -> StepFn:
         fn = self._fns.get(shape)
         if fn is None:
-            fn = self._make_step(*shape)
-            if shape[0] in self.compile_batch_sizes:
-                _raise_recompile_limit(len(self.shapes))
-                fn = torch.compile(fn, **self._compile)
-            self._fns[shape] = fn
+            fn = self._fns[shape] = self._make_step(*shape)
         return fn
 
     def _capture(self, shape: tuple[int, int]) -> tuple[Any, torch.Tensor]:
@@ -227,8 +240,9 @@ class BucketedDecoder:
     def _make_step(self, batch: int, kv_len: int) -> StepFn:
         """The step of one shape: a closure over the static buffers only (see module doc)."""
         runner, cache, table = self.runner, self.cache, self.inputs.table
-        model = runner.model
-        text_config = model.config.get_text_config()
+        forward = self._forward
+        if batch in self.compile_batch_sizes and self._forward_compiled is not None:
+            forward = self._forward_compiled
         ids = table[StaticDecodeInputs.IDS, :batch].view(batch, 1)
         write_pos = table[StaticDecodeInputs.WRITE_POS, :batch]
         rope_pos = table[StaticDecodeInputs.ROPE_POS, :batch].view(1, batch, 1).expand(3, -1, -1)
@@ -244,21 +258,13 @@ class BucketedDecoder:
                 mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
                 mask = mask.masked_fill(~visible, torch.finfo(dtype).min)
             view = cache.batch_view(write_slot, write_pos, batch, kv_len)
-            with use_attention(text_config, self.attention):
-                out = model.model.language_model(
-                    input_ids=ids,
-                    position_ids=rope_pos,
-                    attention_mask=mask,
-                    cache=view,
-                    use_cache=True,
-                )
-            return model.lm_head(out.last_hidden_state[:, -1])
+            return forward(ids, rope_pos, mask, view)
 
         return step
 
 
 def _raise_recompile_limit(needed: int) -> None:
-    """Each bucket is a separate specialisation of the same code: let dynamo keep them all."""
+    """Let dynamo keep ``needed`` specialisations of the same code (process-wide setting)."""
     import torch._dynamo.config as dynamo_config
 
     for name in ("recompile_limit", "cache_size_limit"):

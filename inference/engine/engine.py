@@ -53,7 +53,14 @@ from inference.protocol import ErrorCode, FinishReason, InferenceRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "GlmEngineStats", "engine_from_spec"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "GlmEngineStats",
+    "config_from_spec",
+    "engine_from_spec",
+]
 
 
 class Engine:
@@ -89,6 +96,7 @@ class Engine:
             compile_batch_sizes=config.compile_batch_sizes,
             compile_mode=config.compile_mode,
             compile_backend=config.compile_backend,
+            compile_cache_dir=config.compile_cache_dir,
         )
         self._outputs = RequestOutputs(
             runner,
@@ -351,24 +359,41 @@ _SPEC_INT_KEYS = (
     "preprocess_threads",
     "image_cache_bytes",
 )
+_SPEC_SIZES_KEYS = ("decode_batch_sizes", "decode_kv_lengths", "compile_batch_sizes")
+_SPEC_STR_KEYS = ("decode_attention", "compile_mode", "compile_backend", "compile_cache_dir")
+
+
+def config_from_spec(spec: Mapping[str, Any]) -> EngineConfig:
+    """Engine limits and tuning named in a model spec (``INFERENCE_MODELS``), else defaults.
+
+    Integer keys (``_SPEC_INT_KEYS``; null means the field's None), lists of sizes
+    (``_SPEC_SIZES_KEYS``, e.g. ``"compile_batch_sizes": [1, 8]`` once measured to help),
+    strings (``_SPEC_STR_KEYS``), ``gpu_memory_fraction`` and ``cuda_graphs``.
+    """
+    values: dict[str, Any] = {
+        k: None if spec[k] is None else int(spec[k]) for k in _SPEC_INT_KEYS if k in spec
+    }
+    for key in _SPEC_SIZES_KEYS:
+        if spec.get(key) is not None:
+            values[key] = tuple(int(size) for size in spec[key])
+    for key in _SPEC_STR_KEYS:
+        if key in spec:
+            values[key] = None if spec[key] is None else str(spec[key])
+    if "gpu_memory_fraction" in spec:
+        values["gpu_memory_fraction"] = float(spec["gpu_memory_fraction"])
+    if "cuda_graphs" in spec:
+        values["cuda_graphs"] = bool(spec["cuda_graphs"])
+    return EngineConfig(**values)
 
 
 def engine_from_spec(spec: Mapping[str, Any], config: EngineConfig | None = None) -> Engine:
     """Load the model named by ``spec`` (see ``ModelSpec``), build an engine and warm it up.
 
-    Without ``config``, engine limits may come from the spec itself (the integer keys in
-    ``_SPEC_INT_KEYS``, where null means the field's None, and ``gpu_memory_fraction``),
-    else the defaults. ``"warmup": false``
-    in the spec skips the warm-up (its duration is in ``stats().warmup_seconds``).
+    Without ``config`` the engine's settings come from the spec itself (``config_from_spec``).
+    ``"warmup": false`` in the spec skips the warm-up (its duration is in
+    ``stats().warmup_seconds``).
     """
-    if config is None:
-        values: dict[str, Any] = {
-            k: None if spec[k] is None else int(spec[k]) for k in _SPEC_INT_KEYS if k in spec
-        }
-        if "gpu_memory_fraction" in spec:
-            values["gpu_memory_fraction"] = float(spec["gpu_memory_fraction"])
-        config = EngineConfig(**values)
-    engine = Engine(ModelRunner.from_spec(spec), config)
+    engine = Engine(ModelRunner.from_spec(spec), config or config_from_spec(spec))
     if spec.get("warmup", True):
         engine.warmup()
     return engine

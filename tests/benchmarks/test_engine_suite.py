@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,10 @@ def test_every_stage_of_the_suite_runs_and_is_recorded(device_run):
         "startup",
         "static_compile",
         "mixed",
+        "compiled_build",
     } <= stages
+    variants = {(r["variant"], r["batch"]) for r in records if r["stage"] == "engine_step"}
+    assert variants == {(v, b) for v in ("default", "compiled") for b in (1, 2)}
     runs = {(r["path"], r["streams"]): r for r in records if r["stage"] == "run"}
     assert set(runs) == {
         ("engine", 1),
@@ -112,7 +116,8 @@ def test_the_markdown_holds_the_issue_table_with_the_engine_figures(device_run):
     alone = rows["one request alone, end to end"].split("|")
     assert alone[4].strip().endswith(" s") and alone[2].strip().endswith(" s")  # engine, naive
     assert "n/a (not a GPU)" in rows["time to first token, idle"]
-    assert rows["decode step, batch 1"].split("|")[4].strip().endswith(" ms")
+    decode = rows["decode step, batch 1"].split("|")[4].strip()
+    assert re.fullmatch(r"\d+\.\d ms \(compiled: \d+\.\d ms\)", decode), decode
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from inference.protocol import DoneEvent
@@ -56,3 +58,55 @@ def test_engine_from_spec_warms_up_unless_told_not_to(tiny_model_dir):
     assert isinstance(run_to_completion(engine)[-1][1], DoneEvent)
     cold = engine_from_spec({**spec, "warmup": False})
     assert cold.stats().warmup_seconds is None and not cold.decoder.runs
+
+
+def test_engine_settings_come_from_the_model_spec():
+    from inference.engine import config_from_spec
+
+    config = config_from_spec(
+        {
+            "path": "unused",
+            "max_batch_size": 16,
+            "prefill_chunk_tokens": None,
+            "compile_batch_sizes": [1, 8],
+            "decode_kv_lengths": [512, 2048],
+            "decode_attention": "model",
+            "compile_cache_dir": "/var/cache/inductor",
+            "cuda_graphs": False,
+            "gpu_memory_fraction": 0.8,
+        }
+    )
+    assert config.max_batch_size == 16 and config.prefill_chunk_tokens is None
+    assert config.compile_batch_sizes == (1, 8) and config.decode_kv_lengths == (512, 2048)
+    assert config.decode_attention == "model" and config.compile_cache_dir == "/var/cache/inductor"
+    assert config.cuda_graphs is False and config.gpu_memory_fraction == 0.8
+    assert config_from_spec({"path": "unused"}) == type(config)()
+    with pytest.raises(ValueError):
+        config_from_spec({"path": "unused", "decode_attention": "flash"})
+
+
+@pytest.mark.slow
+def test_compiled_buckets_keep_their_kernels_in_the_configured_cache(
+    tiny_runner, tmp_path, monkeypatch
+):
+    """What a restarted worker reuses: inductor's compiled code lands in compile_cache_dir."""
+    from inference.engine import Engine, EngineConfig
+
+    # Restored after the test (the engine sets it for the whole process, as a worker wants).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    cache_dir = tmp_path / "inductor"
+    engine = Engine(
+        tiny_runner,
+        EngineConfig(
+            max_batch_size=2,
+            max_seq_len=64,
+            decode_batch_sizes=(1, 2),
+            compile_batch_sizes=(1,),
+            compile_cache_dir=str(cache_dir),
+        ),
+    )
+    engine.warmup()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir)
+    assert any(path.is_file() for path in cache_dir.rglob("*"))
+    engine.add_request(chat_request("r", "Hi", max_tokens=3), {})
+    assert isinstance(run_to_completion(engine)[-1][1], DoneEvent)

@@ -189,7 +189,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sustained-requests", type=int, help="suite: default 5 x concurrency")
     parser.add_argument("--static-batches", type=int, nargs="*", default=[1, 32, 8])
     parser.add_argument("--mixed-sizes", type=int, nargs="*", default=[1344, 2016])
-    parser.add_argument("--skip", nargs="*", default=[], help="suite: naive startup static mixed")
+    parser.add_argument("--skip", nargs="*", default=[], help="suite: naive compiled startup static mixed")
     parser.add_argument("--scratch", help="suite: where the start-to-ready checkpoint is saved")
     # startup-child
     parser.add_argument("--max-batch-size", type=int, default=8)

@@ -7,9 +7,10 @@ skipped; one that fails is recorded as an error and the run goes on):
    batch, one request alone, TTFT by stage, engine steps by batch, all requests at once,
    a closed loop at full concurrency, a profile of a decode step;
 2. naive ``model.generate`` (one left-padded batch);
-3. worker start to ready in a fresh process (the full-size random model is saved first);
-4. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
-5. mixed load: inter-token latency while large images arrive, chunked prefill and not.
+3. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
+4. worker start to ready in a fresh process (the full-size random model is saved first);
+5. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
+6. mixed load: inter-token latency while large images arrive, chunked prefill and not.
 """
 
 from __future__ import annotations

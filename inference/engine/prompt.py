@@ -8,12 +8,15 @@ expansion itself (each ``<|image|>`` becomes ``t*h*w / merge**2`` copies, and
 ``mm_token_type_ids`` marks them 1), exactly what ``Glm46VProcessor`` does for images.
 
 The engine builds a prompt in two parts so that the slow part can leave its step loop:
-``process_images`` (decode + resize + normalise each image, and its cache key; thread-safe,
+``process_images`` (decode + resize + patchify each image, and its cache key; thread-safe,
 run in a thread pool) and ``build_from_processed`` (template + tokenizer + expansion, on the
 engine thread: fast tokenizers are not safe to share between threads). Images are
 preprocessed one at a time, which gives the same tensors as one call for all of them (the
-image processor treats each image alone; checked by the tests). ``build`` does the whole
-prompt in one call, as a reference and for ``model.generate``.
+image processor treats each image alone; checked by the tests). For a processor that
+``pixels.PatchExtractor`` knows, ``process_images`` keeps the patches in uint8 and their
+normalisation waits for the device (``ProcessedImage.model_pixels``); for any other it runs
+the full processor. ``build`` does the whole prompt in one call with the HF processor, as an
+independent reference and for ``model.generate``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from inference.engine.pixels import PatchExtractor, PixelNormalizer
 from inference.protocol import ErrorCode, ImagePart, Message, TextPart
 
 logger = logging.getLogger(__name__)
@@ -45,12 +49,30 @@ class PromptError(Exception):
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One preprocessed image: what the vision tower takes, and its cache key."""
+    """One preprocessed image: what the vision tower takes, and its cache key.
+
+    With a ``normalizer``, ``pixel_values`` holds uint8 patches that it turns into the
+    processor's float values; without one, they are those float32 values already. Either
+    way ``model_pixels()`` is what the vision tower takes.
+    """
 
     key: str  # see PromptBuilder.image_key
-    pixel_values: torch.Tensor  # [t*h*w patches, C*T*P*P] float32
+    pixel_values: torch.Tensor  # [t*h*w patches, C*T*P*P] uint8 (normalizer) or float32
     grid_thw: torch.Tensor  # [3] long
     tokens: int  # image tokens in the prompt: t*h*w / merge**2
+    normalizer: PixelNormalizer | None = None
+
+    def model_pixels(
+        self, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Normalised pixel values on ``device`` (None: where they are) in ``dtype``.
+
+        uint8 patches move first (a quarter of the bytes) and are normalised there.
+        """
+        pixels = self.pixel_values if device is None else self.pixel_values.to(device)
+        if self.normalizer is None:
+            return pixels.to(dtype)
+        return self.normalizer(pixels, dtype=dtype)
 
 
 @dataclass
@@ -83,7 +105,7 @@ class PreparedPrompt:
             inputs["pixel_values"] = self.pixel_values
             inputs["image_grid_thw"] = self.image_grid_thw
         elif self.images:
-            inputs["pixel_values"] = torch.cat([image.pixel_values for image in self.images])
+            inputs["pixel_values"] = torch.cat([image.model_pixels() for image in self.images])
             inputs["image_grid_thw"] = torch.stack([image.grid_thw for image in self.images])
         return inputs
 
@@ -124,6 +146,8 @@ class PromptBuilder:
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
+        # None for a processor the uint8 path does not know: process_images runs it whole.
+        self.patch_extractor = PatchExtractor.for_processor(image_processor)
         settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {}
         # What makes two preprocessings of the same bytes differ: part of the cache key.
         self.settings_digest = hashlib.sha256(
@@ -196,7 +220,9 @@ class PromptBuilder:
         """Decode and preprocess every image of ``messages`` in order. Raises PromptError.
 
         Thread-safe (Pillow + the image processor, no tokenizer): the engine runs it in a
-        thread pool, off its step loop.
+        thread pool, off its step loop. Pixel values are uint8 patches when
+        ``self.patch_extractor`` is set (normalised later by ``ProcessedImage.model_pixels``),
+        else float32.
         """
         out = []
         for message in messages:
@@ -208,17 +234,28 @@ class PromptBuilder:
                     raise PromptError(
                         ErrorCode.IMAGE_UNAVAILABLE, f"image {part.image.sha256} unavailable"
                     )
-                processed = self.image_processor(images=[decode_image(data)], return_tensors="pt")
-                grid = processed["image_grid_thw"][0].to(torch.long)
-                out.append(
-                    ProcessedImage(
-                        key=self.image_key(data, scope=scope),
-                        pixel_values=processed["pixel_values"],
-                        grid_thw=grid,
-                        tokens=int(grid.prod()) // self.merge_size**2,
-                    )
-                )
+                out.append(self._process_image(data, scope=scope))
         return out
+
+    def _process_image(self, data: bytes, *, scope: str) -> ProcessedImage:
+        image = decode_image(data)
+        normalizer = None
+        if self.patch_extractor is not None:
+            patches, grid_thw = self.patch_extractor(image)
+            pixel_values = torch.from_numpy(patches)
+            grid = torch.tensor(grid_thw, dtype=torch.long)
+            normalizer = self.patch_extractor.normalizer
+        else:
+            processed = self.image_processor(images=[image], return_tensors="pt")
+            pixel_values = processed["pixel_values"]
+            grid = processed["image_grid_thw"][0].to(torch.long)
+        return ProcessedImage(
+            key=self.image_key(data, scope=scope),
+            pixel_values=pixel_values,
+            grid_thw=grid,
+            tokens=int(grid.prod()) // self.merge_size**2,
+            normalizer=normalizer,
+        )
 
     def build_from_processed(
         self, messages: Sequence[Message], images: Sequence[ProcessedImage], *, thinking: bool

@@ -284,7 +284,11 @@ class ModelRunner:
         return out
 
     def _vision(self, images: Sequence[ProcessedImage]) -> list[torch.Tensor]:
-        pixels = torch.cat([image.pixel_values for image in images]).to(self.device, self.dtype)
+        # uint8 patches are normalised on the device (one gather there, not float passes in
+        # the preprocessing threads); pixel values identical to the processor's.
+        pixels = torch.cat(
+            [image.model_pixels(device=self.device, dtype=self.dtype) for image in images]
+        )
         grid = torch.stack([image.grid_thw for image in images]).to(self.device)
         out = self.model.model.get_image_features(pixels, grid, return_dict=True)
         # clone: a split is a view of the whole batch, which a cache entry would keep alive.

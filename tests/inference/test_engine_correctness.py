@@ -39,10 +39,12 @@ ARRIVALS = {
     "same-image": 9,
 }
 # Engine settings that must not change a token: the defaults (one chunk per prompt, inline
-# preprocessing on CPU, batch buckets 1/2/3 with padding, grouped attention), and tiny
-# prefill chunks with odd buckets, preprocessing in threads and the model's own attention.
+# preprocessing on CPU, batch buckets 1/2/3 with padding, grouped attention), tiny prefill
+# chunks with odd buckets, preprocessing in threads and the model's own attention, and the
+# decode step's per-layer parts compiled with inductor (what a GPU worker may turn on).
 CONFIGS = {
     "default": {},
+    "compiled": {"compile_batch_sizes": (1, 2, 3), "decode_kv_lengths": (256,)},
     "chunked": {
         "prefill_chunk_tokens": 11,
         "decode_batch_sizes": (2, 3),

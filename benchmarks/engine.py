@@ -189,13 +189,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sustained-requests", type=int, help="suite: default 5 x concurrency")
     parser.add_argument("--static-batches", type=int, nargs="*", default=[1, 32, 8])
     parser.add_argument("--mixed-sizes", type=int, nargs="*", default=[1344, 2016])
-    parser.add_argument("--skip", nargs="*", default=[], help="suite: naive compiled startup static mixed")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="suite: engine naive compiled startup static mixed"
+    )
     parser.add_argument("--scratch", help="suite: where the start-to-ready checkpoint is saved")
     # startup-child
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=4096)
     # render
-    parser.add_argument("--render", help="render: a recorded engine-bench.jsonl")
+    parser.add_argument(
+        "--render", nargs="+", help="render: recorded engine-bench.jsonl files (of one device)"
+    )
     parser.add_argument("--docs", help="render: Markdown file whose marked section to replace")
     return parser.parse_args()
 
@@ -211,7 +215,7 @@ def main() -> None:
         )
         return
     if args.mode == "render":
-        markdown = report.render(report.load(Path(args.render)))
+        markdown = report.render([r for path in args.render for r in report.load(Path(path))])
         if args.docs:
             report.replace_section(Path(args.docs), markdown)
         print(markdown)

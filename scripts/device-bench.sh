@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# The GPU-speed benchmark, on a lent GPU host (the device tool), in one call:
+# The GPU-speed benchmark on a lent GPU host (the device tool), in two calls that fit one
+# session's device time (a machine start, then ~8 and ~4 minutes):
 #   here:   bash scripts/device-wheels.sh
-#   device: run(command="bash scripts/device-bench.sh", carry=[".whl"], timeout_s=570)
-# then, here, with the files it brought back:
-#   .venv/bin/python benchmarks/engine.py --mode render --render FILES/engine-bench.jsonl \
-#       --docs docs/benchmarks.md
-# Extra arguments go to benchmarks/engine.py (e.g. --skip static mixed). BUDGET_S bounds
-# the stages started (the default leaves the call time to write its files); MODEL_ARGS
-# chooses the model (default: the random full-size GLM-4.6V-Flash; the tests use the tiny one).
+#   device: run(command="bash scripts/device-bench.sh 1", carry=[".whl"], timeout_s=570)
+#           run(command="bash scripts/device-bench.sh 2", carry=[".whl"], timeout_s=360)
+# then, here, with the files each call brought back:
+#   .venv/bin/python benchmarks/engine.py --mode render \
+#       --render CALL1/engine-bench.jsonl CALL2/engine-bench.jsonl --docs docs/benchmarks.md
+# Part 1: the engine's figures, naive generate, compiled decode buckets, start to ready and
+# the static-cache baseline at batch 1. Part 2: the static-cache baseline at batch 32 (and 8
+# if time is left) and mixed load. Each part's stages are bounded by BUDGET_S (seconds of
+# stages started; the defaults leave the call time to write its files). Extra arguments go
+# to benchmarks/engine.py. MODEL_ARGS chooses the model (default: the random full-size
+# GLM-4.6V-Flash; the tests use the tiny one); WHEELS= (empty) skips the carried wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+part=${1:-1}
+[ $# -gt 0 ] && shift
+case "$part" in
+  1) part_args=(--skip mixed --static-batches 1); budget=${BUDGET_S:-480} ;;
+  2) part_args=(--skip engine naive compiled startup --static-batches 32 8); budget=${BUDGET_S:-300} ;;
+  all) part_args=(); budget=${BUDGET_S:-3600} ;;
+  *) echo "usage: $0 [1|2|all] [benchmarks/engine.py arguments]" >&2; exit 2 ;;
+esac
 out=${OUT:-test-output/device-bench}
 mkdir -p "$out"
-wheels=${WHEELS-.whl}  # WHEELS= (empty) uses the installed packages as they are
+wheels=${WHEELS-.whl}
 if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
   python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$wheels"/*.whl
@@ -27,4 +40,4 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,cl
   --format=csv > "$out/gpu.txt" 2>&1 || true
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
 python3 benchmarks/engine.py --mode suite ${MODEL_ARGS---full-size} --out "$out" \
-  --budget-s "${BUDGET_S:-450}" --scratch /tmp "$@" 2>&1 | tee "$out/engine-bench.log"
+  --budget-s "$budget" --scratch /tmp "${part_args[@]}" "$@" 2>&1 | tee "$out/engine-bench.log"

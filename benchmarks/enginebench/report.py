@@ -177,7 +177,7 @@ def issue_table(records: list[dict]) -> list[str]:
     )
     startup = _find(records, "startup") or {}
     compiles = [r for r in records if r["stage"] == "static_compile"]
-    compile_text = ", ".join(f"{r['seconds']:.0f} s (batch {r['batch']})" for r in compiles)
+    compile_text = ", ".join(f"{r['seconds']:.1f} s (batch {r['batch']})" for r in compiles)
     ready = startup.get("start_to_ready_s")
     rows.append(
         f"| worker start to ready, warmed | - | {compile_text or '-'} | {_s(ready)} | <= 60 s "
@@ -295,7 +295,8 @@ def detail_tables(records: list[dict]) -> list[str]:
             "read from the page cache).",
         ]
     for r in records:
-        if r["stage"] in ("skipped", "error"):
+        # Stages left out on purpose (--skip: another call ran them) are not news.
+        if r["stage"] == "error" or (r["stage"] == "skipped" and r["reason"] != "--skip"):
             out.append(
                 f"\n{r['stage'].capitalize()}: {r['what']}: {r.get('reason') or r.get('message')}"
             )
@@ -303,14 +304,16 @@ def detail_tables(records: list[dict]) -> list[str]:
 
 
 def render(records: list[dict]) -> str:
-    meta = _find(records, "meta") or {}
+    """Markdown of one or more runs' records (e.g. two device calls of one session)."""
+    metas = [r for r in records if r["stage"] == "meta"] or [{}]
+    meta = metas[-1]
     build = _find(records, "engine_build") or {}
     lines = [
         f"Device: {meta.get('device', '?')}; torch {meta.get('torch', '?')}, transformers "
         f"{meta.get('transformers', '?')}; {meta.get('model', '?')}, {meta.get('dtype', '?')}; "
         f"run on {meta.get('date', '?')} at commit {meta.get('commit', '?')}.",
         "",
-        f"Command: `{meta.get('command', '?')}`",
+        *(f"Command: `{m.get('command', '?')}`" for m in metas),
         "",
         f"Standard request: {meta.get('prompt_tokens', '?')} prompt tokens "
         f"({meta.get('image_tokens', '?')} image tokens), {meta.get('new_tokens', '?')} new "

@@ -7,8 +7,10 @@
 #
 # It loads only the project's test signatures (docker/clamav/test-signatures: EICAR), since
 # freshclam cannot download the official ones here, and listens on 127.0.0.1:3317 (not the
-# default 3310, to stay clear of a system clamd). Idempotent: when a clamd already answers
-# PING on that port it is reused. Installs clamav-daemon from Debian when it is missing.
+# default 3310, to stay clear of a system clamd). Idempotent: a clamd that already scans on
+# that port is reused. One that answers PING but cannot scan (a test clamd left running
+# from a checkout since deleted: its temporary directory is gone) is stopped and replaced.
+# Installs clamav-daemon from Debian when it is missing.
 # Overrides: CLAMD_TEST_PORT, CLAMD_TEST_DIR (state: config, pid, log; default var/clamd-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,36 @@ clamd_ping() {
     IFS= read -r -d "" -t 3 reply <&3 || exit 1
     [ "$reply" = PONG ]
   ' _ "$port" 2>/dev/null
+}
+
+clamd_scans() {
+  # A real scan, not only PING: INSTREAM of 5 harmless bytes must come back "stream: OK".
+  timeout 10 bash -c '
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf "zINSTREAM\0\0\0\0\005hello\0\0\0\0" >&3
+    IFS= read -r -d "" -t 8 reply <&3 || exit 1
+    [ "$reply" = "stream: OK" ]
+  ' _ "$port" 2>/dev/null
+}
+
+stop_broken_test_clamd() {
+  # Only a clamd started by this script (its config is a clamd-test/clamd.conf) is ours
+  # to stop; anything else on the port is reported, not touched.
+  local pid cmdline
+  pid=$(ss -ltnpH "sport = :$port" 2>/dev/null | sed -n 's/.*"clamd",pid=\([0-9]*\).*/\1/p' | head -n 1)
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+  if [ -z "$pid" ] || [[ "$cmdline" != *clamd-test/clamd.conf* ]]; then
+    log "something on $url answers PING but cannot scan, and it is not a test clamd: stop it"
+    exit 1
+  fi
+  log "stopping a test clamd that cannot scan (pid $pid: $cmdline)"
+  kill "$pid"
+  for _ in $(seq 1 30); do
+    clamd_ping || return 0
+    sleep 1
+  done
+  log "pid $pid did not stop"
+  exit 1
 }
 
 our_pid() {
@@ -50,9 +82,12 @@ if [ "${1:-start}" = stop ]; then
 fi
 
 if clamd_ping; then
-  log "clamd already answers on $url"
-  echo "$url"
-  exit 0
+  if clamd_scans; then
+    log "clamd already scans on $url"
+    echo "$url"
+    exit 0
+  fi
+  stop_broken_test_clamd
 fi
 
 clamd_bin=$(command -v clamd || true)
@@ -90,7 +125,7 @@ EOF
 fi
 
 for _ in $(seq 1 60); do
-  if clamd_ping; then
+  if clamd_ping && clamd_scans; then
     echo "$url"
     exit 0
   fi

@@ -7,19 +7,21 @@
 # then, here, with the files each call brought back:
 #   .venv/bin/python benchmarks/engine.py --mode render \
 #       --render CALL1/engine-bench.jsonl CALL2/engine-bench.jsonl --docs docs/benchmarks.md
-# Part 1: the engine's figures, naive generate, compiled decode buckets, start to ready and
-# the static-cache baseline at batch 1. Part 2: the static-cache baseline at batch 32 and
-# mixed load (batch 8 of the static path is left to the notes' anchor: each batch size
-# costs transformers a compile of a minute or two). Each part's stages are bounded by BUDGET_S (seconds of
-# stages started; the defaults leave the call time to write its files). Extra arguments go
-# to benchmarks/engine.py. MODEL_ARGS chooses the model (default: the random full-size
-# GLM-4.6V-Flash; the tests use the tiny one); WHEELS= (empty) skips the carried wheels.
+# Part 1: the engine's figures, naive generate, start to ready, the static-cache baseline at
+# batch 1, compiled decode buckets, and last a profile. Part 2: the static-cache baseline
+# at batch 32 and mixed load (batch 8 of the static path is left to the notes' anchor: each
+# batch size costs transformers a compile of a minute or two). Each part's stages are
+# bounded by BUDGET_S (seconds from the benchmark's process start within which stages
+# start; the defaults leave the call time to finish its last stage and write its files).
+# Extra arguments go to benchmarks/engine.py. MODEL_ARGS chooses the model (default: the
+# random full-size GLM-4.6V-Flash; the tests use the tiny one); WHEELS= (empty) skips the
+# carried wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-1}
 [ $# -gt 0 ] && shift
 case "$part" in
-  1) part_args=(--skip mixed --static-batches 1); budget=${BUDGET_S:-480} ;;
+  1) part_args=(--skip mixed --static-batches 1); budget=${BUDGET_S:-420} ;;
   2) part_args=(--skip engine naive compiled startup --static-batches 32); budget=${BUDGET_S:-240} ;;
   all) part_args=(); budget=${BUDGET_S:-3600} ;;
   *) echo "usage: $0 [1|2|all] [benchmarks/engine.py arguments]" >&2; exit 2 ;;
@@ -32,13 +34,15 @@ if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" > /dev/null; then
     --target /tmp/site "$wheels"/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Nothing is downloaded (the model is built on the GPU); a stray hub call must fail fast.
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python3 -c 'import sys, torch, transformers, msgspec, PIL
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "transformers", transformers.__version__, "msgspec", msgspec.__version__, "pillow", PIL.__version__)' \
   | tee "$out/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.mem \
   --format=csv > "$out/gpu.txt" 2>&1 || true
+df -h /tmp /dev/shm >> "$out/gpu.txt" 2>&1 || true  # where the start-to-ready checkpoint goes
 # shellcheck disable=SC2086  # MODEL_ARGS is a list of words
 python3 benchmarks/engine.py --mode suite ${MODEL_ARGS---full-size} --out "$out" \
   --budget-s "$budget" --scratch /tmp "${part_args[@]}" "$@" 2>&1 | tee "$out/engine-bench.log"

@@ -35,8 +35,11 @@ TARGETS = {
 class Recorder:
     """Measurements of one run, written through to ``out/engine-bench.jsonl``."""
 
-    def __init__(self, out: Path | None, budget_s: float | None) -> None:
-        self.started = time.monotonic()
+    def __init__(
+        self, out: Path | None, budget_s: float | None, *, started: float | None = None
+    ) -> None:
+        """``started``: the ``time.monotonic()`` the budget counts from (default: now)."""
+        self.started = time.monotonic() if started is None else started
         self.budget_s = budget_s
         self.records: list[dict[str, Any]] = []
         self._file = None

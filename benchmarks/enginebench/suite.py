@@ -1,22 +1,27 @@
 """The GPU-speed issue's figures in one budgeted run (``benchmarks/engine.py --mode suite``).
 
-Stages, in order of importance (a stage that no longer fits ``--budget-s`` is recorded as
-skipped; one that fails is recorded as an error and the run goes on):
+Stages, in order of importance (a stage that no longer fits ``--budget-s``, counted from
+the process start, is recorded as skipped; one that fails is recorded as an error and the
+run goes on):
 
-1. the engine (warmed: on CUDA every decode shape captured as a graph): decode step alone by
-   batch, one request alone, TTFT by stage, engine steps by batch, all requests at once,
-   a closed loop at full concurrency, a profile of a decode step;
+1. the engine at its defaults, warmed (on CUDA every decode shape captured as a graph; if
+   that fails, once more without graphs): decode step alone by batch, one request alone,
+   TTFT by stage, engine steps by batch, all requests at once, a closed loop at full
+   concurrency;
 2. naive ``model.generate`` (one left-padded batch);
-3. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
-4. worker start to ready in a fresh process (the full-size random model is saved first);
-5. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
-6. mixed load: inter-token latency while large images arrive, chunked prefill and not.
+3. worker start to ready in a fresh process (the full-size random model is saved first);
+4. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
+5. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
+6. mixed load: inter-token latency while large images arrive, chunked prefill and not;
+7. last, a profile of a decode step of the engine of stage 1 (starting the CUDA profiler
+   after graph capture has broken CUDA contexts on some versions: nothing comes after it).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,7 @@ from .profiling import decode_profile, ttft_stages
 
 # Rough seconds per stage on an H100/H200 with the full-size model (for the time budget).
 GPU_ESTIMATES = {
+    "engine build": 30,  # KV slots, a warm-up prefill, a graph per decode shape
     "decode steps": 20,
     "engine alone": 5,
     "ttft stages": 3,
@@ -52,6 +58,13 @@ def best(results: list[dict], key: str = "wall") -> dict:
     return min(results, key=lambda r: r[key])
 
 
+def _free_bytes(path: str) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(
@@ -66,7 +79,7 @@ def _commit() -> str:
 def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     """Run every stage that fits; records to ``--out``, Markdown printed at the end."""
     out = Path(args.out) if args.out else None
-    rec = report.Recorder(out, args.budget_s)
+    rec = report.Recorder(out, args.budget_s, started=args.process_started)
     estimate = GPU_ESTIMATES if args.full_size else dict.fromkeys(GPU_ESTIMATES, 0)
     built = time.perf_counter()
     runner = models.without_eos(models.runner_from_args(args, tiny_dir))
@@ -116,6 +129,9 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
 
     batches = sorted({b for b in (1, 8, 32) if b <= top} | {top})
 
+    def main_engine() -> Engine:
+        return engines[0]
+
     def step_times(engine: Engine, variant: str) -> None:
         """The decode step alone, then the whole engine step, per batch."""
         for b in batches:
@@ -143,32 +159,37 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
 
     def engine_alone() -> None:
         runs = [
-            workloads.run_engine(engine, requests[:1], images, tag=f"alone{i}")
+            workloads.run_engine(main_engine(), requests[:1], images, tag=f"alone{i}")
             for i in range(args.repeat)
         ]
         rec.add("run", path="engine", streams=1, **best(runs))
 
     def stages() -> None:
-        rec.add("ttft_stages", stages=ttft_stages(engine, requests[0], images))
+        rec.add("ttft_stages", stages=ttft_stages(main_engine(), requests[0], images))
 
     def engine_batches() -> None:
         for n in [c for c in args.concurrency if c > 1]:
             runs = [
-                workloads.run_engine(engine, requests[:n], images, tag=f"b{n}-{i}")
+                workloads.run_engine(main_engine(), requests[:n], images, tag=f"b{n}-{i}")
                 for i in range(args.repeat)
             ]
             rec.add("run", path="engine", streams=n, **best(runs))
 
     def sustained() -> None:
         result = workloads.run_sustained(
-            engine, requests[:n_sustained], images, concurrency=top, tag="sustained"
+            main_engine(), requests[:n_sustained], images, concurrency=top, tag="sustained"
         )
         rec.add("sustained", **result)
 
     def profile() -> None:
         table = out / "profile-decode.txt" if out else None
         result = decode_profile(
-            engine, requests[:top], images, steps=min(args.steps, 20), tag="prof", table_path=table
+            main_engine(),
+            requests[:top],
+            images,
+            steps=min(args.steps, 20),
+            tag="prof",
+            table_path=table,
         )
         rec.add("profile", **result)
 
@@ -190,7 +211,14 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
             rec.add("run", path="naive", streams=n, **best(runs))
 
     def start_to_ready() -> None:
-        with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=args.scratch) as scratch:
+        scratch_dir = args.scratch
+        if args.full_size:
+            need = 1.2 * sum(p.nbytes for p in runner.model.parameters())
+            roomy = [d for d in (args.scratch, "/dev/shm") if d and _free_bytes(d) > need]
+            if not roomy:
+                raise RuntimeError(f"no scratch space for a {need / 2**30:.0f} GiB checkpoint")
+            scratch_dir = roomy[0]
+        with tempfile.TemporaryDirectory(prefix="bench-ckpt-", dir=scratch_dir) as scratch:
             saved = time.perf_counter()
             checkpoint = (
                 models.save_checkpoint(runner, tiny_dir, Path(scratch) / "model")
@@ -242,18 +270,19 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 )
                 rec.add("mixed", **result)
 
-    plan = [
-        ("decode steps", lambda: step_times(engine, "default")),
-        ("engine alone", engine_alone),
-        ("ttft stages", stages),
-        ("engine batches", engine_batches),
-        ("sustained", sustained),
-        ("profile", profile),
-    ]
-    if "engine" in args.skip:
-        rec.add("skipped", what="engine", reason="--skip")
-    else:
-        engine, warmup_s = build_engine()
+    engines: list[Engine] = []
+
+    def default_engine() -> None:
+        """The engine at its defaults, warmed. If its warm-up fails (on CUDA: the graph
+        capture), once more without CUDA graphs, so that the other figures still come."""
+        try:
+            engine, warmup_s = build_engine()
+        except Exception as exc:
+            if runner.device.type != "cuda":
+                raise
+            rec.add("error", what="engine build", message=f"{type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+            engine, warmup_s = build_engine(cuda_graphs=False)
         stats = engine.stats()
         rec.add(
             "engine_build",
@@ -263,26 +292,40 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
             slots=stats.kv_capacity_tokens // engine.config.max_seq_len,
             batch_buckets=list(stats.decode_batch_sizes),
         )
-        for name, fn in plan:
-            rec.stage(name, estimate[name], fn)
-        engine.close()  # its slots stay allocated: later stages have memory enough
+        engines.append(engine)
+
+    # In order of importance. The profile comes last: starting the CUDA profiler after
+    # graphs were captured has broken CUDA contexts on some versions (pytorch#75504).
+    engine_plan = [
+        ("decode steps", lambda: step_times(main_engine(), "default")),
+        ("engine alone", engine_alone),
+        ("ttft stages", stages),
+        ("engine batches", engine_batches),
+        ("sustained", sustained),
+    ]
     later = [
         ("naive", naive),
-        ("compiled", compiled_steps),
         ("startup", start_to_ready),
         ("static", static),
+        ("compiled", compiled_steps),
         ("mixed", mixed),
     ]
+    if "engine" in args.skip:
+        rec.add("skipped", what="engine", reason="--skip")
+    elif rec.stage("engine build", estimate["engine build"], default_engine):
+        for name, fn in engine_plan:
+            rec.stage(name, estimate[name], fn)
     for name, fn in later:
         if name in args.skip:
             rec.add("skipped", what=name, reason="--skip")
             continue
-        if name in ("static", "mixed"):  # budgeted per part inside
-            rec.stage(name, 0, fn)
-        else:
-            rec.stage(name, estimate[name], fn)
+        # static and mixed check the budget before each of their runs
+        rec.stage(name, 0 if name in ("static", "mixed") else estimate[name], fn)
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
+    if engines:
+        rec.stage("profile", estimate["profile"], profile)
+        engines[0].close()
     rec.close()
     markdown = report.render(rec.records)
     if out is not None:

@@ -158,9 +158,17 @@ class PromptBuilder:
     def from_pretrained(cls, path: str, *, local_files_only: bool) -> PromptBuilder:
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+        # The Pillow image processor on every host, also where torchvision is installed (then
+        # transformers would pick its torchvision twin): one pipeline everywhere, the one the
+        # uint8 patch path (pixels.py) reproduces bit for bit, with its float work moved to
+        # the model's device.
+        image_processor = AutoImageProcessor.from_pretrained(
+            path, local_files_only=local_files_only, backend="pil"
+        )
         try:
             processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
-            return cls(processor.tokenizer, processor.image_processor, processor)
+            processor.image_processor = image_processor
+            return cls(processor.tokenizer, image_processor, processor)
         except Exception as exc:  # ImportError without torchvision (its video processor)
             # The fallback needs only the tokenizer and image processor; if those are broken
             # too, their own loading below raises the clearer error.
@@ -168,9 +176,6 @@ class PromptBuilder:
                 "AutoProcessor unavailable (%s); assembling tokenizer + image processor", exc
             )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-        image_processor = AutoImageProcessor.from_pretrained(
-            path, local_files_only=local_files_only
-        )
         if Path(path, "chat_template.jinja").is_file() and not tokenizer.chat_template:
             tokenizer.chat_template = Path(path, "chat_template.jinja").read_text()
         return cls(tokenizer, image_processor)

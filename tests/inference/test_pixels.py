@@ -235,3 +235,29 @@ def test_runner_vision_input_equals_the_processor_output(tiny_runner):
             return_dict=True,
         ).pooler_output
     assert torch.equal(encoded.embeddings[0], expected[0])
+
+
+def test_the_pillow_processor_is_asked_for_even_where_torchvision_is_installed(
+    tiny_model_dir, monkeypatch
+):
+    """A GPU host usually has torchvision, and transformers then picks the torchvision image
+    processor unless told otherwise; the engine must get the Pillow one its uint8 path
+    reproduces. torchvision cannot be installed here, so the request itself is checked."""
+    from transformers import AutoImageProcessor
+
+    original = AutoImageProcessor.from_pretrained
+    calls: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", spy)
+    built = PromptBuilder.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    # AutoProcessor loads one of its own too (``_from_auto``); the engine replaces it.
+    ours = [call for call in calls if not call.get("_from_auto")]
+    assert ours and all(call.get("backend") == "pil" for call in ours)
+    assert type(built.image_processor) is Glm46VImageProcessorPil
+    assert built.patch_extractor is not None
+    # Where the whole processor loads, its reference path uses that same image processor.
+    assert built.processor is None or built.processor.image_processor is built.image_processor

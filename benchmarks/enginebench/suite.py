@@ -10,8 +10,8 @@ run goes on):
    concurrency;
 2. naive ``model.generate`` (one left-padded batch);
 3. worker start to ready in a fresh process (the full-size random model is saved first);
-4. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
-5. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
+4. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
+5. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
 6. mixed load: inter-token latency while large images arrive, chunked prefill and not;
 7. last, a profile of a decode step of the engine of stage 1 (starting the CUDA profiler
    after graph capture has broken CUDA contexts on some versions: nothing comes after it).
@@ -306,8 +306,8 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     later = [
         ("naive", naive),
         ("startup", start_to_ready),
-        ("static", static),
         ("compiled", compiled_steps),
+        ("static", static),
         ("mixed", mixed),
     ]
     if "engine" in args.skip:

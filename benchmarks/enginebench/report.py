@@ -291,7 +291,8 @@ def detail_tables(records: list[dict]) -> list[str]:
     if startup:
         out += [
             "",
-            f"Start to ready: {_s(startup['start_to_ready_s'])} = interpreter and imports "
+            f"Start to ready ({startup.get('max_seq_len', '?')} tokens per KV slot): "
+            f"{_s(startup['start_to_ready_s'])} = interpreter and imports "
             f"{_s(startup['interpreter_and_imports_s'])} + load and KV slots "
             f"{_s(startup['load_s'])} + warm-up {_s(startup['warmup_s'])} "
             f"(checkpoint saved in {_s(startup.get('save_s'))} just before, so its weights were "

@@ -56,7 +56,11 @@ class HttpTarget(Target):
         except httpx.HTTPError as exc:
             return type(exc).__name__
         if response.status_code != 200:
-            return f"{response.status_code} {response.json()['error']['code']}"
+            try:
+                code = response.json()["error"]["code"]
+            except (ValueError, KeyError, TypeError):  # not our error object (a proxy's page)
+                code = "unparsed"
+            return f"{response.status_code} {code}"
         return None
 
     async def aclose(self) -> None:

@@ -157,23 +157,16 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 p90_s=workloads.percentile(t, 0.9),
             )
 
-    def engine_alone() -> None:
+    def engine_runs(n: int) -> None:
+        """``n`` requests submitted at once, the fastest of ``--repeat`` runs."""
         runs = [
-            workloads.run_engine(main_engine(), requests[:1], images, tag=f"alone{i}")
+            workloads.run_engine(main_engine(), requests[:n], images, tag=f"b{n}-{i}")
             for i in range(args.repeat)
         ]
-        rec.add("run", path="engine", streams=1, **best(runs))
+        rec.add("run", path="engine", streams=n, **best(runs))
 
     def stages() -> None:
         rec.add("ttft_stages", stages=ttft_stages(main_engine(), requests[0], images))
-
-    def engine_batches() -> None:
-        for n in [c for c in args.concurrency if c > 1]:
-            runs = [
-                workloads.run_engine(main_engine(), requests[:n], images, tag=f"b{n}-{i}")
-                for i in range(args.repeat)
-            ]
-            rec.add("run", path="engine", streams=n, **best(runs))
 
     def sustained() -> None:
         result = workloads.run_sustained(
@@ -301,9 +294,9 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     # graphs were captured has broken CUDA contexts on some versions (pytorch#75504).
     engine_plan = [
         ("decode steps", lambda: step_times(main_engine(), "default")),
-        ("engine alone", engine_alone),
+        ("engine alone", lambda: engine_runs(1)),
         ("ttft stages", stages),
-        ("engine batches", engine_batches),
+        ("engine batches", lambda: [engine_runs(n) for n in args.concurrency if n > 1]),
         ("sustained", sustained),
     ]
     later = [

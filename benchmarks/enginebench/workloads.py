@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
@@ -129,28 +130,64 @@ def _check(rid: str, event: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- the engine
-def run_engine(
-    engine: Engine, requests: Sequence[InferenceRequest], images: Images, *, tag: str
-) -> dict[str, Any]:
-    """All ``requests`` submitted at t=0 on a warm, idle engine; step until all are done.
-    The image cache is cleared first so every run pays its vision passes."""
+@dataclass
+class Timeline:
+    """When each request of a run was submitted, got its first token and finished
+    (seconds from the run's start), and how many tokens it generated."""
+
+    submitted: dict[str, float] = field(default_factory=dict)
+    first: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)
+    wall: float = 0.0
+
+
+def drive(
+    engine: Engine,
+    requests: Sequence[InferenceRequest],
+    images: Images,
+    *,
+    concurrency: int,
+    tag: str,
+) -> Timeline:
+    """Closed loop on a warm, idle engine: ``concurrency`` requests submitted at t=0, the
+    next one as each finishes, stepping until all are done. The image cache is cleared first
+    so every run pays its vision passes. Request ids get ``tag`` (ids must not repeat)."""
     engine.image_cache.clear()
+    waiting = deque(requests)
+    timeline = Timeline()
+
+    def submit(now: float) -> None:
+        request = _tagged(waiting.popleft(), tag)
+        timeline.submitted[request.request_id] = now
+        engine.add_request(request, images)
+
     sync(engine.runner.device)
     t0 = time.perf_counter()
-    for request in requests:
-        engine.add_request(_tagged(request, tag), images)
-    first, last, generated = {}, {}, {}
+    for _ in range(min(concurrency, len(waiting))):
+        submit(0.0)
     while engine.has_unfinished():
         events = engine.step()
         now = time.perf_counter() - t0
         for rid, event in events:
             _check(rid, event)
             if isinstance(event, StartEvent):
-                first[rid] = now
+                timeline.first[rid] = now
             elif isinstance(event, DoneEvent):
-                last[rid] = now
-                generated[rid] = event.usage.completion_tokens
-    return summary(first, last, generated, time.perf_counter() - t0)
+                timeline.last[rid] = now
+                timeline.generated[rid] = event.usage.completion_tokens
+                if waiting:
+                    submit(now)
+    timeline.wall = time.perf_counter() - t0
+    return timeline
+
+
+def run_engine(
+    engine: Engine, requests: Sequence[InferenceRequest], images: Images, *, tag: str
+) -> dict[str, Any]:
+    """All ``requests`` submitted at t=0; the figures of ``summary``."""
+    t = drive(engine, requests, images, concurrency=len(requests), tag=tag)
+    return summary(t.first, t.last, t.generated, t.wall)
 
 
 def run_sustained(
@@ -161,41 +198,20 @@ def run_sustained(
     concurrency: int,
     tag: str,
 ) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` requests in flight, a new one submitted as one finishes,
-    until all ``requests`` are done (each with its own image).
+    """``concurrency`` requests in flight until all ``requests`` are done.
 
     ``requests_per_s`` counts all of them over the whole run (ramp-up and drain included);
     ``steady_requests_per_s`` counts the completions after the first ``concurrency``, over
     the time from that completion to the last (the loop at full occupancy).
     """
-    engine.image_cache.clear()
-    waiting = deque(requests)
-    sync(engine.runner.device)
-    t0 = time.perf_counter()
-    for _ in range(min(concurrency, len(waiting))):
-        engine.add_request(_tagged(waiting.popleft(), tag), images)
-    done: list[float] = []
-    ttft: list[float] = []
-    submitted: dict[str, float] = {}
-    while engine.has_unfinished():
-        events = engine.step()
-        now = time.perf_counter() - t0
-        for rid, event in events:
-            _check(rid, event)
-            if isinstance(event, StartEvent):
-                ttft.append(now - submitted.get(rid, 0.0))
-            elif isinstance(event, DoneEvent):
-                done.append(now)
-                if waiting:
-                    request = _tagged(waiting.popleft(), tag)
-                    submitted[request.request_id] = now
-                    engine.add_request(request, images)
-    wall = time.perf_counter() - t0
+    t = drive(engine, requests, images, concurrency=concurrency, tag=tag)
+    done = sorted(t.last.values())
+    ttft = [t.first[rid] - t.submitted[rid] for rid in t.first]
     out: dict[str, Any] = {
         "requests": len(done),
         "concurrency": concurrency,
-        "wall": wall,
-        "requests_per_s": len(done) / wall,
+        "wall": t.wall,
+        "requests_per_s": len(done) / t.wall,
         "ttft_mean": statistics.mean(ttft),
         "ttft_p99": percentile(ttft, 0.99),
     }

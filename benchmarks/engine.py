@@ -91,16 +91,16 @@ def throughput(args: argparse.Namespace, runner: ModelRunner) -> None:
         for repeat in range(args.repeat):
             for name, run in paths.items():
                 runs[name].append(run(batch, f"{n}-{repeat}"))
-        best = {name: best(results) for name, results in runs.items()}
-        for name, r in best.items():
+        fastest = {name: best(results) for name, results in runs.items()}
+        for name, r in fastest.items():
             assert r["tokens"] == [args.new_tokens], (name, r["tokens"])
             print(
                 f"{n:>7} | {name:<6} | {r['ttft_mean'] * 1e3:>7.1f}ms | "
                 f"{r['ttft_max'] * 1e3:>7.1f}ms | {r['stream_tps']:>12.1f} | "
                 f"{r['total_tps']:>11.1f} | {r['wall']:>6.2f}s"
             )
-        if "engine" in best and "naive" in best:
-            eng, naive = best["engine"], best["naive"]
+        if "engine" in fastest and "naive" in fastest:
+            eng, naive = fastest["engine"], fastest["naive"]
             print(
                 f"{n:>7} | ratio engine/naive: total tok/s "
                 f"x{eng['total_tps'] / naive['total_tps']:.2f}, per-stream "

@@ -176,3 +176,33 @@ def test_targets_are_judged_only_on_a_gpu():
     assert "| 40.0 ms | <= 50 ms | yes |" in rows
     records[0]["device_type"] = "cpu"
     assert "n/a (not a GPU)" in "\n".join(report.issue_table(records))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode_args",
+    [
+        ["--mode", "throughput", "--paths", "engine", "naive", "static"],
+        ["--mode", "mixed", "--large-image", "112"],
+    ],
+    ids=["throughput", "mixed"],
+)
+def test_the_cpu_modes_docs_benchmarks_quotes_still_run(mode_args):
+    """docs/benchmarks.md quotes the throughput and mixed modes for its CPU figures."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/engine.py", *mode_args, *SMALL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if "throughput" in mode_args:
+        assert "ratio engine/naive" in done.stdout
+        assert {line.split("|")[1].strip() for line in done.stdout.splitlines() if "|" in line} >= {
+            "engine",
+            "naive",
+            "static",
+        }
+    else:
+        assert "off |" in done.stdout and "1024 |" in done.stdout

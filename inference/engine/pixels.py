@@ -1,37 +1,46 @@
-"""Image pixels in two halves: uint8 patches on the CPU, normalisation where the model runs.
+"""Image pixels in two halves: decode on the CPU, resize + patchify + normalise on the device.
 
 The GLM-4.1V/4.6V PIL image processor (``Glm46VImageProcessorPil``, ``Glm4vImageProcessorPil``)
 does, per image (``preprocess`` -> ``process_image`` -> ``_preprocess``):
 
 1. ``process_image``: RGB, as a channel-first uint8 array ``[C, H, W]``;
 2. ``resize``: to the ``smart_resize`` size (multiples of ``patch_size * merge_size``), with
-   Pillow on the uint8 image;
+   Pillow's ``Image.resize`` on the uint8 image;
 3. ``rescale``: ``float64(x) * rescale_factor``, cast to float32;
 4. ``normalize``: ``(x - mean[c]) / std[c]`` in float32;
 5. ``patchify``: float32 ``[grid_h * grid_w, C*T*P*P]``, each spatial patch repeated
    ``T = temporal_patch_size`` times; column ``j`` holds channel ``j // (T*P*P)``.
 
-Steps 3-4 map each (channel, byte value) to one float32, whatever the pixel's position, so
-they commute with the patch layout. ``PatchExtractor`` does steps 1, 2 and 5 in uint8
-(calling the processor's own ``process_image`` and ``resize``); ``PixelNormalizer`` does
-3-4 afterwards, on whatever device the patches are on, as one lookup in a ``[C, 256]``
+``PatchExtractor`` splits this where the image leaves the CPU. In the preprocessing threads
+(``PatchExtractor.__call__``) only step 1 and the arithmetic of step 2 run: the decoded
+image stays channels-last uint8 ``[H, W, C]`` as Pillow hands it over, the target size comes
+from the processor module's own ``smart_resize``, and the resize coefficients of that size
+pair are computed (cached). On the model's device (``PatchExtractor.model_pixels``) the
+image is uploaded, resized by ``pillow_resize`` (a port of Pillow's separable resampling in
+integer arithmetic, equal to ``Image.resize`` bit for bit), patchified by ``patchify`` (the
+processor's layout) and normalised by ``PixelNormalizer``: steps 3-4 map each (channel, byte
+value) to one float32 whatever the pixel's position, so they are one lookup in a ``[C, 256]``
 table that the processor's own ``rescale`` and ``normalize`` filled. The result equals the
-processor's ``pixel_values`` bit for bit (tests/inference/test_pixels.py), and the float
-work leaves the CPU preprocessing threads (what stays there: about half of the old time per
-image, ``benchmarks/preprocess.py``).
+processor's ``pixel_values`` bit for bit on every device (tests/inference/test_pixels.py).
 
-The processor's ``patchify`` is not reused for step 5: it casts its input to float32 first,
-which is the pass this module exists to avoid. ``patchify_uint8`` is the same
-reshape/transpose/broadcast, checked against it by the tests.
+A processor this path does not reproduce (another class, a subclass, NEAREST or another
+filter not ported, a Pillow whose pass order the probe does not recognise) gets no
+extractor: the caller runs the whole processor on the CPU.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from typing import Any
 
 import numpy as np
 import torch
+
+from inference.engine.resample import pillow_resize, pillow_taps, resample_supported
+
+logger = logging.getLogger(__name__)
 
 # Byte values a uint8 pixel can take: the normaliser's table has one entry per value.
 _BYTE_VALUES = 256
@@ -51,37 +60,33 @@ def _known_processor_types() -> tuple[type, ...]:
     return (Glm46VImageProcessorPil, Glm4vImageProcessorPil)
 
 
-def patchify_uint8(
-    image: np.ndarray, *, patch_size: int, merge_size: int, temporal_patch_size: int
-) -> tuple[np.ndarray, int, int]:
-    """``[C, H, W]`` -> ``([grid_h * grid_w, C*T*P*P], grid_h, grid_w)`` in ``image``'s dtype.
+def patchify(
+    image: torch.Tensor, *, patch_size: int, merge_size: int, temporal_patch_size: int
+) -> torch.Tensor:
+    """``[H, W, C]`` -> ``[grid_h * grid_w, C*T*P*P]`` in ``image``'s dtype and device.
 
     The layout of ``Glm46VImageProcessorPil.patchify`` (rows in merge-window order, columns
-    (C, T, P, P)), without its cast to float32. ``H`` and ``W`` must be multiples of
-    ``patch_size * merge_size`` (``smart_resize`` guarantees it). Returns a new contiguous
-    array (the final reshape of the temporal broadcast copies).
+    (C, T, P, P)) without its cast to float32, from a channels-last image. ``H`` and ``W``
+    must be multiples of ``patch_size * merge_size``. Returns a new contiguous tensor (the
+    final reshape of the temporal broadcast copies).
     """
-    channels, height, width = image.shape
+    height, width, channels = image.shape
     grid_h, grid_w = height // patch_size, width // patch_size
     patches = image.reshape(
-        channels,
         grid_h // merge_size,
         merge_size,
         patch_size,
         grid_w // merge_size,
         merge_size,
         patch_size,
+        channels,
     )
     # (gh, gw, mh, mw, C, ph, pw), as the processor orders them.
-    patches = patches.transpose(1, 4, 2, 5, 0, 3, 6)
-    patches = np.broadcast_to(
-        patches[:, :, :, :, :, None, :, :],
-        (*patches.shape[:5], temporal_patch_size, *patches.shape[5:]),
-    )
-    flat = patches.reshape(
+    patches = patches.permute(0, 3, 1, 4, 6, 2, 5).unsqueeze(5)
+    patches = patches.expand(*patches.shape[:5], temporal_patch_size, *patches.shape[6:])
+    return patches.reshape(
         grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size
     )
-    return flat, grid_h, grid_w
 
 
 def lookup_numpy(table: np.ndarray, offsets: np.ndarray, patches: np.ndarray) -> np.ndarray:
@@ -184,48 +189,166 @@ class PixelNormalizer:
         return torch.from_numpy(out).to(dtype)
 
 
-class PatchExtractor:
-    """Steps 1, 2 and 5 of the processor in uint8: PIL image -> uint8 patches and grid.
+# ---------------------------------------------------------------------------- the split
+def _resolved_resample(processor: Any) -> int | None:
+    """The Pillow filter ``PilBackend.resize`` uses for ``processor.resample``, or None where
+    the processor does not hand Pillow its own value (None, which its ``preprocess``
+    refuses, or a torchvision mode it maps): left to the processor."""
+    resample = processor.resample
+    if isinstance(resample, int):  # PILImageResampling is an IntEnum
+        return int(resample)
+    return None
 
-    Build it with ``for_processor``, which returns None for a processor this path does not
-    know (the caller then runs the full processor). Stateless, thread-safe.
+
+def _upload(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``pixels`` on ``device``; to CUDA from pinned memory without blocking the host."""
+    if pixels.device == device:
+        return pixels
+    if device.type == "cuda" and pixels.device.type == "cpu":
+        # Pinned in the preprocessing thread when CUDA was already in use (``_host_copy``);
+        # otherwise pinned here, one host copy. The caching host allocator keeps the pinned
+        # block until the copy is done, whatever happens to this tensor.
+        source = pixels if pixels.is_pinned() else pixels.pin_memory()
+        return source.to(device, non_blocking=True)
+    return pixels.to(device)
+
+
+def _host_copy(array: np.ndarray) -> torch.Tensor:
+    """A contiguous tensor owning a copy of ``array``, pinned once this process uses CUDA.
+
+    The copy is what the CUDA upload needs anyway (pinned memory for a non-blocking copy); on
+    a CPU host it gives torch a writable buffer (``np.asarray`` of a Pillow image is a
+    read-only view of its bytes, which torch warns about sharing) and channels-last rows
+    where ``process_image`` gave channels first.
+    """
+    # is_initialized, not is_available: it never starts CUDA (fork-safe) and is true exactly
+    # when the model runner has put something on a GPU in this process.
+    pinned = torch.cuda.is_initialized()
+    out = torch.empty(array.shape, dtype=torch.uint8, pin_memory=pinned)
+    np.copyto(out.numpy(), array)
+    return out
+
+
+class PatchExtractor:
+    """The processor's steps 1, 2 and 5 in uint8, split between the CPU and the device.
+
+    ``__call__`` (preprocessing threads): PIL image -> decoded uint8 ``[H, W, C]`` and the
+    grid the processor would give. ``model_pixels`` (the model's device): those two ->
+    the processor's ``pixel_values``. Build it with ``for_processor``, which returns None for
+    a processor this path does not reproduce (the caller then runs the full processor).
+    Thread-safe: no state but caches of coefficients and tables.
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, *, resample: int | None) -> None:
         self.processor = processor
+        self.resample = resample
         self.normalizer = PixelNormalizer.from_image_processor(processor)
+        self.patch_size = int(processor.patch_size)
+        self.merge_size = int(processor.merge_size)
+        self.temporal_patch_size = int(processor.temporal_patch_size)
+        # The function the processor's own ``resize`` calls (each GLM module has its copy).
+        self._smart_resize = sys.modules[type(processor).__module__].smart_resize
 
     @classmethod
     def for_processor(cls, processor: Any) -> PatchExtractor | None:
         if type(processor) not in _known_processor_types():
             return None
-        return cls(processor)
+        resample = _resolved_resample(processor)
+        if processor.do_resize:
+            size = processor.size
+            if not (size.shortest_edge and size.longest_edge):
+                return None  # the processor raises its own error for this
+            if not resample_supported(resample):
+                return None
+        return cls(processor, resample=resample)
 
-    def __call__(self, image: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """uint8 ``[patches, C*T*P*P]`` and grid ``(1, grid_h, grid_w)`` of a PIL ``image``.
+    def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Decoded uint8 ``[H, W, C]`` of a PIL ``image`` and its grid ``(1, grid_h, grid_w)``.
 
-        The channel-first uint8 array handed to ``resize`` is the one ``preprocess`` hands it
-        (``process_image`` with the processor's own ``do_convert_rgb``).
+        The pixels are those ``process_image`` gives (with the processor's own
+        ``do_convert_rgb``), channels last and at the decoded size; the grid is the
+        processor's, from the ``smart_resize`` size its ``resize`` would compute. Raises
+        ValueError where the processor would fail (an aspect ratio over 200, no resize and
+        sides that are not multiples of ``patch_size * merge_size``, not 3 channels).
         """
+        array = self._rgb_array(image)
+        height, width = int(array.shape[0]), int(array.shape[1])
+        factor = self.patch_size * self.merge_size
         proc = self.processor
-        pixels = proc.process_image(image, do_convert_rgb=proc.do_convert_rgb)
-        if pixels.shape[0] != self.normalizer.channels:
-            raise ValueError(f"expected {self.normalizer.channels} channels, got {pixels.shape}")
         if proc.do_resize:
-            pixels = proc.resize(
-                pixels,
-                size=proc.size,
-                resample=proc.resample,
-                factor=proc.patch_size * proc.merge_size,
-                temporal_factor=proc.temporal_patch_size,
+            height, width = self._smart_resize(
+                num_frames=self.temporal_patch_size,
+                height=height,
+                width=width,
+                temporal_factor=self.temporal_patch_size,
+                factor=factor,
+                min_pixels=proc.size.shortest_edge,
+                max_pixels=proc.size.longest_edge,
             )
-        if pixels.dtype != np.uint8:
-            # Pillow gives uint8 back for uint8 input; anything else would not fit the table.
-            raise ValueError(f"resize returned {pixels.dtype}, expected uint8")
-        patches, grid_h, grid_w = patchify_uint8(
+        elif height % factor or width % factor:
+            raise ValueError(f"{height}x{width} is not a multiple of {factor} and do_resize is off")
+        if self.resample is not None:
+            # The resize coefficients of each axis that changes, computed here (they are
+            # cached by size pair) rather than on the engine thread, which only uploads them.
+            for in_size, out_size in zip(array.shape[:2], (height, width), strict=True):
+                if in_size != out_size:
+                    pillow_taps(int(in_size), out_size, self.resample)
+        return _host_copy(array), (1, height // self.patch_size, width // self.patch_size)
+
+    def _rgb_array(self, image: Any) -> np.ndarray:
+        """``process_image``'s pixels as ``[H, W, C]`` uint8, without its copies if possible."""
+        proc = self.processor
+        if getattr(image, "mode", None) == "RGB" and image.info.get("transparency") is None:
+            # What process_image would give: convert_to_rgb's ``convert("RGB")`` of an RGB
+            # image without transparency is a copy of it, and np.array of it the same bytes.
+            array = np.asarray(image)
+        else:
+            # Transparency (which convert_to_rgb composites onto white) or another mode: the
+            # processor's own conversion, moved back to channels last (a view).
+            array = np.moveaxis(
+                proc.process_image(image, do_convert_rgb=proc.do_convert_rgb), 0, -1
+            )
+        if array.ndim != 3 or array.shape[2] != self.normalizer.channels:
+            raise ValueError(f"expected {self.normalizer.channels} channels, got {array.shape}")
+        if array.dtype != np.uint8:
+            # Pillow resizes 8-bit RGB; anything else would not fit the table either.
+            raise ValueError(f"expected uint8 pixels, got {array.dtype}")
+        return array
+
+    def patches(
+        self,
+        pixels: torch.Tensor,
+        grid: tuple[int, int, int],
+        *,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """uint8 ``[grid_h * grid_w, C*T*P*P]`` on ``device`` (None: where ``pixels`` are).
+
+        ``pixels`` and ``grid`` are what ``__call__`` returned: the image is resized to
+        ``grid * patch_size`` on the device when that is not its size, then patchified.
+        """
+        if device is not None:
+            pixels = _upload(pixels, torch.device(device))
+        _, grid_h, grid_w = (int(v) for v in grid)
+        height, width = grid_h * self.patch_size, grid_w * self.patch_size
+        if tuple(pixels.shape[:2]) != (height, width):
+            if self.resample is None:  # only without do_resize, where sizes always match
+                raise ValueError(f"{tuple(pixels.shape)} is not the grid's {height}x{width}")
+            pixels = pillow_resize(pixels, height=height, width=width, resample=self.resample)
+        return patchify(
             pixels,
-            patch_size=proc.patch_size,
-            merge_size=proc.merge_size,
-            temporal_patch_size=proc.temporal_patch_size,
+            patch_size=self.patch_size,
+            merge_size=self.merge_size,
+            temporal_patch_size=self.temporal_patch_size,
         )
-        return patches, (1, grid_h, grid_w)
+
+    def model_pixels(
+        self,
+        pixels: torch.Tensor,
+        grid: tuple[int, int, int],
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The processor's ``pixel_values`` of the image, on ``device`` in ``dtype``."""
+        return self.normalizer(self.patches(pixels, grid, device=device), dtype=dtype)

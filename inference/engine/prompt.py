@@ -8,15 +8,15 @@ expansion itself (each ``<|image|>`` becomes ``t*h*w / merge**2`` copies, and
 ``mm_token_type_ids`` marks them 1), exactly what ``Glm46VProcessor`` does for images.
 
 The engine builds a prompt in two parts so that the slow part can leave its step loop:
-``process_images`` (decode + resize + patchify each image, and its cache key; thread-safe,
-run in a thread pool) and ``build_from_processed`` (template + tokenizer + expansion, on the
-engine thread: fast tokenizers are not safe to share between threads). Images are
-preprocessed one at a time, which gives the same tensors as one call for all of them (the
-image processor treats each image alone; checked by the tests). For a processor that
-``pixels.PatchExtractor`` knows, ``process_images`` keeps the patches in uint8 and their
-normalisation waits for the device (``ProcessedImage.model_pixels``); for any other it runs
-the full processor. ``build`` does the whole prompt in one call with the HF processor, as an
-independent reference and for ``model.generate``.
+``process_images`` (decode each image, its grid and token count, and its cache key;
+thread-safe, run in a thread pool) and ``build_from_processed`` (template + tokenizer +
+expansion, on the engine thread: fast tokenizers are not safe to share between threads).
+Images are preprocessed one at a time, which gives the same tensors as one call for all of
+them (the image processor treats each image alone; checked by the tests). For a processor
+that ``pixels.PatchExtractor`` knows, ``process_images`` keeps the decoded uint8 image and
+its resize, patchify and normalisation wait for the device (``ProcessedImage.model_pixels``);
+for any other it runs the full processor. ``build`` does the whole prompt in one call with
+the HF processor, as an independent reference and for ``model.generate``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from inference.engine.pixels import PatchExtractor, PixelNormalizer
+from inference.engine.pixels import PatchExtractor
 from inference.protocol import ErrorCode, ImagePart, Message, TextPart
 
 logger = logging.getLogger(__name__)
@@ -51,28 +51,42 @@ class PromptError(Exception):
 class ProcessedImage:
     """One preprocessed image: what the vision tower takes, and its cache key.
 
-    With a ``normalizer``, ``pixel_values`` holds uint8 patches that it turns into the
-    processor's float values; without one, they are those float32 values already. Either
-    way ``model_pixels()`` is what the vision tower takes.
+    With an ``extractor``, ``pixels`` is the decoded image, uint8 ``[H, W, C]`` at its own
+    size (pinned host memory once the process uses CUDA), and ``model_pixels`` resizes,
+    patchifies and normalises it on the device it is given. Without one, ``pixels`` holds the
+    processor's float32 pixel values already. Either way ``model_pixels`` equals the
+    processor's ``pixel_values`` cast to the dtype asked for, and ``grid_thw`` its grid.
+    Immutable; ``model_pixels`` may run on any thread.
     """
 
     key: str  # see PromptBuilder.image_key
-    pixel_values: torch.Tensor  # [t*h*w patches, C*T*P*P] uint8 (normalizer) or float32
+    pixels: torch.Tensor  # uint8 [H, W, C] decoded (extractor) or float32 [patches, C*T*P*P]
     grid_thw: torch.Tensor  # [3] long
     tokens: int  # image tokens in the prompt: t*h*w / merge**2
-    normalizer: PixelNormalizer | None = None
+    extractor: PatchExtractor | None = None
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """The processor's pixel values, float32 on the CPU, ``[t*h*w patches, C*T*P*P]``.
+
+        Computed on every access from a decoded image: a reference view for tests and tools;
+        the runner calls ``model_pixels`` on its device.
+        """
+        return self.model_pixels()
 
     def model_pixels(
         self, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Normalised pixel values on ``device`` (None: where they are) in ``dtype``.
+        """Normalised pixel values on ``device`` (None: where ``pixels`` are) in ``dtype``.
 
-        uint8 patches move first (a quarter of the bytes) and are normalised there.
+        A decoded image moves as uint8 (from pinned memory, without blocking, to CUDA) and is
+        resized, patchified and normalised there; returns ``[t*h*w patches, C*T*P*P]``.
         """
-        pixels = self.pixel_values if device is None else self.pixel_values.to(device)
-        if self.normalizer is None:
+        if self.extractor is None:
+            pixels = self.pixels if device is None else self.pixels.to(device)
             return pixels.to(dtype)
-        return self.normalizer(pixels, dtype=dtype)
+        grid = tuple(int(v) for v in self.grid_thw.tolist())
+        return self.extractor.model_pixels(self.pixels, grid, device=device, dtype=dtype)
 
 
 @dataclass
@@ -225,9 +239,9 @@ class PromptBuilder:
         """Decode and preprocess every image of ``messages`` in order. Raises PromptError.
 
         Thread-safe (Pillow + the image processor, no tokenizer): the engine runs it in a
-        thread pool, off its step loop. Pixel values are uint8 patches when
-        ``self.patch_extractor`` is set (normalised later by ``ProcessedImage.model_pixels``),
-        else float32.
+        thread pool, off its step loop. With ``self.patch_extractor`` set, each image is only
+        decoded here (its resize, patchify and normalisation wait for
+        ``ProcessedImage.model_pixels`` on the model's device); else the full processor runs.
         """
         out = []
         for message in messages:
@@ -244,22 +258,20 @@ class PromptBuilder:
 
     def _process_image(self, data: bytes, *, scope: str) -> ProcessedImage:
         image = decode_image(data)
-        normalizer = None
-        if self.patch_extractor is not None:
-            patches, grid_thw = self.patch_extractor(image)
-            pixel_values = torch.from_numpy(patches)
+        extractor = self.patch_extractor
+        if extractor is not None:
+            pixels, grid_thw = extractor(image)
             grid = torch.tensor(grid_thw, dtype=torch.long)
-            normalizer = self.patch_extractor.normalizer
         else:
             processed = self.image_processor(images=[image], return_tensors="pt")
-            pixel_values = processed["pixel_values"]
+            pixels = processed["pixel_values"]
             grid = processed["image_grid_thw"][0].to(torch.long)
         return ProcessedImage(
             key=self.image_key(data, scope=scope),
-            pixel_values=pixel_values,
+            pixels=pixels,
             grid_thw=grid,
             tokens=int(grid.prod()) // self.merge_size**2,
-            normalizer=normalizer,
+            extractor=extractor,
         )
 
     def build_from_processed(

@@ -1,13 +1,19 @@
-"""uint8 patches + normalisation at the model against the HF image processor
+"""Decode on the CPU, resize + patchify + normalise on the device, against the HF processor
 (``inference/engine/pixels.py`` and its use in ``PromptBuilder.process_images`` and the runner).
 
-The bar is bit-for-bit equality with the processor's ``pixel_values`` (not a tolerance): the
-normaliser's table is filled by the processor's own arithmetic, so any difference is a bug.
+The bar is bit-for-bit equality (not a tolerance): with the processor's ``pixel_values``, and
+for the resize alone with Pillow's ``Image.resize``. The resize is a port of Pillow's integer
+arithmetic and the normaliser's table is filled by the processor's own arithmetic, so any
+difference is a bug. The CUDA tests run where a GPU is present (the device run of this
+project) and are skipped elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +23,57 @@ import torch
 from PIL import Image
 from transformers import Glm4vImageProcessorPil, Glm46VImageProcessorPil
 
-from inference.engine.pixels import (
-    PatchExtractor,
-    PixelNormalizer,
-    lookup_torch,
-    patchify_uint8,
-)
-from inference.engine.prompt import PromptBuilder, decode_image
+from inference.engine import pixels
+from inference.engine.pixels import PatchExtractor, PixelNormalizer, lookup_torch, patchify
+from inference.engine.prompt import ProcessedImage, PromptBuilder, decode_image
 from tests.inference.conftest import chat_request, image_bytes
 
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+FILTER_NAMES = {1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
-def _encoded(width: int, height: int, mode: str, fmt: str = "PNG", seed: int = 0) -> bytes:
-    """A noise image in ``mode`` (L, RGB, RGBA with varying alpha, P with a random palette)."""
+
+def _encoded(
+    width: int, height: int, mode: str, fmt: str = "PNG", seed: int = 0, **save: Any
+) -> bytes:
+    """A noise image in ``mode`` (L, RGB, RGBA with varying alpha, P with a random palette,
+    CMYK), saved with ``save`` options (such as ``transparency``)."""
     rng = np.random.default_rng(seed)
-    if mode == "L":
-        image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L")
-    elif mode == "RGBA":
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
-    elif mode == "P":
-        image = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "P")
-        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
-    else:
+    if mode == "RGB" and not save:
         return image_bytes(width, height, seed=seed, fmt=fmt)
+    channels = {"L": 1, "P": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    values = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    image = Image.frombytes(mode, (width, height), values.tobytes())
+    if mode == "P":
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
 
 
-# (width, height, mode, format): tiny, odd sizes that need resizing, one that needs none,
-# one the processor scales down, extreme aspect ratios, and non-RGB inputs.
+# (width, height, mode, format, save options): tiny sizes below the processor's minimum
+# (upscaled), odd sizes and aspect ratios, one that needs no resize, large ones, non-RGB
+# modes, and transparency that the processor composites onto white.
 CASES = [
-    (28, 28, "RGB", "PNG"),
-    (56, 84, "RGB", "PNG"),
-    (97, 203, "RGB", "PNG"),
-    (5, 300, "RGB", "PNG"),
-    (672, 672, "RGB", "PNG"),
-    (672, 672, "RGB", "JPEG"),
-    (1344, 1000, "RGB", "JPEG"),
-    (150, 37, "L", "PNG"),
-    (123, 77, "RGBA", "PNG"),
-    (64, 90, "P", "PNG"),
+    (28, 28, "RGB", "PNG", {}),
+    (1, 1, "RGB", "PNG", {}),
+    (56, 84, "RGB", "PNG", {}),
+    (97, 203, "RGB", "PNG", {}),
+    (5, 300, "RGB", "PNG", {}),
+    (300, 2, "RGB", "PNG", {}),
+    (224, 112, "RGB", "PNG", {}),
+    (672, 672, "RGB", "PNG", {}),
+    (672, 672, "RGB", "JPEG", {}),
+    (1000, 750, "RGB", "JPEG", {}),
+    (1344, 1000, "RGB", "JPEG", {}),
+    (150, 37, "L", "PNG", {}),
+    (123, 77, "RGBA", "PNG", {}),
+    (64, 90, "P", "PNG", {}),
+    (64, 90, "P", "PNG", {"transparency": 7}),
+    (81, 45, "RGB", "PNG", {"transparency": (1, 2, 3)}),
+    (77, 61, "CMYK", "JPEG", {}),
 ]
+CASE_IDS = [f"{w}x{h}-{mode}-{fmt}{'-trns' if save else ''}" for w, h, mode, fmt, save in CASES]
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +84,112 @@ def builder(tiny_model_dir: Path) -> PromptBuilder:
     return built
 
 
-def _one_image(builder: PromptBuilder, data: bytes) -> Any:
+@pytest.fixture(scope="module")
+def small_builder(builder: PromptBuilder) -> PromptBuilder:
+    """A processor with a small ``longest_edge``: most images are scaled down, some > 4x."""
+    processor = Glm46VImageProcessorPil(
+        size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16}
+    )
+    built = PromptBuilder(builder.tokenizer, processor)
+    assert built.patch_extractor is not None
+    return built
+
+
+def _one_image(builder: PromptBuilder, data: bytes) -> ProcessedImage:
     request = chat_request("r", "What is it?", images={"img": (1, 1)})
     [processed] = builder.process_images(request.messages, {"img": data}, scope="t")
     return processed
 
 
-@pytest.mark.parametrize(("width", "height", "mode", "fmt"), CASES)
-def test_uint8_path_equals_the_processor(builder, width, height, mode, fmt):
-    data = _encoded(width, height, mode, fmt)
-    reference = builder.image_processor(images=[decode_image(data)], return_tensors="pt")
+def _reference(builder: PromptBuilder, data: bytes) -> Any:
+    return builder.image_processor(images=[decode_image(data)], return_tensors="pt")
 
-    processed = _one_image(builder, data)
 
-    assert processed.pixel_values.dtype == torch.uint8
+def _random_pixels(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _pillow(array: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    resized = Image.fromarray(array).resize((width, height), resample, reducing_gap=None)
+    return np.asarray(resized)
+
+
+@pytest.mark.parametrize(("width", "height", "mode", "fmt", "save"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("which", ["default", "small"])
+def test_split_path_equals_the_processor(
+    builder, small_builder, which, width, height, mode, fmt, save
+):
+    used = builder if which == "default" else small_builder
+    data = _encoded(width, height, mode, fmt, **save)
+    reference = _reference(used, data)
+
+    processed = _one_image(used, data)
+
+    assert processed.extractor is not None
+    assert processed.pixels.dtype == torch.uint8
+    assert tuple(processed.pixels.shape) == (height, width, 3)  # decoded, not resized
     assert torch.equal(processed.grid_thw, reference["image_grid_thw"][0].to(torch.long))
     assert processed.tokens == int(reference["image_grid_thw"][0].prod()) // 4
-    pixels = processed.model_pixels()
+    pixels = processed.model_pixels(device=torch.device("cpu"))
     assert pixels.dtype == torch.float32
     assert torch.equal(pixels, reference["pixel_values"])
+    assert torch.equal(processed.pixel_values, reference["pixel_values"])
+
+
+def test_the_small_processor_scales_down_by_more_than_four(small_builder):
+    """The "small" cases above include real downscaling (else they would test nothing new)."""
+    processed = _one_image(small_builder, _encoded(1344, 1000, "RGB", "JPEG"))
+    _, grid_h, grid_w = processed.grid_thw.tolist()
+    assert 1344 / (grid_w * 14) > 4 and 1000 / (grid_h * 14) > 4
+
+
+def test_transparency_is_composited_onto_white_as_the_processor_does(builder):
+    """An RGB image can carry a transparent colour (PNG tRNS); the processor's
+    ``convert_to_rgb`` turns it white, so the decoded pixels must not be taken as they are."""
+    array = np.random.default_rng(3).integers(0, 256, (60, 40, 3), dtype=np.uint8)
+    array[:10] = (1, 2, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", transparency=(1, 2, 3))
+
+    processed = _one_image(builder, buffer.getvalue())
+
+    assert processed.pixels[:10].eq(255).all()
+    assert torch.equal(
+        processed.model_pixels(), _reference(builder, buffer.getvalue())["pixel_values"]
+    )
+
+
+def test_the_preprocessing_thread_only_decodes(builder, monkeypatch):
+    """``process_images`` returns the decoded image and never resizes or patchifies; the
+    device side does both, with neither of the processor's own steps."""
+    processor = Glm46VImageProcessorPil()
+    data = _encoded(97, 203, "RGB")
+    reference = processor(images=[decode_image(data)], return_tensors="pt")
+    fresh = PromptBuilder(builder.tokenizer, processor)
+    calls: list[str] = []
+
+    def refuse(name: str) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"processor.{name} called")
+
+        return step
+
+    for name in ("resize", "patchify", "rescale", "normalize", "preprocess"):
+        monkeypatch.setattr(processor, name, refuse(name))
+    real_resize, real_patchify = pixels.pillow_resize, pixels.patchify
+    monkeypatch.setattr(
+        pixels, "pillow_resize", lambda *a, **k: calls.append("resize") or real_resize(*a, **k)
+    )
+    monkeypatch.setattr(
+        pixels, "patchify", lambda *a, **k: calls.append("patchify") or real_patchify(*a, **k)
+    )
+
+    processed = _one_image(fresh, data)
+
+    assert calls == []
+    assert torch.equal(processed.pixels, torch.from_numpy(np.array(decode_image(data))))
+    assert torch.equal(processed.model_pixels(), reference["pixel_values"])
+    assert calls == ["resize", "patchify"]
 
 
 def test_prompt_model_inputs_equal_the_reference_build(builder):
@@ -110,7 +213,7 @@ def test_prompt_model_inputs_equal_the_reference_build(builder):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_normalised_in_model_dtype_equals_casting_the_processor_output(builder, dtype):
     data = _encoded(97, 203, "RGB")
-    reference = builder.image_processor(images=[decode_image(data)], return_tensors="pt")
+    reference = _reference(builder, data)
     pixels = _one_image(builder, data).model_pixels(device=torch.device("cpu"), dtype=dtype)
     assert pixels.dtype == dtype
     assert torch.equal(pixels, reference["pixel_values"].to(dtype))
@@ -125,6 +228,10 @@ def test_normalised_in_model_dtype_equals_casting_the_processor_output(builder, 
         Glm46VImageProcessorPil(image_mean=[0.5, 0.5, 0.5], image_std=0.25, rescale_factor=1 / 127),
         Glm46VImageProcessorPil(do_resize=False),
         Glm46VImageProcessorPil(patch_size=16, temporal_patch_size=1, merge_size=1),
+        Glm46VImageProcessorPil(resample=Image.Resampling.BILINEAR),
+        Glm46VImageProcessorPil(resample=Image.Resampling.LANCZOS),
+        Glm46VImageProcessorPil(resample=Image.Resampling.BOX),
+        Glm46VImageProcessorPil(resample=Image.Resampling.HAMMING),
         Glm4vImageProcessorPil(),
     ],
     ids=[
@@ -134,38 +241,65 @@ def test_normalised_in_model_dtype_equals_casting_the_processor_output(builder, 
         "other-stats",
         "no-resize",
         "other-patch",
+        "bilinear",
+        "lanczos",
+        "box",
+        "hamming",
         "glm4v",
     ],
 )
-def test_processor_settings_are_followed(processor):
+@pytest.mark.parametrize("size", [(112, 56), (97, 41), (900, 20)], ids=["exact", "up", "down"])
+def test_processor_settings_are_followed(processor, size):
     extractor = PatchExtractor.for_processor(processor)
     assert extractor is not None
-    # do_resize=False needs sides that are already multiples of patch * merge (28).
-    image = decode_image(_encoded(112, 56, "RGB", seed=4))
+    width, height = size
+    if not processor.do_resize and (width % 28 or height % 28):
+        pytest.skip("do_resize=False needs sides that are multiples of patch * merge (28)")
+    image = decode_image(_encoded(width, height, "RGB", seed=4))
     reference = processor(images=[image], return_tensors="pt")
 
-    patches, grid = extractor(image)
+    decoded, grid = extractor(image)
 
-    assert patches.dtype == np.uint8
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (height, width, 3)
     assert list(grid) == reference["image_grid_thw"][0].tolist()
-    assert torch.equal(extractor.normalizer(torch.from_numpy(patches)), reference["pixel_values"])
+    assert torch.equal(extractor.model_pixels(decoded, grid), reference["pixel_values"])
 
 
-def test_patchify_uint8_has_the_processors_layout():
+@pytest.mark.parametrize(
+    "resample", [Image.Resampling.NEAREST, Image.Resampling.MKS2013, Image.Resampling.MKS2021]
+)
+def test_filters_that_are_not_ported_take_the_full_processor(builder, resample):
+    processor = Glm46VImageProcessorPil(resample=resample)
+    assert PatchExtractor.for_processor(processor) is None
+    fallback = PromptBuilder(builder.tokenizer, processor)
+    data = _encoded(97, 203, "RGB")
+
+    processed = _one_image(fallback, data)
+
+    assert processed.extractor is None and processed.pixels.dtype == torch.float32
+    reference = processor(images=[decode_image(data)], return_tensors="pt")
+    assert torch.equal(processed.model_pixels(), reference["pixel_values"])
+
+
+def test_a_processor_without_a_pillow_filter_is_left_to_the_processor():
+    """``resample=None`` (which the processor's ``preprocess`` refuses) or a torchvision mode
+    (which it maps to a Pillow filter itself): the split path does not guess."""
+    assert PatchExtractor.for_processor(Glm46VImageProcessorPil(resample=None)) is None
     processor = Glm46VImageProcessorPil()
-    image = np.random.default_rng(1).integers(0, 256, (3, 56, 140), dtype=np.uint8)
-    expected, grid_h, grid_w = processor.patchify(
-        image, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
-    patches, h, w = patchify_uint8(image, patch_size=14, merge_size=2, temporal_patch_size=2)
-    assert (h, w) == (grid_h, grid_w) == (4, 10)
-    assert patches.dtype == np.uint8 and patches.flags.c_contiguous
-    np.testing.assert_array_equal(patches.astype(np.float32), expected)
+    processor.resample = "bicubic"
+    assert PatchExtractor.for_processor(processor) is None
+
+
+def test_a_pillow_whose_resize_is_not_reproduced_takes_the_full_processor(monkeypatch):
+    monkeypatch.setattr(pixels, "resample_supported", lambda resample: False)
+    assert PatchExtractor.for_processor(Glm46VImageProcessorPil()) is None
+    # Without a resize the port is not needed.
+    assert PatchExtractor.for_processor(Glm46VImageProcessorPil(do_resize=False)) is not None
 
 
 def test_unknown_processor_falls_back_to_the_full_processor(builder):
     class CustomProcessor(Glm46VImageProcessorPil):
-        """A subclass could change any step: the uint8 path must not assume it did not."""
+        """A subclass could change any step: the split path must not assume it did not."""
 
     processor = CustomProcessor()
     assert PatchExtractor.for_processor(processor) is None
@@ -175,15 +309,40 @@ def test_unknown_processor_falls_back_to_the_full_processor(builder):
 
     processed = _one_image(fallback, data)
 
-    assert processed.normalizer is None and processed.pixel_values.dtype == torch.float32
+    assert processed.extractor is None and processed.pixels.dtype == torch.float32
     reference = processor(images=[decode_image(data)], return_tensors="pt")
     assert torch.equal(processed.model_pixels(), reference["pixel_values"])
 
 
+def test_errors_of_the_processor_are_raised_in_the_preprocessing_thread(builder):
+    """Where the processor refuses an image, ``process_images`` does (not the model runner)."""
+    with pytest.raises(ValueError, match="aspect ratio"):
+        _one_image(builder, _encoded(2, 600, "RGB"))
+    with pytest.raises(ValueError, match="aspect ratio"):
+        builder.image_processor(images=[decode_image(_encoded(2, 600, "RGB"))])
+    no_resize = PatchExtractor.for_processor(Glm46VImageProcessorPil(do_resize=False))
+    with pytest.raises(ValueError, match="multiple of 28"):
+        no_resize(decode_image(_encoded(97, 41, "RGB")))
+
+
+# ---------------------------------------------------------------------------- the resize
+def test_patchify_has_the_processors_layout():
+    processor = Glm46VImageProcessorPil()
+    image = np.random.default_rng(1).integers(0, 256, (3, 56, 140), dtype=np.uint8)
+    expected, grid_h, grid_w = processor.patchify(
+        image, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    channels_last = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+    patches = patchify(channels_last, patch_size=14, merge_size=2, temporal_patch_size=2)
+    assert (grid_h, grid_w) == (4, 10)
+    assert patches.dtype == torch.uint8 and patches.is_contiguous()
+    assert tuple(patches.shape) == (40, 3 * 2 * 14 * 14)
+    np.testing.assert_array_equal(patches.numpy().astype(np.float32), expected)
+
+
+# ---------------------------------------------------------------------------- normaliser
 @pytest.mark.parametrize("block_rows", [1, 7, 512, 10**9])
 def test_cpu_lookup_blocks_do_not_change_the_result(monkeypatch, block_rows):
-    from inference.engine import pixels
-
     normalizer = PixelNormalizer.from_image_processor(Glm46VImageProcessorPil())
     patches = torch.randint(0, 256, (23, normalizer.columns), dtype=torch.uint8)
     channel = torch.arange(normalizer.columns) // (2 * 14 * 14)
@@ -196,14 +355,16 @@ def test_cpu_lookup_blocks_do_not_change_the_result(monkeypatch, block_rows):
 def test_accelerator_lookup_equals_the_processor(builder, dtype):
     """``lookup_torch`` (what a GPU runs) checked on CPU tensors against the processor."""
     data = _encoded(1344, 1000, "RGB", "JPEG")
-    reference = builder.image_processor(images=[decode_image(data)], return_tensors="pt")
+    reference = _reference(builder, data)
     processed = _one_image(builder, data)
-    normalizer = processed.normalizer
+    extractor = processed.extractor
+    grid = tuple(processed.grid_thw.tolist())
+    normalizer = extractor.normalizer
     table = normalizer.table.reshape(-1).to(dtype)
 
-    pixels = lookup_torch(table, normalizer.offsets, processed.pixel_values)
+    values = lookup_torch(table, normalizer.offsets, extractor.patches(processed.pixels, grid))
 
-    assert torch.equal(pixels, reference["pixel_values"].to(dtype))
+    assert torch.equal(values, reference["pixel_values"].to(dtype))
 
 
 def test_normalizer_refuses_what_it_cannot_normalise():
@@ -215,33 +376,60 @@ def test_normalizer_refuses_what_it_cannot_normalise():
         normalizer(torch.zeros(4, 100, dtype=torch.uint8))
 
 
+# ---------------------------------------------------------------------------- engine use
+def test_inference_mode_and_threads_do_not_change_the_result(builder):
+    """The runner calls ``model_pixels`` under ``torch.inference_mode`` on its thread while
+    preprocessing threads decode; caches filled in one mode serve the other."""
+    datas = [_encoded(31 + 17 * i, 200 - 23 * i, "RGB", seed=i) for i in range(6)]
+    references = [_reference(builder, data)["pixel_values"] for data in datas]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        processed = list(pool.map(lambda data: _one_image(builder, data), datas))
+    results: dict[int, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def normalise(index: int) -> None:
+        with torch.inference_mode(mode=index % 2 == 0):
+            value = processed[index].model_pixels(device=torch.device("cpu"))
+        with lock:
+            results[index] = value
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        list(pool.map(normalise, range(len(datas))))
+        list(pool.map(normalise, reversed(range(len(datas)))))
+    for index, reference in enumerate(references):
+        assert torch.equal(results[index], reference), index
+
+
 def test_runner_vision_input_equals_the_processor_output(tiny_runner):
-    """The runner normalises on its device: same image embeddings as the processor's pixels."""
+    """The runner resizes and normalises on its device: the same image embeddings as from
+    the processor's own pixel values, fed through the same runner (whatever its vision
+    pass rounds like)."""
     data = _encoded(97, 203, "RGBA")
     request = chat_request("r", "What is it?", images={"img": (1, 1)})
     [processed] = tiny_runner.process_images(request.messages, {"img": data}, scope="t")
-    prompt = tiny_runner.build_prompt(request.messages, [processed], thinking=False)
-    assert processed.pixel_values.dtype == torch.uint8
-
-    [encoded] = tiny_runner.encode_images([prompt], None)
-
+    assert processed.pixels.dtype == torch.uint8 and processed.pixels.shape[:2] == (203, 97)
     reference = tiny_runner.prompts.image_processor(
         images=[decode_image(data)], return_tensors="pt"
     )
-    with torch.inference_mode():
-        expected = tiny_runner.model.model.get_image_features(
-            reference["pixel_values"].to(tiny_runner.dtype),
-            reference["image_grid_thw"],
-            return_dict=True,
-        ).pooler_output
-    assert torch.equal(encoded.embeddings[0], expected[0])
+    # The fallback form: the processor's float32 values, which the runner only casts.
+    processor_made = dataclasses.replace(
+        processed, key="reference", pixels=reference["pixel_values"], extractor=None
+    )
+
+    embeddings = []
+    for image in (processed, processor_made):
+        prompt = tiny_runner.build_prompt(request.messages, [image], thinking=False)
+        [encoded] = tiny_runner.encode_images([prompt], None)
+        embeddings.append(encoded.embeddings[0])
+
+    assert torch.equal(embeddings[0], embeddings[1])
 
 
 def test_the_pillow_processor_is_asked_for_even_where_torchvision_is_installed(
     tiny_model_dir, monkeypatch
 ):
     """A GPU host usually has torchvision, and transformers then picks the torchvision image
-    processor unless told otherwise; the engine must get the Pillow one its uint8 path
+    processor unless told otherwise; the engine must get the Pillow one its split path
     reproduces. torchvision cannot be installed here, so the request itself is checked."""
     from transformers import AutoImageProcessor
 
@@ -261,3 +449,44 @@ def test_the_pillow_processor_is_asked_for_even_where_torchvision_is_installed(
     assert built.patch_extractor is not None
     # Where the whole processor loads, its reference path uses that same image processor.
     assert built.processor is None or built.processor.image_processor is built.image_processor
+
+
+# ---------------------------------------------------------------------------- CUDA
+@needs_cuda
+@pytest.mark.parametrize(("width", "height", "mode", "fmt", "save"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_path_on_cuda_equals_the_processor(
+    builder, small_builder, width, height, mode, fmt, save, dtype
+):
+    device = torch.device("cuda")
+    for used in (builder, small_builder):
+        data = _encoded(width, height, mode, fmt, **save)
+        reference = _reference(used, data)
+        processed = _one_image(used, data)
+        with torch.inference_mode():
+            values = processed.model_pixels(device=device, dtype=dtype)
+        assert values.device.type == "cuda" and values.dtype == dtype
+        assert torch.equal(values.cpu(), reference["pixel_values"].to(dtype))
+
+
+@needs_cuda
+def test_uploads_from_pinned_memory_once_cuda_is_in_use(builder):
+    torch.cuda.init()
+    data = _encoded(672, 672, "RGB", "JPEG")
+    reference = _reference(builder, data)["pixel_values"]
+    processed = _one_image(builder, data)
+    assert processed.pixels.is_pinned()
+    # Many uploads in flight on the stream (non-blocking) before any result is read.
+    outputs = [processed.model_pixels(device=torch.device("cuda")) for _ in range(8)]
+    unpinned = ProcessedImage(
+        key=processed.key,
+        pixels=processed.pixels.clone(),  # pageable: pinned by model_pixels itself
+        grid_thw=processed.grid_thw,
+        tokens=processed.tokens,
+        extractor=processed.extractor,
+    )
+    assert not unpinned.pixels.is_pinned()
+    outputs.append(unpinned.model_pixels(device=torch.device("cuda")))
+    torch.cuda.synchronize()
+    for values in outputs:
+        assert torch.equal(values.cpu(), reference)

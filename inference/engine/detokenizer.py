@@ -4,7 +4,8 @@ Three layers, each with one job:
 
 - ``IncrementalDetokenizer`` turns ids into text without ever emitting part of a multi-byte
   character: a byte-level token may hold half a Chinese character, whose decode ends in
-  U+FFFD; that text is held until a later token completes it. Invariant: the concatenation
+  U+FFFD; that text is held until a later token completes it. Fast tokenizers do this in
+  Rust (``tokenizers.decoders.DecodeStream``), others in Python. Invariant: the concatenation
   of ``push`` results and ``flush()`` equals ``tokenizer.decode(all ids, skip_special_tokens=True)``
   (for byte-level BPE, the GLM tokenizer's kind).
 - ``StopStringFilter`` holds back any tail that could still become a stop string, and cuts
@@ -22,18 +23,58 @@ from typing import Any
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _rust_backend(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer`` that decodes exactly as ``tokenizer.decode`` does, or None.
+
+    A transformers fast tokenizer decodes by calling its Rust tokenizer (``backend_tokenizer``)
+    and then, only if asked, ``clean_up_tokenization``, which we never ask for. A subclass that
+    overrides ``decode``/``_decode`` (Whisper's timestamps, CPM's spaces) changes the text, so
+    it keeps the Python window decode, as does any tokenizer without a Rust backend.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer) or not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    cls = type(tokenizer)
+    if cls.decode is not PreTrainedTokenizerFast.decode:
+        return None
+    if cls._decode is not PreTrainedTokenizerFast._decode:
+        return None
+    return backend
+
+
 class IncrementalDetokenizer:
     """vLLM/TGI-style offsets: decode a short window of context plus the new tokens.
 
-    ``prefix_offset..read_offset`` is already-emitted context (decoded again so tokenizers
-    whose decoding depends on neighbours stay right); ``read_offset..`` is not yet emitted.
+    The window is ``context`` (the ids of the last emitted chunk, decoded again so tokenizers
+    whose decoding depends on neighbours stay right) plus ``pending`` (ids not yet emitted).
+    A chunk is emitted once the window decodes to more than its context and does not end in
+    U+FFFD; the pending ids then become the context.
+
+    Two implementations of that one rule: for a transformers fast tokenizer, the Rust
+    ``tokenizers.decoders.DecodeStream`` (one Rust decode per token, no Python decode); for any
+    other tokenizer, two ``tokenizer.decode`` calls per token. They return the same chunks. If
+    ``DecodeStream`` refuses a window (its "invalid prefix" error: the window's text does not
+    start with its context's, which byte-fallback tokens of invalid UTF-8 can cause and a
+    byte-level BPE cannot), the rest of the stream takes the Python window decode, which
+    slices without that check, rather than failing the request.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._backend = _rust_backend(tokenizer)
+        self._stream = self._new_stream()
+        self._context: list[int] = []
+        self._pending: list[int] = []
+
+    def _new_stream(self) -> Any | None:
+        if self._backend is None:
+            return None
+        from tokenizers.decoders import DecodeStream
+
+        return DecodeStream(skip_special_tokens=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(
@@ -42,22 +83,40 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly "")."""
-        self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
+        self._pending.append(token_id)
+        if self._stream is not None:
+            try:
+                chunk = self._stream.step(self._backend, token_id)
+            except Exception:  # tokenizers raises a bare Exception for an invalid prefix
+                self._stream = None
+                return self._push_window()
+            if chunk is None:
+                return ""
+            self._context, self._pending = self._pending, []
+            return chunk
+        return self._push_window()
+
+    def _push_window(self) -> str:
+        prefix_text = self._decode(self._context)
+        new_text = self._decode(self._context + self._pending)
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-            delta = new_text[len(prefix_text) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            return delta
+            self._context, self._pending = self._pending, []
+            return new_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held (the stream ended); may end in U+FFFD if the bytes do."""
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :]
+        """Whatever is still held (the stream ended); may end in U+FFFD if the bytes do.
+
+        Afterwards the detokenizer starts afresh, with no context.
+        """
+        context, pending = self._context, self._pending
+        self._context, self._pending = [], []
+        if self._stream is not None:
+            self._stream = self._new_stream()
+        if not pending:
+            return ""
+        prefix_text = self._decode(context)
+        return self._decode(context + pending)[len(prefix_text) :]
 
 
 class StopStringFilter:

@@ -177,6 +177,19 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True):
     device: str
     started_at: float
     updated_at: float
+    # Engine detail (defaults: what an older worker, or one without it, reports).
+    prefilling: int = 0  # of ``running``: prompts still being prefilled
+    decoding: int = 0  # rows of the last decode step
+    batch_bucket: int = 0  # its padded batch size (occupancy = decoding / batch_bucket)
+    step_ms_p50: float | None = None  # engine steps that decoded, recent window
+    step_ms_p99: float | None = None
+    compiled_batch_sizes: tuple[int, ...] = ()  # decode buckets running compiled code
+    compile_error: str | None = None  # why compiling failed (every bucket then eager)
+
+    @property
+    def batch_occupancy(self) -> float:
+        """Real rows over padded rows of the worker's last decode step (1.0 if none ran)."""
+        return self.decoding / self.batch_bucket if self.batch_bucket else 1.0
 
 
 _heartbeat_decoder = msgspec.msgpack.Decoder(WorkerHeartbeat)

@@ -346,6 +346,14 @@ class Worker:
             device=str(stats.device),
             started_at=self._started_at,
             updated_at=now,
+            # Only the GPU engine has these (ocr-lite's stats do not).
+            prefilling=int(getattr(stats, "prefilling", 0)),
+            decoding=int(getattr(stats, "decoding", 0)),
+            batch_bucket=int(getattr(stats, "batch_bucket", 0)),
+            step_ms_p50=getattr(stats, "step_ms_p50", None),
+            step_ms_p99=getattr(stats, "step_ms_p99", None),
+            compiled_batch_sizes=tuple(getattr(stats, "compiled_batch_sizes", ())),
+            compile_error=getattr(stats, "compile_error", None),
         )
         self.transport.heartbeat(beat)
 

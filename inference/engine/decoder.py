@@ -1,32 +1,35 @@
-"""Fixed-shape decode: batch and KV-length buckets, static input buffers, CUDA graphs.
+"""Fixed-shape decode steps: batch and KV-length buckets, static buffers, CUDA graphs,
+compiled layers, sampling on the device, and steps launched ahead of their results.
 
 One decode step runs every decoding request (row ``i`` in KV slot ``i``) through the text
-model and ``lm_head``. The shapes are made fixed so that the step can be captured once per
-shape and replayed:
+model, ``lm_head`` and the sampler. The shapes are fixed so that each can be captured once
+and replayed:
 
 - the batch is padded to the smallest *batch bucket* that holds it (default 1, 2, 4, 8, ...
   up to the engine's batch limit); padded rows feed token 0 at position 0 and write their
   key/value into the cache's scratch slot, so they never touch a request's slot; their
-  logits are dropped;
+  tokens are dropped;
 - attention reads the first ``kv_len`` positions of each slot, ``kv_len`` the smallest
   *KV bucket* above the longest row (default 512, 1024, ... up to ``max_len``);
-- every per-step input lives in one static ``[4, max_bucket]`` table (token id, write
-  position, M-RoPE position, write slot) updated in place; the mask is computed inside the
-  step from the write positions.
+- every per-step input lives in static tensors updated in place (``StaticDecodeInputs``);
+  the mask is computed inside the step from the write positions.
 
-The step function of a shape is a closure over those buffers only: it takes no arguments
-and reads no Python-side per-step state, and it never synchronises with the host (no
-``.item()``, no data-dependent Python branch). That is what makes it capturable; on CPU the
-same closure simply runs eagerly on the same buffers, so CPU tests exercise the exact code
-that a GPU captures. On CUDA (``cuda_graphs=True``) each shape is captured on first use or by
-``warmup()`` into ``torch.cuda.CUDAGraph`` sharing one memory pool, and replayed.
+The step of a shape is a closure over those buffers only: no arguments, no Python-side
+per-step state, no host synchronisation. On CUDA (``cuda_graphs=True``) each shape is
+captured by ``warmup()`` into a ``torch.cuda.CUDAGraph`` (all sharing one memory pool) and
+replayed; on CPU the same closure runs eagerly on the same buffers, so CPU tests exercise
+the code a GPU captures.
 
-The step itself is ``DecodeForward``: the text model layer by layer, split around the KV
-write. ``compile_batch_sizes`` runs the step of those batch buckets with its two per-layer
-parts compiled (``torch.compile``, once per shape, shared by every layer) before capture.
-Off by default: on an H100 compiling the whole step helped batch 1 and hurt batch 32
-(shared/notes/glm4v.md), so it must be measured per bucket before it is turned on
-(``benchmarks/engine.py --mode suite`` does).
+Each layer is ``text_forward.make_decode_layer``; with ``compile_layers`` it goes through
+``torch.compile`` once (batch and KV length dynamic) and every layer of every shape reuses
+the compiled code. Buckets in ``eager_batch_sizes`` (measured not to gain) keep it eager.
+
+Sampling happens inside the step (``sampling.choose_tokens``): the ids go to a device buffer
+``next_ids`` and, in one small copy, to pinned host memory. The next step reads a running
+row's token from ``next_ids`` on the device (``SRC``), so the engine can launch step N+1
+before it has looked at step N's tokens (``launch``/``collect``): the host detokenises and
+streams step N while the device computes step N+1. Two staging buffers alternate between
+consecutive launches; at most two launches are uncollected at any time.
 """
 
 from __future__ import annotations
@@ -36,16 +39,20 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from inference.engine.decode_forward import DecodeForward
 from inference.engine.kv_cache import SlotKVCache
+from inference.engine.sampling import choose_tokens
+from inference.engine.text_forward import TextWeights
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[], torch.Tensor]
+Shape = tuple[int, int, bool]  # (batch bucket, kv bucket, sampling)
 
 
 def batch_buckets(limit: int, requested: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -85,40 +92,90 @@ def pick_bucket(buckets: Sequence[int], need: int) -> int:
 class StaticDecodeInputs:
     """The fixed-address tensors every decode shape reads. Rows past the batch are padding.
 
-    ``table`` rows: 0 token id, 1 write position (the row's cached length), 2 M-RoPE position
-    (write position + rope delta, all three axes), 3 write slot (``i`` or scratch).
+    ``ints`` rows: ``HOST_IDS`` the token to feed when ``SRC`` is -1, ``SRC`` else the row of
+    the previous step whose sampled token (in ``next_ids``) to feed, ``WRITE_POS`` the row's
+    cached length (where its new key/value goes), ``ROPE_POS`` its M-RoPE position (write
+    position + rope delta, all three axes), ``WRITE_SLOT`` (``i`` or scratch).
+    ``floats`` rows: temperature (0: greedy), top-p, the row's uniform draw.
     """
 
-    IDS, WRITE_POS, ROPE_POS, WRITE_SLOT = range(4)
+    HOST_IDS, SRC, WRITE_POS, ROPE_POS, WRITE_SLOT = range(5)
+    TEMPERATURE, TOP_P, UNIFORM = range(3)
 
     def __init__(self, max_batch: int, max_len: int, scratch: int, device: torch.device) -> None:
         self.max_batch = max_batch
         self.scratch = scratch
-        self.table = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.device = device
+        self.ints = torch.zeros(5, max_batch, dtype=torch.long, device=device)
+        self.floats = torch.zeros(3, max_batch, dtype=torch.float32, device=device)
+        self.next_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.kv_positions = torch.arange(max_len, dtype=torch.long, device=device)
         pin = device.type == "cuda"
-        self._host = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
-        self.fill([], [], [])
+        # Two host staging sets, used by alternate launches (see module doc).
+        self._stage_ints = [
+            torch.zeros(5, max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)
+        ]
+        self._stage_floats = [
+            torch.zeros(3, max_batch, dtype=torch.float32, pin_memory=pin) for _ in range(2)
+        ]
+        self.out = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
 
-    def fill(
-        self, token_ids: Sequence[int], positions: Sequence[int], rope_deltas: Sequence[int]
-    ) -> None:
-        """Rows ``0..n-1`` from the arguments (row ``i`` writes slot ``i``); the rest padding."""
-        n = len(token_ids)
+    def fill(self, stage: int, rows: DecodeRows) -> None:
+        """Stage ``rows`` (``0..n-1``; the rest padding) and copy them to the device buffers
+        (asynchronously from pinned memory on CUDA)."""
+        n = len(rows.host_ids)
         if n > self.max_batch:
             raise ValueError(f"{n} rows exceed the largest bucket {self.max_batch}")
-        host = self._host
-        host.zero_()
-        host[self.WRITE_SLOT].fill_(self.scratch)
+        ints = self._stage_ints[stage].numpy()
+        ints[:] = 0
+        ints[self.SRC] = -1
+        ints[self.WRITE_SLOT] = self.scratch
         if n:
-            rope = [p + d for p, d in zip(positions, rope_deltas, strict=True)]
-            host[: self.WRITE_SLOT, :n] = torch.tensor(
-                [list(token_ids), list(positions), rope], dtype=torch.long
-            )
-            host[self.WRITE_SLOT, :n] = torch.arange(n)
-        # One small host-to-device copy per step; synchronous so the host table can be
-        # rewritten next step without waiting for anything.
-        self.table.copy_(host)
+            ints[self.HOST_IDS, :n] = rows.host_ids
+            ints[self.SRC, :n] = rows.sources
+            ints[self.WRITE_POS, :n] = rows.positions
+            ints[self.ROPE_POS, :n] = np.add(rows.positions, rows.rope_deltas)
+            ints[self.WRITE_SLOT, :n] = np.arange(n)
+        non_blocking = self.device.type == "cuda"
+        self.ints.copy_(self._stage_ints[stage], non_blocking=non_blocking)
+        if rows.sampling is not None:
+            floats = self._stage_floats[stage].numpy()
+            floats[:] = 0
+            floats[:, :n] = np.asarray(rows.sampling, dtype=np.float32).T
+            self.floats.copy_(self._stage_floats[stage], non_blocking=non_blocking)
+
+
+@dataclass
+class DecodeRows:
+    """The inputs of one decode step, row ``i`` in KV slot ``i``.
+
+    ``sources[i]``: the row of the previous launch whose sampled token row ``i`` feeds, or
+    -1 to feed ``host_ids[i]``. ``sampling``: ``(temperature, top_p, uniform)`` per row when
+    any row samples, else None (the greedy graph).
+    """
+
+    host_ids: Sequence[int]
+    sources: Sequence[int]
+    positions: Sequence[int]
+    rope_deltas: Sequence[int]
+    sampling: Sequence[tuple[float, float, float]] | None = None
+
+    @classmethod
+    def fresh(
+        cls, token_ids: Sequence[int], positions: Sequence[int], rope_deltas: Sequence[int]
+    ) -> DecodeRows:
+        return cls(token_ids, [-1] * len(token_ids), positions, rope_deltas)
+
+
+@dataclass
+class Launch:
+    """A decode step in flight: its staging set, its rows and the event after its copy."""
+
+    stage: int
+    rows: int
+    shape: Shape
+    event: Any  # torch.cuda.Event on CUDA, None on CPU (already complete)
+    collected: bool = False
 
 
 class BucketedDecoder:
@@ -131,79 +188,157 @@ class BucketedDecoder:
         *,
         batch_sizes: Sequence[int],
         kv_lengths: Sequence[int],
-        attention: str | None,
+        attention: str = "grouped",
         cuda_graphs: bool = True,
-        compile_batch_sizes: Sequence[int] = (),
+        compile_layers: bool = False,
+        eager_batch_sizes: Sequence[int] = (),
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         compile_cache_dir: str | None = None,
+        capture_sampling: bool = True,
     ) -> None:
         self.runner = runner
         self.cache = cache
+        self.weights: TextWeights = runner.text_weights
         self.batch_sizes = tuple(batch_sizes)
         self.kv_lengths = tuple(kv_lengths)
         if self.batch_sizes[-1] > cache.num_slots:
             raise ValueError("a batch bucket is larger than the number of KV slots")
         self.attention = attention
-        self.device = cache.keys.device
+        self.device = cache.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.compile_batch_sizes = frozenset(compile_batch_sizes)
-        attention_name = attention or runner.attention
-        self._forward = DecodeForward(runner.model, attention_name)
-        self._forward_compiled: DecodeForward | None = None
-        if self.compile_batch_sizes:
-            # Each (batch, kv_len) shape is its own specialisation: let dynamo keep them all.
-            _raise_recompile_limit(len(batch_sizes) * len(kv_lengths))
+        self.capture_sampling = capture_sampling
+        self._eager_layer = runner.decode_layer(attention, compiled=False)
+        self._compiled_layer: Callable[..., torch.Tensor] | None = None
+        self.eager_batch_sizes = frozenset(eager_batch_sizes)
+        self.compile_error: str | None = None
+        if compile_layers:
             if compile_cache_dir:
                 # Inductor reads its cache location from the environment when it compiles.
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir
-            options = {"mode": compile_mode, "backend": compile_backend, "dynamic": False}
-            self._forward_compiled = DecodeForward(
-                runner.model, attention_name, compile_options=options
+            _raise_recompile_limit(64)
+            self._compiled_layer = runner.decode_layer(
+                attention, compiled=True, mode=compile_mode, backend=compile_backend
             )
         self.inputs = StaticDecodeInputs(
             self.batch_sizes[-1], cache.max_len, cache.scratch, self.device
         )
-        self._fns: dict[tuple[int, int], StepFn] = {}
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._fns: dict[Shape, StepFn] = {}
+        self._graphs: dict[Shape, tuple[Any, torch.Tensor]] = {}
         self._pool: Any = None
+        self._launches = 0
+        self._uncollected: list[Launch | None] = [None, None]
         self.runs: Counter[tuple[int, int]] = Counter()  # steps per (batch, kv_len) shape
 
+    # ------------------------------------------------------------------ shapes
     @property
     def shapes(self) -> list[tuple[int, int]]:
         return [(b, k) for b in self.batch_sizes for k in self.kv_lengths]
+
+    @property
+    def compiled_batch_sizes(self) -> tuple[int, ...]:
+        if self._compiled_layer is None:
+            return ()
+        return tuple(b for b in self.batch_sizes if b not in self.eager_batch_sizes)
 
     def plan(self, rows: int, longest: int) -> tuple[int, int]:
         """(batch bucket, kv bucket) for ``rows`` rows whose largest write position is
         ``longest`` (the new token goes there, so ``kv_len > longest``)."""
         return pick_bucket(self.batch_sizes, rows), pick_bucket(self.kv_lengths, longest + 1)
 
+    # ------------------------------------------------------------------ steps
+    def launch(self, rows: DecodeRows) -> Launch:
+        """Start one decode step for ``rows``; ``collect`` returns its sampled token ids.
+
+        Returns at once on CUDA (the step is queued behind earlier work); on CPU the step
+        has run when it returns."""
+        n = len(rows.host_ids)
+        batch, kv_len = self.plan(n, max(rows.positions))
+        stage = self._launches % 2
+        older = self._uncollected[stage]
+        if older is not None:  # its staging buffers are about to be rewritten
+            self.collect(older)
+        self._launches += 1
+        self.inputs.fill(stage, rows)
+        shape = (batch, kv_len, rows.sampling is not None)
+        self._run(shape)
+        out = self.inputs.out[stage]
+        cuda = self.device.type == "cuda"
+        out[:n].copy_(self.inputs.next_ids[:n], non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        launch = Launch(stage=stage, rows=n, shape=shape, event=event)
+        self._uncollected[stage] = launch
+        return launch
+
+    def collect(self, launch: Launch) -> list[int]:
+        """The token ids of ``launch``, row by row (waits for the step to finish)."""
+        if launch.event is not None:
+            launch.event.synchronize()
+        if self._uncollected[launch.stage] is launch:
+            self._uncollected[launch.stage] = None
+        launch.collected = True
+        return self.inputs.out[launch.stage][: launch.rows].tolist()
+
     def decode(
         self, token_ids: Sequence[int], positions: Sequence[int], rope_deltas: Sequence[int]
     ) -> torch.Tensor:
         """Next-token logits ``[rows, vocab]`` (float32, a fresh tensor) for rows in slots
-        ``0..rows-1``; row ``i`` feeds ``token_ids[i]`` at ``positions[i]``."""
+        ``0..rows-1``; row ``i`` feeds ``token_ids[i]`` at ``positions[i]`` (synchronous;
+        tests and the decode-step benchmark). Greedy: ``next_ids`` gets the argmax."""
+        self.drain()
         rows = len(token_ids)
-        shape = self.plan(rows, max(positions))
-        self.inputs.fill(token_ids, positions, rope_deltas)
-        logits = self._run(shape)
-        return logits[:rows].to(torch.float32, copy=True)
+        launch = self.launch(DecodeRows.fresh(token_ids, positions, rope_deltas))
+        logits = self._last_logits(launch.shape)
+        result = logits[:rows].to(torch.float32, copy=True)
+        self.collect(launch)
+        return result
+
+    def drain(self) -> None:
+        """Collect every launch not collected yet (their tokens are dropped)."""
+        for launch in list(self._uncollected):
+            if launch is not None:
+                self.collect(launch)
 
     def warmup(self) -> int:
         """Run (CPU, eager CUDA) or capture (CUDA graphs) every shape once, largest batch
-        first so smaller graphs reuse the pool. Safe only while no request is decoding:
-        padded rows write the scratch slot only, but this is where graphs are made."""
-        for shape in sorted(self.shapes, reverse=True):
-            self.inputs.fill([], [], [])
-            self._run(shape)
+        first so smaller graphs reuse the pool; with ``capture_sampling`` the sampling
+        variant of each shape too. Safe only while no request is decoding: padded rows
+        write the scratch slot only, but this is where graphs are made.
+
+        If compiling fails (a compiler missing on the host, an unsupported kernel), the
+        layers stay eager for every bucket and ``compile_error`` says why."""
+        self.drain()
+        variants = (False, True) if self.capture_sampling else (False,)
+        for batch, kv_len in sorted(self.shapes, reverse=True):
+            for sampled in variants:
+                empty = DecodeRows([], [], [], [], [] if sampled else None)
+                self.inputs.fill(0, empty)
+                try:
+                    self._run((batch, kv_len, sampled))
+                except Exception as exc:
+                    if self._compiled_layer is None or batch in self.eager_batch_sizes:
+                        raise
+                    logger.exception("compiling the decode layer failed; layers stay eager")
+                    self.compile_error = f"{type(exc).__name__}: {exc}"
+                    self._compiled_layer = None
+                    self._fns.clear()
+                    self._graphs.clear()
+                    return self.warmup()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return len(self.shapes)
 
     # ------------------------------------------------------------------ internals
     @torch.inference_mode()
-    def _run(self, shape: tuple[int, int]) -> torch.Tensor:
-        self.runs[shape] += 1
+    def _run(self, shape: Shape) -> torch.Tensor:
+        self.runs[shape[:2]] += 1
         if not self.use_graphs:
-            return self._fn(shape)()
+            out = self._fn(shape)()
+            self._eager_out = out
+            return out
         entry = self._graphs.get(shape)
         if entry is None:
             entry = self._graphs[shape] = self._capture(shape)
@@ -211,15 +346,20 @@ class BucketedDecoder:
         graph.replay()
         return out
 
-    def _fn(self, shape: tuple[int, int]) -> StepFn:
+    def _last_logits(self, shape: Shape) -> torch.Tensor:
+        if self.use_graphs:
+            return self._graphs[shape][1]
+        return self._eager_out
+
+    def _fn(self, shape: Shape) -> StepFn:
         fn = self._fns.get(shape)
         if fn is None:
             fn = self._fns[shape] = self._make_step(*shape)
         return fn
 
-    def _capture(self, shape: tuple[int, int]) -> tuple[Any, torch.Tensor]:
+    def _capture(self, shape: Shape) -> tuple[Any, torch.Tensor]:
         """Capture one shape. The buffers' current contents are used for the warm-up runs,
-        so ``fill`` must have left real rows consistent or all rows padding."""
+        so they must hold real rows or all padding."""
         fn = self._fn(shape)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -234,31 +374,59 @@ class BucketedDecoder:
         # thread_local: the worker's heartbeat thread may query the device meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = fn()
-        logger.debug("captured decode graph batch=%d kv_len=%d", *shape)
+        logger.debug("captured decode graph batch=%d kv_len=%d sampling=%s", *shape)
         return graph, out
 
-    def _make_step(self, batch: int, kv_len: int) -> StepFn:
+    def _make_step(self, batch: int, kv_len: int, sampled: bool) -> StepFn:
         """The step of one shape: a closure over the static buffers only (see module doc)."""
-        runner, cache, table = self.runner, self.cache, self.inputs.table
-        forward = self._forward
-        if batch in self.compile_batch_sizes and self._forward_compiled is not None:
-            forward = self._forward_compiled
-        ids = table[StaticDecodeInputs.IDS, :batch].view(batch, 1)
-        write_pos = table[StaticDecodeInputs.WRITE_POS, :batch]
-        rope_pos = table[StaticDecodeInputs.ROPE_POS, :batch].view(1, batch, 1).expand(3, -1, -1)
-        write_slot = table[StaticDecodeInputs.WRITE_SLOT, :batch]
-        kv_positions = self.inputs.kv_positions[:kv_len].view(1, kv_len)
-        additive = runner.additive_mask(self.attention)
-        dtype = runner.dtype
+        weights, cache, inputs = self.weights, self.cache, self.inputs
+        layer = self._eager_layer
+        compiled = self._compiled_layer is not None and batch not in self.eager_batch_sizes
+        if compiled:
+            layer = self._compiled_layer  # type: ignore[assignment]
+        ints, floats, next_ids = inputs.ints, inputs.floats, inputs.next_ids
+        host_ids = ints[StaticDecodeInputs.HOST_IDS, :batch]
+        sources = ints[StaticDecodeInputs.SRC, :batch]
+        write_pos = ints[StaticDecodeInputs.WRITE_POS, :batch]
+        rope_pos = ints[StaticDecodeInputs.ROPE_POS, :batch].view(1, batch, 1).expand(3, -1, -1)
+        write_slot = ints[StaticDecodeInputs.WRITE_SLOT, :batch]
+        temperature = floats[StaticDecodeInputs.TEMPERATURE, :batch]
+        top_p = floats[StaticDecodeInputs.TOP_P, :batch]
+        uniform = floats[StaticDecodeInputs.UNIFORM, :batch]
+        kv_positions = inputs.kv_positions[:kv_len].view(1, kv_len)
+        keys, values = cache.keys, cache.values
+        layer_args = [w.args() for w in weights.layers]
 
         def step() -> torch.Tensor:
-            visible = (kv_positions <= write_pos.view(batch, 1)).view(batch, 1, 1, kv_len)
-            mask = visible
-            if additive:
-                mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-                mask = mask.masked_fill(~visible, torch.finfo(dtype).min)
-            view = cache.batch_view(write_slot, write_pos, batch, kv_len)
-            return forward(ids, rope_pos, mask, view)
+            ids = torch.where(sources >= 0, next_ids.gather(0, sources.clamp(min=0)), host_ids)
+            hidden = weights.embed(ids)
+            cos, sin = weights.rotary(hidden[:, None], position_ids=rope_pos)
+            visible = kv_positions <= write_pos.view(batch, 1)
+            if compiled:
+                # Batch and KV length are symbols in the compiled layer: one compilation
+                # serves every bucket (batch 1 gets its own, specialised).
+                for tensor in (hidden, cos, sin, visible, write_slot, write_pos):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                torch._dynamo.maybe_mark_dynamic(visible, 1)
+            for index, args in enumerate(layer_args):
+                hidden = layer(
+                    hidden,
+                    cos,
+                    sin,
+                    visible,
+                    write_slot,
+                    write_pos,
+                    keys[index],
+                    values[index],
+                    *args,
+                )
+            logits = weights.logits(hidden)
+            if sampled:
+                tokens = choose_tokens(logits, temperature, top_p, uniform)
+            else:
+                tokens = logits.argmax(dim=-1)
+            next_ids[:batch].copy_(tokens)
+            return logits
 
         return step
 
@@ -268,5 +436,5 @@ def _raise_recompile_limit(needed: int) -> None:
     import torch._dynamo.config as dynamo_config
 
     for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed + 8:
-            setattr(dynamo_config, name, needed + 8)
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < needed:
+            setattr(dynamo_config, name, needed)

@@ -1,9 +1,11 @@
 """Next-token choice for a decode batch: greedy rows and temperature/top-p rows together.
 
-Reproducibility: every sampled row draws its one uniform number from its own request's
-``torch.Generator`` (CPU, seeded from ``SamplingParams.seed``), so a seeded request gives the
-same tokens whatever else shares the batch, given the same logits. The draw is turned into a
-token by inverse-CDF over the top-p nucleus, vectorised over the batch.
+Reproducibility: every sampled row draws its one uniform number per token from its own
+request's ``torch.Generator`` (CPU, seeded from ``SamplingParams.seed``), so a seeded request
+gives the same tokens whatever else shares the batch, given the same logits. The draw is
+turned into a token by inverse-CDF over the top-p nucleus (``choose_tokens``), vectorised
+over the batch and free of host synchronisation, so that the decode step's CUDA graph
+samples on the device and only the token ids come back.
 """
 
 from __future__ import annotations
@@ -36,36 +38,50 @@ class RowSampler:
     def greedy(self) -> bool:
         return self.generator is None
 
+    def draw(self) -> float:
+        """The row's next uniform number (0.0 for a greedy row, which draws nothing)."""
+        if self.generator is None:
+            return 0.0
+        return float(torch.rand(1, generator=self.generator))
+
 
 def sample(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
-    """One token per row of ``logits`` ``[batch, vocab]`` (float32)."""
-    tokens = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if not row.greedy]
-    if sampled:
-        index = torch.tensor(sampled, device=logits.device)
-        picks = _sample_top_p(logits.index_select(0, index), [rows[i] for i in sampled])
-        tokens = tokens.index_copy(0, index, picks)
-    return tokens.tolist()
+    """One token per row of ``logits`` ``[batch, vocab]`` (draws one uniform per sampled row)."""
+    if all(row.greedy for row in rows):
+        return logits.argmax(dim=-1).tolist()
+    params = torch.tensor(
+        [[row.temperature, row.top_p, row.draw()] for row in rows], dtype=torch.float32
+    ).to(logits.device)
+    return choose_tokens(logits, params[:, 0], params[:, 1], params[:, 2]).tolist()
 
 
-def _sample_top_p(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
-    device = logits.device
-    temperature = torch.tensor([r.temperature for r in rows], device=device).view(-1, 1)
-    top_p = torch.tensor([r.top_p for r in rows], device=device).view(-1, 1)
-    # One uniform per row from its own generator; drawn on CPU so the stream does not
-    # depend on the device.
-    uniform = torch.cat([torch.rand(1, generator=r.generator) for r in rows]).to(device)
+def choose_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """Next token ids ``[batch]``: argmax where ``temperature`` is 0, else a top-p draw.
 
-    probs = torch.softmax(logits / temperature, dim=-1)
+    Tensors only, no host synchronisation: the decode step runs it inside its CUDA graph
+    (``temperature``, ``top_p`` and ``uniform`` ``[batch]`` are static buffers there). A
+    sampled row keeps the smallest prefix of its tokens, by probability, whose mass reaches
+    ``top_p`` (the first always stays) and picks by inverse CDF at ``uniform``. Each row's
+    result depends on its own inputs only, never on the other rows of the batch.
+    """
+    greedy = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    # Greedy rows go through the same arithmetic at temperature 1 and are discarded: a 0
+    # would put inf/NaN into the sort and the search below.
+    safe_temperature = torch.where(sampled, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() / safe_temperature.view(-1, 1), dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    outside = (cumulative - sorted_probs) >= top_p
+    outside = (cumulative - sorted_probs) >= top_p.view(-1, 1)
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     kept_cumulative = sorted_probs.cumsum(dim=-1)
     target = uniform.view(-1, 1) * kept_cumulative[:, -1:]
     position = torch.searchsorted(kept_cumulative, target, right=True)
-    # Guard the float edge where target equals the total mass.
-    kept = (~outside).sum(dim=-1, keepdim=True)
+    # Guard the float edge where target equals the total mass. At least one token stays,
+    # also for a row whose top_p is 0 (a padded row of the decode graph).
+    kept = (~outside).sum(dim=-1, keepdim=True).clamp(min=1)
     position = torch.minimum(position, kept - 1)
-    return order.gather(-1, position).view(-1)
+    drawn = order.gather(-1, position).view(-1)
+    return torch.where(sampled, drawn, greedy)

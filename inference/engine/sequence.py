@@ -28,10 +28,13 @@ class Sequence:
     Invariants while running:
 
     - ``slot`` is owned by this request alone; positions ``< cached_len`` of the slot hold
-      this request's prompt and completion keys/values;
-    - ``next_token`` was sampled (and already streamed) but is not in the cache yet: the next
-      decode feeds it at position ``cached_len``;
-    - ``prompt_tokens + generated <= max_seq_len``.
+      this request's prompt and completion keys/values, or will once the decode steps
+      already launched for it have run (``cached_len`` counts launched writes);
+    - ``pending`` decode steps were launched for it whose tokens are not collected yet; when
+      ``pending`` is 0, ``next_token`` was sampled (and streamed) but is not in the cache
+      yet: the next decode feeds it at position ``cached_len``; otherwise the next decode
+      takes its token from the device (the previous launch's row ``launch_row``);
+    - ``prompt_tokens + generated + pending <= max_seq_len``.
     """
 
     request: InferenceRequest
@@ -46,6 +49,10 @@ class Sequence:
     cached_len: int = 0
     rope_delta: int = 0
     next_token: int = -1
+    pending: int = 0  # decode steps launched, tokens not collected
+    last_launch: int = -1  # the decode launch that last included this request
+    launch_row: int = -1  # its row in that launch
+    finished: bool = False  # terminal event sent; tokens still in flight are dropped
     generated: int = 0
     undelivered_tokens: int = 0  # generated since the last DeltaEvent
     streamed: bool = False  # any text went out (a later error is then not retryable)

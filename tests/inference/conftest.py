@@ -2,7 +2,7 @@
 
 Other inference tests may use ``tiny_model_dir`` (from tests/conftest.py: a checkpoint folder for ``engine_from_spec``
 or ``INFERENCE_MODELS``), ``tiny_runner`` (float64 CPU runner), ``make_engine`` and the
-request/image helpers below.
+request/image/prompt helpers below.
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def tiny_random_runner(tiny_random_model_dir: Path) -> Any:
 
 
 @pytest.fixture
+def fresh_runner(tiny_random_model_dir: Path) -> Any:
+    """A float64 runner of its own, for tests that change a runner's state (compile it)."""
+    return _float64_runner(tiny_random_model_dir)
+
+
+@pytest.fixture
 def make_engine(tiny_runner: Any) -> Iterator[Callable[..., Any]]:
     """``make_engine(max_batch_size=..., max_seq_len=..., ...)`` -> Engine on ``tiny_runner``."""
     from inference.engine import Engine, EngineConfig
@@ -102,6 +108,39 @@ def chat_request(
         sampling=SamplingParams(**sampling),
         priority=priority,
     )
+
+
+def prepared_prompt(
+    runner: Any, question: str, *, image: tuple[int, int] | None = None, seed: int = 3
+) -> Any:
+    """The engine's ``PreparedPrompt`` of one user turn, with one noise image of
+    ``image`` = (width, height) before the text when given."""
+    images = {"img": image_bytes(*image, seed=seed)} if image else {}
+    request = chat_request("prompt", question, images={"img": image} if image else None)
+    processed = runner.process_images(request.messages, images, scope="tests")
+    return runner.build_prompt(request.messages, processed, thinking=False)
+
+
+def generate_alone(
+    runner: Any, request: InferenceRequest, images: dict[str, bytes], *, max_new_tokens: int
+) -> list[int]:
+    """The reference: ``model.generate`` (greedy) on ``request`` alone; its new token ids."""
+    import torch
+
+    prompt = runner.prepare(request.messages, images, thinking=request.sampling.thinking)
+    with torch.inference_mode():
+        out = runner.model.generate(
+            **prompt.model_inputs(), do_sample=False, max_new_tokens=max_new_tokens
+        )
+    return out[0, prompt.length :].tolist()
+
+
+def parameter_storage_bytes(model: Any) -> int:
+    """Bytes of the distinct storages behind ``model``'s parameters (views count once)."""
+    storages = {
+        p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()
+    }
+    return sum(storages.values())
 
 
 def run_to_completion(engine: Any, max_steps: int = 10_000) -> list[tuple[str, Any]]:

@@ -16,7 +16,12 @@ from inference.protocol import (
     FinishReason,
     StartEvent,
 )
-from tests.inference.conftest import chat_request, image_bytes, run_to_completion
+from tests.inference.conftest import (
+    chat_request,
+    generate_alone,
+    image_bytes,
+    run_to_completion,
+)
 
 
 def _by_request(events):
@@ -158,16 +163,16 @@ def test_bad_or_missing_image_fails_only_that_request(make_engine):
 def test_prefill_failure_fails_only_that_request(
     make_engine, tiny_runner, monkeypatch, exc, code, retryable
 ):
-    real_prefill = tiny_runner.prefill_chunk
+    real_prefill = tiny_runner.prefill
     calls = []
 
-    def prefill_chunk(cache, job, slot, end):
-        calls.append(job)
+    def prefill(cache, chunks):
+        calls.append(chunks)
         if len(calls) == 2:
             raise exc
-        return real_prefill(cache, job, slot, end)
+        return real_prefill(cache, chunks)
 
-    monkeypatch.setattr(tiny_runner, "prefill_chunk", prefill_chunk)
+    monkeypatch.setattr(tiny_runner, "prefill", prefill)
     engine = make_engine(max_batch_size=1)
     for rid in ("first", "victim", "third"):
         engine.add_request(chat_request(rid, "天气怎么样？", max_tokens=3), {})
@@ -178,18 +183,46 @@ def test_prefill_failure_fails_only_that_request(
     assert isinstance(streams["third"][-1], DoneEvent)  # its slot was given back
 
 
+def test_a_prompt_failing_in_a_packed_prefill_fails_alone(make_engine, tiny_runner, monkeypatch):
+    victim = chat_request("victim", "天气怎么样？", max_tokens=4)
+    victim_ids = tiny_runner.prepare(victim.messages, {}, thinking=False).input_ids[0].tolist()
+    real_prefill = tiny_runner.prefill
+    packed = []
+
+    def prefill(cache, chunks):
+        packed.append(len(chunks))
+        if any(job.token_ids == victim_ids for job, _, _ in chunks):
+            raise RuntimeError("boom")
+        return real_prefill(cache, chunks)
+
+    monkeypatch.setattr(tiny_runner, "prefill", prefill)
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(max_batch_size=4, token_observer=observer)
+    survivor = chat_request("survivor", "Describe the picture.", max_tokens=4)
+    engine.add_request(survivor, {})
+    engine.add_request(victim, {})
+    streams = _by_request(run_to_completion(engine))
+    assert packed[:3] == [2, 1, 1]  # together, then each prompt alone
+    [error] = streams["victim"]
+    assert error.code == ErrorCode.INTERNAL_ERROR and "boom" in error.message
+    assert isinstance(streams["survivor"][-1], DoneEvent)
+    assert tokens["survivor"] == generate_alone(tiny_runner, survivor, {}, max_new_tokens=4)
+
+
 def test_tenants_are_served_fairly(make_engine):
     engine = make_engine(max_batch_size=2)
     for i in range(50):
         engine.add_request(chat_request(f"A{i}", "Hi", tenant_id="A", max_tokens=2), {})
     for i in range(2):
         engine.add_request(chat_request(f"B{i}", "Hi", tenant_id="B", max_tokens=2), {})
-    finished = [rid for rid, e in run_to_completion(engine) if isinstance(e, DoneEvent)]
-    assert len(finished) == 52
-    last_b = max(finished.index("B0"), finished.index("B1"))
+    events = run_to_completion(engine)
+    assert len([rid for rid, e in events if isinstance(e, DoneEvent)]) == 52
+    # Served = started: requests admitted in one step finish in slot order, not queue order.
+    started = [rid for rid, e in events if isinstance(e, StartEvent)]
+    last_b = max(started.index("B0"), started.index("B1"))
     assert last_b < 6  # first-come-first-served would put them at 50 and 51
-    assert finished.index("A49") > last_b
-    a_order = [rid for rid in finished if rid.startswith("A")]
+    assert started.index("A49") > last_b
+    a_order = [rid for rid in started if rid.startswith("A")]
     assert a_order == sorted(a_order, key=lambda r: int(r[1:]))  # FIFO within a tenant
 
 
@@ -296,3 +329,211 @@ def test_stats_report_batch_and_kv_use(make_engine):
     assert stats.device == "cpu" and stats.memory_bytes > 0
     run_to_completion(engine)
     assert engine.stats().tokens_per_second > 0
+
+
+# --- decode steps launched ahead of their results ------------------------------------------
+
+
+def test_requests_ending_while_a_decode_step_is_in_flight_lose_and_leak_no_token(
+    make_engine, tiny_runner, monkeypatch
+):
+    """Each step launches the next decode before it looks at the previous one's tokens, so a
+    request that ends on a token (EOS, stop string) or is cancelled still has one decode
+    row in flight: that token is dropped, never streamed, and its slot is free at once. A
+    request ending by length is not launched past its last token."""
+    requests = {
+        "eos": chat_request("eos", "How many apples are there?", max_tokens=30),
+        "stop": chat_request("stop", "What is in the image?", max_tokens=30, stop=["cat"]),
+        "length": chat_request("length", "Describe the picture.", max_tokens=5),
+        "cancel": chat_request("cancel", "这是哪里？", max_tokens=30),
+        "late": chat_request("late", "天气怎么样？", max_tokens=30),  # arrives mid-decode
+    }
+    expected = {
+        rid: generate_alone(tiny_runner, request, {}, max_new_tokens=30)
+        for rid, request in requests.items()
+    }
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(max_batch_size=4, token_observer=observer)
+    launched_rows = []
+    real_launch = engine.decoder.launch
+
+    def launch(rows):
+        launched_rows.append(len(rows.host_ids))
+        return real_launch(rows)
+
+    monkeypatch.setattr(engine.decoder, "launch", launch)
+    for rid in ("eos", "stop", "length", "cancel"):
+        engine.add_request(requests[rid], {})
+    ended: dict[str, object] = {}
+    for step in range(200):
+        if not engine.has_unfinished():
+            break
+        if step == 3:
+            engine.add_request(requests["late"], {})
+        if len(tokens.get("cancel", ())) == 4 and "cancel" not in ended:
+            engine.abort("cancel")
+        before = engine.stats()
+        events = engine.step()
+        after = engine.stats()
+        finished = 0
+        for rid, event in events:
+            assert rid not in ended, f"{rid}: {event} after its terminal event"
+            if isinstance(event, DoneEvent | ErrorEvent):
+                ended[rid] = event
+                finished += 1
+                # Every token sampled for it was counted; none came after.
+                assert event.usage.completion_tokens == len(tokens[rid])
+        # A request leaves the engine (and its slot) in the step of its terminal event.
+        assert after.running + after.waiting == before.running + before.waiting - finished
+
+    eos_ids = tiny_runner.special.eos_ids
+    reasons = {rid: event.finish_reason for rid, event in ended.items()}
+    assert reasons == {
+        "eos": FinishReason.STOP,
+        "stop": FinishReason.STOP,
+        "length": FinishReason.LENGTH,
+        "cancel": FinishReason.CANCELLED,
+        "late": FinishReason.STOP,
+    }
+    for rid in ("eos", "late"):
+        assert tokens[rid] == expected[rid] and tokens[rid][-1] in eos_ids
+    assert tokens["length"] == expected["length"][:5]
+    assert tokens["cancel"] == expected["cancel"][:4]
+    stop = tokens["stop"]
+    assert stop == expected["stop"][: len(stop)]
+    decode = tiny_runner.tokenizer.decode
+    assert "cat" in decode(stop) and "cat" not in decode(stop[:-1])
+    # Every launched row is a delivered token or the one token in flight of each request
+    # that ended on a token or was cancelled (the first token comes from the prefill).
+    delivered = sum(len(ids) - 1 for ids in tokens.values())
+    assert sum(launched_rows) == delivered + 4
+    stats = engine.stats()
+    assert engine.slots.free == engine.slots.num_slots
+    assert (stats.running, stats.waiting, stats.kv_used_tokens) == (0, 0, 0)
+
+
+def test_the_first_token_streams_in_the_step_that_completes_the_prefill(make_engine):
+    steps: dict[str, list[int]] = {}
+    step = 0
+    engine = make_engine(
+        prefill_budget_tokens=4,
+        idle_prefill_budget_tokens=4,
+        token_observer=lambda rid, tok: steps.setdefault(rid, []).append(step),
+    )
+    engine.add_request(chat_request("first", "What is in the image?", max_tokens=20), {})
+    started: dict[str, int] = {}
+    streamed: dict[str, int] = {}
+    while engine.has_unfinished():
+        step += 1
+        if step == 6:  # joins while "first" decodes: prefilled under the busy budget
+            engine.add_request(chat_request("second", "Describe the picture.", max_tokens=4), {})
+        for rid, event in engine.step():
+            if isinstance(event, StartEvent):
+                started[rid] = step
+            if isinstance(event, DeltaEvent):
+                streamed.setdefault(rid, step)
+    assert started["first"] >= 4  # a 16-token prompt at 4 tokens a step
+    assert started["second"] >= 6 + 3
+    for rid in ("first", "second"):
+        first, second, *rest = steps[rid]
+        assert first == started[rid] == streamed[rid]
+        # The next decode is launched a step later and collected one after (launch-ahead);
+        # from then on a token every step.
+        assert second <= first + 2
+        assert [second, *rest] == list(range(second, second + 1 + len(rest)))
+
+
+def test_stats_report_the_decode_batch_and_recent_step_times(make_engine, monkeypatch):
+    engine = make_engine(max_batch_size=4, step_window=3)
+    stats = engine.stats()
+    assert (stats.decoding, stats.batch_bucket, stats.occupancy) == (0, 0, 1.0)
+    assert stats.step_ms_p50 is None and stats.step_ms_p99 is None
+    assert stats.compiled_batch_sizes == () and stats.compile_error is None  # CPU default
+    for i in range(3):
+        engine.add_request(chat_request(f"r{i}", "Describe the picture.", max_tokens=12), {})
+    engine.step()
+    assert engine.stats().step_ms_p50 is None  # prefill only, nothing decoded: no step time
+    while engine.stats().prefilling or engine.stats().waiting:
+        engine.step()
+
+    real_launch = engine.decoder.launch
+
+    def slow_launch(rows):
+        time.sleep(0.5)
+        return real_launch(rows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.decoder, "launch", slow_launch)
+        engine.step()
+    stats = engine.stats()
+    assert (stats.decoding, stats.batch_bucket) == (3, 4)
+    assert stats.occupancy == 0.75
+    assert stats.step_ms_p99 >= 500 and stats.step_ms_p50 <= stats.step_ms_p99
+    for _ in range(3):
+        engine.step()
+    stats = engine.stats()
+    assert stats.step_ms_p99 < 500  # the slow step left the window of three
+    assert 0 < stats.step_ms_p50 <= stats.step_ms_p99
+
+
+def test_greedy_and_seeded_requests_share_a_batch_without_changing_each_other(make_engine):
+    seeded = _sampled_tokens(make_engine, seed=77)
+    greedy = chat_request("g", "Describe the picture.", max_tokens=24)
+    tokens, observer = _tokens_recorder()
+    engine = make_engine(max_batch_size=4, token_observer=observer)
+    batches = []
+    real_launch = engine.decoder.launch
+
+    def launch(rows):
+        batches.append((len(rows.host_ids), rows.sampling is not None))
+        return real_launch(rows)
+
+    engine.decoder.launch = launch
+    engine.add_request(greedy, {})
+    engine.add_request(chat_request("n", "这是哪里？", temperature=1.0, max_tokens=30), {})
+    engine.add_request(
+        chat_request(
+            "s", "Tell me about cats", temperature=1.5, top_p=0.95, seed=77, max_tokens=24
+        ),
+        {},
+    )
+    run_to_completion(engine)
+    assert tokens["s"] == seeded
+    assert tokens["g"] == generate_alone(engine.runner, greedy, {}, max_new_tokens=24)
+    assert (3, True) in batches  # sampling steps with a padded row (bucket of four)
+
+
+def test_a_failed_decode_launch_leaves_the_requests_outside_it_intact(
+    tiny_random_runner, monkeypatch
+):
+    from inference.engine import Engine, EngineConfig
+
+    short = chat_request("short", "Describe the picture.", max_tokens=3)
+    tokens, observer = _tokens_recorder()
+    engine = Engine(
+        tiny_random_runner, EngineConfig(max_batch_size=2, max_seq_len=128, token_observer=observer)
+    )
+    real_launch = engine.decoder.launch
+    launches = []
+
+    def launch(rows):
+        launches.append(len(rows.host_ids))
+        if len(launches) == 3:  # "short" has its last token in flight and is not in this one
+            raise RuntimeError("decode kernel failed")
+        return real_launch(rows)
+
+    monkeypatch.setattr(engine.decoder, "launch", launch)
+    engine.add_request(short, {})
+    engine.add_request(chat_request("long", "这是哪里？", max_tokens=20), {})
+    last = {rid: event for rid, event in run_to_completion(engine)}
+    assert launches[2] == 1 and last["long"].code == ErrorCode.INTERNAL_ERROR
+    assert last["short"].finish_reason == FinishReason.LENGTH
+    assert tokens["short"] == generate_alone(tiny_random_runner, short, {}, max_new_tokens=3)
+
+
+def test_an_idle_engine_admits_a_request_for_every_free_slot_in_one_step(make_engine):
+    engine = make_engine(max_batch_size=4)
+    for i in range(4):
+        engine.add_request(chat_request(f"r{i}", "Hi", max_tokens=5), {})
+    started = [rid for rid, e in engine.step() if isinstance(e, StartEvent)]
+    assert started == ["r0", "r1", "r2", "r3"]

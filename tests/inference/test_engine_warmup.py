@@ -35,10 +35,11 @@ def test_warmup_runs_each_bucket_and_changes_no_output(make_engine):
     engine, tokens = _engine(make_engine)
     seconds = engine.warmup()
     assert seconds > 0 and engine.stats().warmup_seconds == seconds
-    # Batch buckets 1, 2, 4 x KV buckets 64 ... 600 (from 512 on CUDA): each shape ran once.
+    # Batch buckets 1, 2, 4 x KV buckets 64 ... 600 (from 512 on CUDA): each shape ran
+    # twice, greedy and with sampling in the step (each a graph of its own on CUDA).
     kv_lengths = (64, 128, 256, 512, 600)
     assert engine.decoder.kv_lengths == kv_lengths
-    assert engine.decoder.runs == {(b, k): 1 for b in (1, 2, 4) for k in kv_lengths}
+    assert engine.decoder.runs == {(b, k): 2 for b in (1, 2, 4) for k in kv_lengths}
     assert engine.stats().decode_batch_sizes == (1, 2, 4)
     assert not engine.stats().cuda_graphs  # CPU
     assert _run(engine, tokens) == expected
@@ -53,7 +54,7 @@ def test_engine_from_spec_warms_up_unless_told_not_to(tiny_model_dir):
     spec = {"path": str(tiny_model_dir), "device": "cpu", "max_batch_size": 2, "max_seq_len": 64}
     engine = engine_from_spec(spec)
     assert engine.stats().warmup_seconds is not None
-    assert set(engine.decoder.runs) == {(1, 64), (2, 64)}
+    assert engine.decoder.runs == {(1, 64): 2, (2, 64): 2}
     engine.add_request(chat_request("r", "Hi", max_tokens=3), {})
     assert isinstance(run_to_completion(engine)[-1][1], DoneEvent)
     cold = engine_from_spec({**spec, "warmup": False})
@@ -61,32 +62,57 @@ def test_engine_from_spec_warms_up_unless_told_not_to(tiny_model_dir):
 
 
 def test_engine_settings_come_from_the_model_spec():
-    from inference.engine import config_from_spec
+    from inference.engine import EngineConfig, config_from_spec
 
     config = config_from_spec(
         {
             "path": "unused",
             "max_batch_size": 16,
-            "prefill_chunk_tokens": None,
-            "compile_batch_sizes": [1, 8],
+            "max_seq_len": 4096,
+            "prefill_budget_tokens": 512,
+            "idle_prefill_budget_tokens": 4096,
+            "chunk_vision": False,
             "decode_kv_lengths": [512, 2048],
-            "decode_attention": "model",
+            "decode_attention": "flex",
+            "compile_decode": True,
+            "compile_prefill": False,
+            "eager_batch_sizes": [1, 2],
+            "compile_mode": "max-autotune-no-cudagraphs",
             "compile_cache_dir": "/var/cache/inductor",
+            "capture_sampling": False,
             "cuda_graphs": False,
             "gpu_memory_fraction": 0.8,
         }
     )
-    assert config.max_batch_size == 16 and config.prefill_chunk_tokens is None
-    assert config.compile_batch_sizes == (1, 8) and config.decode_kv_lengths == (512, 2048)
-    assert config.decode_attention == "model" and config.compile_cache_dir == "/var/cache/inductor"
-    assert config.cuda_graphs is False and config.gpu_memory_fraction == 0.8
-    assert config_from_spec({"path": "unused"}) == type(config)()
+    assert config == EngineConfig(
+        max_batch_size=16,
+        max_seq_len=4096,
+        prefill_budget_tokens=512,
+        idle_prefill_budget_tokens=4096,
+        chunk_vision=False,
+        decode_kv_lengths=(512, 2048),
+        decode_attention="flex",
+        compile_decode=True,
+        compile_prefill=False,
+        eager_batch_sizes=(1, 2),
+        compile_mode="max-autotune-no-cudagraphs",
+        compile_cache_dir="/var/cache/inductor",
+        capture_sampling=False,
+        cuda_graphs=False,
+        gpu_memory_fraction=0.8,
+    )
+    # null: the field's own None default (decided per device)
+    nulls = config_from_spec({"path": "unused", "max_batch_size": None, "compile_decode": None})
+    assert nulls.max_batch_size is None and nulls.compile_decode is None
+    assert config_from_spec({"path": "unused"}) == EngineConfig()
     with pytest.raises(ValueError):
-        config_from_spec({"path": "unused", "decode_attention": "flash"})
+        config_from_spec({"path": "unused", "decode_attention": "model"})
+    with pytest.raises(ValueError):
+        config_from_spec({"path": "unused", "prefill_budget_tokens": 0})
 
 
 @pytest.mark.slow
-def test_compiled_buckets_keep_their_kernels_in_the_configured_cache(
+def test_compiled_decode_keeps_its_kernels_in_the_configured_cache(
     tiny_runner, tmp_path, monkeypatch
 ):
     """What a restarted worker reuses: inductor's compiled code lands in compile_cache_dir."""
@@ -98,15 +124,17 @@ def test_compiled_buckets_keep_their_kernels_in_the_configured_cache(
     engine = Engine(
         tiny_runner,
         EngineConfig(
-            max_batch_size=2,
+            max_batch_size=1,
             max_seq_len=64,
-            decode_batch_sizes=(1, 2),
-            compile_batch_sizes=(1,),
+            compile_decode=True,
+            capture_sampling=False,
             compile_cache_dir=str(cache_dir),
         ),
     )
     engine.warmup()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir)
     assert any(path.is_file() for path in cache_dir.rglob("*"))
+    stats = engine.stats()
+    assert stats.compiled_batch_sizes == (1,) and stats.compile_error is None
     engine.add_request(chat_request("r", "Hi", max_tokens=3), {})
     assert isinstance(run_to_completion(engine)[-1][1], DoneEvent)

@@ -1,4 +1,4 @@
-"""Slot KV cache views, slot compaction and the start-up slot budget."""
+"""Slot KV cache layout, slot moves and compaction, and the start-up slot budget."""
 
 from __future__ import annotations
 
@@ -37,43 +37,32 @@ def _seq(name, cached_len):
 
 
 def _stamp(cache, slot, value, length):
-    cache.keys[:, slot, :, :length] = value
-    cache.values[:, slot, :, :length] = -value
+    for keys, values in zip(cache.keys, cache.values, strict=True):
+        keys[slot, :, :length] = value
+        values[slot, :, :length] = -value
 
 
 def _holds(cache, slot, value, length):
-    return bool(
-        (cache.keys[:, slot, :, :length] == value).all()
-        and (cache.values[:, slot, :, :length] == -value).all()
+    return all(
+        bool((keys[slot, :, :length] == value).all() and (values[slot, :, :length] == -value).all())
+        for keys, values in zip(cache.keys, cache.values, strict=True)
     )
 
 
-def test_chunk_view_writes_the_chunk_and_reads_the_prefix():
-    cache = _cache()
-    first = torch.ones(1, 2, 5, 3, dtype=torch.float64)
-    keys, values = cache.chunk_view(2, 0, 5).update(first, -first, layer_idx=1)
-    assert keys.shape == (1, 2, 5, 3)
-    second = torch.full((1, 2, 3, 3), 2.0, dtype=torch.float64)
-    keys, _ = cache.chunk_view(2, 5, 8).update(second, -second, layer_idx=1)
-    assert keys.shape == (1, 2, 8, 3)
-    assert keys[0, :, :5].eq(1).all() and keys[0, :, 5:].eq(2).all()
-    assert cache.keys[0].eq(0).all() and cache.keys[1, :2].eq(0).all()  # nothing else written
-    with pytest.raises(ValueError):
-        cache.chunk_view(0, 10, 17)
-
-
-def test_batch_view_writes_each_row_at_its_own_slot_and_position():
-    cache = _cache()
-    slots = torch.tensor([0, 1, cache.scratch])
-    positions = torch.tensor([3, 0, 0])
-    new = torch.arange(1, 4, dtype=torch.float64).view(3, 1, 1, 1).expand(3, 2, 1, 3)
-    keys, _ = cache.batch_view(slots, positions, batch=3, kv_len=8).update(new, new, layer_idx=0)
-    assert keys.shape == (3, 2, 8, 3)
-    assert cache.keys[0, 0, :, 3].eq(1).all() and cache.keys[0, 1, :, 0].eq(2).all()
-    assert cache.keys[0, cache.scratch, :, 0].eq(3).all()
-    assert cache.keys[0, 2].eq(0).all()  # the padded row did not touch slot 2
-    with pytest.raises(NotImplementedError):
-        cache.batch_view(slots, positions, 3, 8).get_seq_length()
+def test_one_buffer_per_layer_with_a_scratch_slot():
+    """The compiled decode layer writes into whole per-layer buffers (a write into a view of
+    one larger tensor would be copied whole); the scratch slot takes padded rows."""
+    cache = _cache(num_slots=4, max_len=16)
+    buffers = [*cache.keys, *cache.values]
+    assert len(cache.keys) == len(cache.values) == 2
+    assert all(t.shape == (5, 2, 16, 3) and t.dtype == torch.float64 for t in buffers)
+    assert len({t.untyped_storage().data_ptr() for t in buffers}) == len(buffers)
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in buffers)
+    assert cache.scratch == 4 and cache.num_slots == 4
+    per_slot = SlotKVCache.bytes_per_slot(
+        num_layers=2, kv_heads=2, max_len=16, head_dim=3, dtype=torch.float64
+    )
+    assert cache.nbytes == 5 * per_slot == 5 * 2 * 2 * 2 * 16 * 3 * 8
 
 
 def test_move_and_swap_copy_exactly():
@@ -84,6 +73,7 @@ def test_move_and_swap_copy_exactly():
     assert _holds(cache, 1, 1.5, 4) and _holds(cache, 0, 1.5, 4)
     cache.swap(1, 4, 3, 7)
     assert _holds(cache, 1, 2.5, 7) and _holds(cache, 3, 1.5, 4)
+    assert _holds(cache, 2, 0.0, 16)  # a slot nobody named is untouched
 
 
 def test_compaction_puts_decode_rows_in_the_low_slots():

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from enginebench import generate, models, report, startup, workloads  # noqa: E402
 from enginebench.mixed import run_mixed  # noqa: E402
-from enginebench.suite import best, suite  # noqa: E402
+from enginebench.suite import best, mixed_settings, suite  # noqa: E402
 
 from inference.engine import Engine, EngineConfig  # noqa: E402
 from inference.engine.runner import ModelRunner  # noqa: E402
@@ -53,16 +53,7 @@ def throughput(args: argparse.Namespace, runner: ModelRunner) -> None:
     )
     prompt = runner.prepare(requests[0].messages, images, thinking=False)
     print(f"prompt tokens={prompt.length} (image tokens={prompt.image_tokens})")
-    engine = Engine(
-        runner,
-        EngineConfig(
-            max_batch_size=max(args.concurrency),
-            max_seq_len=prompt.length + args.new_tokens,
-            prefills_per_step=args.prefills_per_step,
-            prefill_chunk_tokens=args.chunk,
-            preprocess_threads=args.preprocess_threads,
-        ),
-    )
+    engine = Engine(runner, _config(args, max_batch_size=max(args.concurrency)))
     print(f"engine warm-up {engine.warmup():.2f}s ({len(engine.decoder.shapes)} decode shapes)")
     static = {"cache_implementation": "static"}
     paths = {
@@ -117,22 +108,22 @@ def mixed(args: argparse.Namespace, runner: ModelRunner) -> None:
         f"{what}, one every {args.large_every} steps"
     )
     header = (
-        f"{'prefill chunk':>13} | {'ITL before p50':>14} | {'ITL p50':>8} | {'ITL p99':>8} | "
+        f"{'budget':>10} | {'ITL before p50':>14} | {'ITL p50':>8} | {'ITL p99':>8} | "
         f"{'ITL max':>8} | {'large TTFT mean':>15} | {'large TTFT max':>14}"
     )
     printed = False
-    for chunk in (args.chunk, None):
+    for budget in args.mixed_budgets:
+        config = _config(args, **mixed_settings(budget))
         runs = [
             run_mixed(
                 runner,
-                chunk=chunk,
+                config=config,
                 streams=args.streams,
                 size=args.large_image,
                 count=args.large_count,
                 every=args.large_every,
                 kind=args.large_kind,
                 question_tokens=args.question_tokens,
-                preprocess_threads=args.preprocess_threads,
             )
             for _ in range(args.repeat)
         ]
@@ -143,10 +134,21 @@ def mixed(args: argparse.Namespace, runner: ModelRunner) -> None:
             print("-" * len(header))
             printed = True
         print(
-            f"{chunk or 'off':>13} | {r['before_p50'] * 1e3:>12.1f}ms | {r['p50'] * 1e3:>6.1f}ms | "
+            f"{budget:>10} | {r['before_p50'] * 1e3:>12.1f}ms | {r['p50'] * 1e3:>6.1f}ms | "
             f"{r['p99'] * 1e3:>6.1f}ms | {r['max'] * 1e3:>6.1f}ms | "
             f"{r['ttft_mean'] * 1e3:>13.1f}ms | {r['ttft_max'] * 1e3:>12.1f}ms"
         )
+
+
+def _config(args: argparse.Namespace, **changes: object) -> EngineConfig:
+    """The engine's defaults with the command line's prefill and image-thread settings."""
+    values: dict[str, object] = {"preprocess_threads": args.preprocess_threads}
+    if args.prefill_budget is not None:
+        values["prefill_budget_tokens"] = args.prefill_budget
+    if args.chunk_vision is not None:
+        values["chunk_vision"] = args.chunk_vision == "on"
+    values.update(changes)
+    return EngineConfig(**values)  # type: ignore[arg-type]
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,14 +168,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=672)
     parser.add_argument("--question-tokens", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prefills-per-step", type=int, default=1)
-    parser.add_argument("--chunk", type=int, default=1024, help="prefill_chunk_tokens")
+    parser.add_argument(
+        "--prefill-budget", type=int, help="prefill_budget_tokens (default: the engine's)"
+    )
+    parser.add_argument(
+        "--chunk-vision", choices=["on", "off"], help="spread vision passes over steps"
+    )
     parser.add_argument(
         "--preprocess-threads", type=int, help="engine image threads (default: its own)"
     )
     parser.add_argument("--naive", choices=["batch", "sequential"], default="batch")
     parser.add_argument("--streams", type=int, default=8, help="mixed: running streams")
-    parser.add_argument("--large-image", type=int, default=1344, help="mixed: image px")
+    parser.add_argument("--large-image", type=int, default=2016, help="mixed: image px")
     parser.add_argument("--large-count", type=int, default=4)
     parser.add_argument(
         "--large-kind",
@@ -189,16 +195,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", help="suite: folder for engine-bench.jsonl/.md and profiles")
     parser.add_argument("--budget-s", type=float, help="suite: stop starting stages after this")
     parser.add_argument("--steps", type=int, default=50, help="suite: timed decode steps")
-    parser.add_argument("--sustained-requests", type=int, help="suite: default 5 x concurrency")
-    parser.add_argument("--static-batches", type=int, nargs="*", default=[1, 32, 8])
-    parser.add_argument("--mixed-sizes", type=int, nargs="*", default=[1344, 2016])
+    parser.add_argument("--sustained-requests", type=int, help="suite: default 5 x in flight")
     parser.add_argument(
-        "--skip", nargs="*", default=[], help="suite: engine naive compiled startup static mixed"
+        "--sustained", type=int, nargs="*", default=[32, 128], help="suite: closed loops"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 8, 32, 128], help="suite: decode steps"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["flex:compiled", "grouped:eager"],
+        help="suite: other decode kernels, ATTENTION:compiled|eager",
+    )
+    parser.add_argument("--images", type=int, default=64, help="suite: distinct images")
+    parser.add_argument("--static-batches", type=int, nargs="*", default=[32])
+    parser.add_argument("--mixed-sizes", type=int, nargs="*", default=[2016])
+    parser.add_argument(
+        "--mixed-budgets",
+        nargs="*",
+        default=["1024", "2048", "4096", "off"],
+        help="mixed: prefill budgets in tokens, or off (no chunking)",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="suite: check kernels variants engine naive static startup mixed profile",
     )
     parser.add_argument("--scratch", help="suite: where the start-to-ready checkpoint is saved")
     # startup-child
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--compile-cache-dir", help="startup-child: inductor cache folder")
     # render
     parser.add_argument(
         "--render", nargs="+", help="render: recorded engine-bench.jsonl files (of one device)"
@@ -211,12 +238,7 @@ def main() -> None:
     args = parse_args()
     args.process_started = PROCESS_STARTED
     if args.mode == "startup-child":
-        startup.child_main(
-            args.model,
-            device=args.device,
-            max_batch_size=args.max_batch_size,
-            max_seq_len=args.max_seq_len,
-        )
+        startup.child_main(args.model, device=args.device, compile_cache_dir=args.compile_cache_dir)
         return
     if args.mode == "render":
         markdown = report.render([r for path in args.render for r in report.load(Path(path))])
@@ -237,7 +259,7 @@ def main() -> None:
             f"device={runner.device_name} dtype={str(runner.dtype).removeprefix('torch.')} "
             f"layers={runner.num_layers} image={args.image_size}px "
             f"question~{args.question_tokens} tokens new={args.new_tokens} naive={args.naive} "
-            f"prefills/step={args.prefills_per_step} chunk={args.chunk} "
+            f"prefill_budget={args.prefill_budget} chunk_vision={args.chunk_vision} "
             f"preprocess_threads={args.preprocess_threads} torch={torch.__version__} "
             f"threads={torch.get_num_threads()}"
         )

@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
 # The GPU-speed benchmark on a lent GPU host (the device tool), in two calls that fit one
-# session's device time (a machine start, then ~7.5 and ~5.5 minutes):
+# session's device time (15 minutes, machine starts included):
 #   here:   bash scripts/device-wheels.sh
-#   device: run(command="bash scripts/device-bench.sh 1", carry=[".whl"], timeout_s=570)
-#           run(command="BUDGET_S=300 bash scripts/device-bench.sh 2", carry=[".whl"],
+#   device: run(command="BUDGET_S=500 bash scripts/device-bench.sh 1", carry=[".whl"],
+#               timeout_s=590)
+#           run(command="BUDGET_S=330 bash scripts/device-bench.sh 2", carry=[".whl"],
 #               timeout_s=400)   # lower BUDGET_S to what status's budget_left_s allows
 # then, here, with the files each call brought back:
 #   .venv/bin/python benchmarks/engine.py --mode render \
 #       --render CALL1/engine-bench.jsonl CALL2/engine-bench.jsonl --docs docs/benchmarks.md
-# Part 1: the engine's figures, naive generate, start to ready, compiled decode buckets and
-# last a profile. Part 2: the static-cache baseline at batch 1 and 32 (each batch size
-# costs transformers a compile of a minute or two; batch 8 is left to the notes' anchor)
-# and mixed load with 2016 px images. Each part's stages are bounded by BUDGET_S (seconds
-# from the benchmark's process start within which stages start; the defaults leave the
-# call time to finish its last stage and write its files). Extra arguments go to
-# benchmarks/engine.py. MODEL_ARGS chooses the model (default: the random full-size
-# GLM-4.6V-Flash; the tests use the tiny one); WHEELS= (empty) skips the carried wheels.
+# Part 1, the engine: its fast paths checked against the model's own forward, the prefill
+# parts timed against the model's own, decode kernel variants beside the default (attention
+# kernel x compiled or eager), the engine at its defaults (decode and engine steps, one
+# request, TTFT by stage, requests at once, closed loops at 32 and 128 in flight), mixed
+# load at several prefill budgets, and last a profile. Part 2, what does not depend on the
+# engine's tuning: naive generate, the static cache at batch 32 (each batch size costs
+# transformers a compile of a minute or two) and worker start to ready (cold and warm
+# compile cache). Each part's stages are bounded by BUDGET_S (seconds from the benchmark's
+# process start within which stages start). Extra arguments go to benchmarks/engine.py
+# (a later --skip replaces the part's). MODEL_ARGS chooses the model (default: the random
+# full-size GLM-4.6V-Flash; the tests use the tiny one); WHEELS= (empty) skips the wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-1}
 [ $# -gt 0 ] && shift
 case "$part" in
-  1) part_args=(--skip static mixed); budget=${BUDGET_S:-420} ;;
-  2) part_args=(--skip engine naive compiled startup --static-batches 1 32 --mixed-sizes 2016)
-     budget=${BUDGET_S:-300} ;;
+  1) part_args=(--skip naive static startup --variants flex:compiled grouped:eager
+                --mixed-budgets 1024 2048 4096 off)
+     budget=${BUDGET_S:-500} ;;
+  2) part_args=(--skip check kernels variants engine mixed)
+     budget=${BUDGET_S:-330} ;;
   all) part_args=(); budget=${BUDGET_S:-3600} ;;
   *) echo "usage: $0 [1|2|all] [benchmarks/engine.py arguments]" >&2; exit 2 ;;
 esac

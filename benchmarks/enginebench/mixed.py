@@ -1,8 +1,8 @@
-"""Inter-token latency of running streams while large prompts arrive (chunked prefill).
+"""Inter-token latency of running streams while large prompts arrive (the prefill budget).
 
 ``streams`` text requests decode; once they all stream, one large request (a ``size`` px
-image, or as many text tokens with ``kind="text"``: the prefill without a vision pass,
-which chunking cannot split) arrives every ``every`` steps until ``count`` have come.
+image, or as many text tokens with ``kind="text"``: the prefill without a vision pass)
+arrives every ``every`` steps until ``count`` have come.
 Reported: p50/p99/max of the gaps between consecutive tokens of the running streams from the
 first arrival to the last large request's first token, the same gap before any arrival
 (the plain decode step), and the large requests' TTFT.
@@ -10,6 +10,7 @@ first arrival to the last large request's first token, the same gap before any a
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -23,15 +24,16 @@ from .workloads import make_request, percentile, png, question, sync
 def run_mixed(
     runner: ModelRunner,
     *,
-    chunk: int | None,
+    config: EngineConfig,
     streams: int = 8,
     size: int = 1344,
     count: int = 4,
     every: int = 10,
     kind: str = "image",
     question_tokens: int = 30,
-    preprocess_threads: int | None = None,
 ) -> dict[str, Any]:
+    """One mixed-load run on an engine with ``config`` (its batch limit and context are set
+    here to what the run needs)."""
     text = question(runner.tokenizer, question_tokens)
     large_new = 8
     if kind == "image":
@@ -55,11 +57,10 @@ def run_mixed(
     stamps: dict[str, list[float]] = {}
     engine = Engine(
         runner,
-        EngineConfig(
+        dataclasses.replace(
+            config,
             max_batch_size=streams + count,
-            max_seq_len=max_seq_len,
-            prefill_chunk_tokens=chunk,
-            preprocess_threads=preprocess_threads,
+            max_seq_len=max(config.max_seq_len, max_seq_len),
             token_observer=lambda rid, tok: stamps.setdefault(rid, []).append(time.perf_counter()),
         ),
     )
@@ -103,7 +104,8 @@ def run_mixed(
     return {
         "kind": kind,
         "size": size,
-        "chunk": chunk,
+        "prefill_budget": config.prefill_budget_tokens,
+        "chunk_vision": config.chunk_vision,
         "streams": streams,
         "large_prompt": large_len,
         "warmup_s": warmup_s,

@@ -94,7 +94,10 @@ def save_checkpoint(runner: ModelRunner, tiny_dir: Path, out_dir: Path) -> Path:
     for path in tiny_dir.iterdir():
         if path.is_file() and path.suffix != ".safetensors":
             shutil.copy(path, out_dir / path.name)
-    runner.model.save_pretrained(out_dir)
+    # The engine's fused projections made some weights views of one tensor; the file gets
+    # each as its own tensor, as in a real checkpoint (copied to the host one at a time).
+    state = {name: t.detach().to("cpu", copy=True) for name, t in runner.model.state_dict().items()}
+    runner.model.save_pretrained(out_dir, state_dict=state)
     return out_dir
 
 

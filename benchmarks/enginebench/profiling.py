@@ -1,9 +1,10 @@
 """Where the time of a request goes: the stages of a first token, and a decode step's kernels.
 
 - ``ttft_stages``: one standard request's way to its first token, stage by stage, device
-  synchronised after each (image decode + preprocess, prompt build, vision tower, input
-  embeddings and M-RoPE positions, text prefill, ``lm_head`` and sampling), into a free slot
-  of an idle engine; the sum is a TTFT without queueing;
+  synchronised after each (image decode on the CPU, prompt build, the image's upload and
+  resize/normalise/patchify on the device, vision tower, input embeddings and M-RoPE
+  positions, text prefill, ``lm_head`` and sampling), into a free slot of an idle engine;
+  the sum is a TTFT without queueing;
 - ``decode_profile``: ``torch.profiler`` over engine steps that decode ``batch`` rows: device
   kernel time per step against wall time per step (what is left is host work: Python,
   launches, sampling, detokenising), and the kernels that take the most time.
@@ -20,7 +21,9 @@ from typing import Any
 import torch
 
 from inference.engine import Engine
+from inference.engine.runner import EncodedImages
 from inference.engine.sampling import RowSampler, sample
+from inference.engine.vision_forward import VisionPass
 from inference.protocol import InferenceRequest
 
 from .workloads import Images, decoding, sync, timed_steps
@@ -43,15 +46,31 @@ def ttft_stages(engine: Engine, request: InferenceRequest, images: Images) -> di
 
     with torch.inference_mode():
         processed = timed(
-            "image decode + preprocess",
+            "image decode (CPU)",
             lambda: runner.process_images(request.messages, images, scope=request.tenant_id),
         )
         prompt = timed(
             "prompt (template, tokens)",
             lambda: runner.build_prompt(request.messages, processed, thinking=False),
         )
-        [encoded] = timed("vision tower", lambda: runner.encode_images([prompt], None))
-        job = timed("embeddings + M-RoPE", lambda: runner.begin_prefill(prompt, encoded))
+        pixels = timed(
+            "image upload, resize, normalise (device)",
+            lambda: torch.cat(
+                [i.model_pixels(device=device, dtype=runner.dtype) for i in prompt.images]
+            ),
+        )
+        grids = torch.stack([image.grid_thw for image in prompt.images])
+
+        def vision() -> list[torch.Tensor]:
+            vision_pass = VisionPass(runner.vision_weights, pixels, grids)
+            vision_pass.run(vision_pass.weights.depth)
+            return vision_pass.finish()
+
+        embeddings = timed("vision tower", vision)
+        job = timed(
+            "embeddings + M-RoPE",
+            lambda: runner.begin_prefill(prompt, EncodedImages(embeddings)),
+        )
         logits = timed(
             "text prefill + lm_head",
             lambda: runner.prefill_chunk(engine.cache, job, 0, job.length),

@@ -21,14 +21,10 @@ _MARK = "STARTUP-RESULT "
 
 
 def measure_startup(
-    checkpoint: Path,
-    *,
-    max_batch_size: int,
-    max_seq_len: int,
-    device: str,
-    timeout_s: float,
+    checkpoint: Path, *, device: str, compile_cache_dir: str, timeout_s: float
 ) -> dict[str, Any]:
-    """Seconds from spawning a process to its warmed engine, with the child's breakdown."""
+    """Seconds from spawning a process to its warmed engine (the engine's default settings,
+    compiled kernels cached in ``compile_cache_dir``), with the child's breakdown."""
     command = [
         sys.executable,
         str(ENTRY),
@@ -38,10 +34,8 @@ def measure_startup(
         str(checkpoint),
         "--device",
         device,
-        "--max-batch-size",
-        str(max_batch_size),
-        "--max-seq-len",
-        str(max_seq_len),
+        "--compile-cache-dir",
+        compile_cache_dir,
     ]
     spawned = time.time()
     done = subprocess.run(
@@ -59,15 +53,20 @@ def measure_startup(
         "load_s": child["load_s"],
         "warmup_s": child["warmup_s"],
         "device": child["device"],
+        "max_batch_size": child["max_batch_size"],
+        "max_seq_len": child["max_seq_len"],
+        "shapes": child["shapes"],
+        "compiled_buckets": child["compiled_buckets"],
+        "compile_error": child["compile_error"],
     }
 
 
-def child_main(checkpoint: str, *, device: str, max_batch_size: int, max_seq_len: int) -> None:
+def child_main(checkpoint: str, *, device: str, compile_cache_dir: str) -> None:
     """The child's side: import, load, warm up, print one result line."""
     imported_at = time.time()
     from inference.engine import EngineConfig, engine_from_spec
 
-    config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    config = EngineConfig(compile_cache_dir=compile_cache_dir)
     started = time.perf_counter()
     engine = engine_from_spec({"path": checkpoint, "device": device}, config)
     total = time.perf_counter() - started
@@ -79,5 +78,10 @@ def child_main(checkpoint: str, *, device: str, max_batch_size: int, max_seq_len
         "load_s": total - warmup,
         "warmup_s": warmup,
         "device": engine.runner.device_name,
+        "max_batch_size": engine.batch_limit,
+        "max_seq_len": engine.config.max_seq_len,
+        "shapes": len(engine.decoder.shapes),
+        "compiled_buckets": list(engine.decoder.compiled_batch_sizes),
+        "compile_error": engine.decoder.compile_error,
     }
     print(_MARK + json.dumps(result), flush=True)

@@ -1,26 +1,39 @@
-"""The GPU-speed issue's figures in one budgeted run (``benchmarks/engine.py --mode suite``).
+"""The GPU-speed issues' figures in one budgeted run (``benchmarks/engine.py --mode suite``).
 
-Stages, in order of importance (a stage that no longer fits ``--budget-s``, counted from
-the process start, is recorded as skipped; one that fails is recorded as an error and the
-run goes on):
+Stages, in this order (``--skip`` leaves some to another call; a stage that no longer fits
+``--budget-s``, counted from the process start, is recorded as skipped; one that fails is
+recorded as an error and the run goes on):
 
-1. the engine at its defaults, warmed (on CUDA every decode shape captured as a graph; if
-   that fails, once more without graphs): decode step alone by batch, one request alone,
-   TTFT by stage, engine steps by batch, all requests at once, a closed loop at full
-   concurrency;
-2. naive ``model.generate`` (one left-padded batch);
-3. worker start to ready in a fresh process (the full-size random model is saved first);
-4. the decode steps again with ``compile_batch_sizes`` on the measured buckets;
-5. ``generate(cache_implementation="static")``: its compile run timed apart, per batch;
-6. mixed load: inter-token latency while large images arrive, chunked prefill and not;
-7. last, a profile of a decode step of the engine of stage 1 (starting the CUDA profiler
-   after graph capture has broken CUDA contexts on some versions: nothing comes after it).
+1. ``check``: the fast paths (vision pass, packed prefill, the default decode step) against
+   the model's own forward for the standard request (relative errors);
+2. ``kernels``: the vision tower and the text prefill of the standard request, ours and the
+   model's own, a large image's vision pass, and packed prefills of several prompts;
+3. ``variants``: engines with other decode kernels (``--variants``, e.g. ``flex:compiled``,
+   ``grouped:eager``): the decode step by batch and an engine step at the largest batch,
+   each after its own agreement check, so the defaults are chosen from measurements;
+4. ``engine``: the engine at its defaults (as a worker runs it; on CUDA every decode shape
+   compiled and captured): decode step by batch, engine step by batch, one request alone,
+   TTFT by stage, requests submitted at once (``--concurrency``), closed loops
+   (``--sustained``);
+5. ``naive``: ``model.generate`` (one left-padded batch per ``--concurrency``);
+6. ``static``: ``generate(cache_implementation="static")``, its compile run timed apart,
+   per ``--static-batches``;
+7. ``startup``: worker start to ready in fresh processes (the random model saved first),
+   with an empty compile cache (cold), then with the cache the first one left (warm);
+8. ``mixed``: inter-token latency of running streams while large images arrive, per
+   ``--mixed-budgets`` (a prefill budget in tokens, or ``off``: no chunking at all);
+9. last, ``profile``: a decode step of the stage-4 engine (starting the CUDA profiler after
+   graph capture has broken CUDA contexts on some versions: nothing comes after it).
+
+Every engine here runs with the image-embedding cache off: the requests reuse a pool of
+``--images`` distinct images, and each must still pay its own vision pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import shutil
 import statistics
 import subprocess
@@ -28,30 +41,35 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from inference.engine import Engine, EngineConfig
 
-from . import generate, models, report, startup, workloads
+from . import generate, kernels, models, report, startup, workloads
 from .mixed import run_mixed
 from .profiling import decode_profile, ttft_stages
 
-# Rough seconds per stage on an H100/H200 with the full-size model (for the time budget).
+# Rough seconds per stage on an H200 with the full-size model (for the time budget).
 GPU_ESTIMATES = {
-    "engine build": 30,  # KV slots, a warm-up prefill, a graph per decode shape
-    "decode steps": 20,
-    "engine alone": 5,
-    "ttft stages": 3,
-    "engine batches": 15,
-    "sustained": 30,
+    "check": 10,
+    "kernels": 15,
+    "variant": 70,  # per variant: compile (once per kernel), capture, steps
+    "engine build": 60,  # compile the decode layer, capture every shape
+    "decode steps": 10,
+    "engine steps": 15,
+    "engine alone": 3,
+    "ttft stages": 2,
+    "engine batches": 10,
+    "sustained": 25,  # per closed loop
     "profile": 15,
-    "naive": 40,
-    "compiled": 90,
-    "startup": 90,
+    "naive": 30,
+    "startup": 150,  # save the checkpoint, then a cold and a warm start
     "static": 120,  # per batch size: transformers compiles its decode step for each
-    "mixed": 45,  # all four runs
+    "mixed": 12,  # per budget
 }
+STAGES = ("check", "kernels", "variants", "engine", "naive", "static", "startup", "mixed")
 
 
 def best(results: list[dict], key: str = "wall") -> dict:
@@ -75,6 +93,14 @@ def _commit() -> str:
         return "unknown"
 
 
+def parse_variant(text: str) -> dict[str, Any]:
+    """``attention:compiled`` or ``attention:eager`` -> EngineConfig fields."""
+    attention, _, mode = text.partition(":")
+    if mode not in ("compiled", "eager"):
+        raise ValueError(f"variant {text!r}: use ATTENTION:compiled or ATTENTION:eager")
+    return {"decode_attention": attention, "compile_decode": mode == "compiled"}
+
+
 # ---------------------------------------------------------------------------- suite
 def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     """Run every stage that fits; records to ``--out``, Markdown printed at the end."""
@@ -84,11 +110,13 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     built = time.perf_counter()
     runner = models.without_eos(models.runner_from_args(args, tiny_dir))
     build_s = time.perf_counter() - built
+    cuda = runner.device.type == "cuda"
     text = workloads.question(runner.tokenizer, args.question_tokens)
-    top = max(args.concurrency)
-    n_sustained = args.sustained_requests or 5 * top
+    closed = [n for n in args.sustained if n > 0]
+    top = max([*args.concurrency, *closed, *args.batches])
+    n_requests = max(top, *(args.sustained_requests or 5 * n for n in closed or [0]))
     requests, images = workloads.make_requests(
-        max(top, n_sustained), args.image_size, text, args.new_tokens
+        n_requests, args.image_size, text, args.new_tokens, distinct=args.images
     )
     prompt = runner.prepare(requests[0].messages, images, thinking=False)
     import transformers
@@ -111,33 +139,34 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
         command=" ".join(["python3", *sys.argv]),
     )
     print(f"model ready in {build_s:.1f}s; prompt {prompt.length} tokens", flush=True)
-    # Room for the standard request, and for the timed decode steps of one request.
-    max_seq_len = prompt.length + max(args.new_tokens, args.steps + 12)
+    position = prompt.length + 32  # where the timed decode steps write
 
-    def build_engine(**config: object) -> tuple[Engine, float]:
-        engine = Engine(
-            runner,
-            EngineConfig(
-                max_batch_size=top,
-                max_seq_len=max_seq_len,
-                prefill_chunk_tokens=args.chunk,
-                preprocess_threads=args.preprocess_threads,
-                **config,  # type: ignore[arg-type]
-            ),
-        )
+    def engine_config(**changes: Any) -> EngineConfig:
+        """The defaults a worker runs with, but the batch limit this run needs, the image
+        cache off and the command line's prefill settings."""
+        values: dict[str, Any] = {
+            "max_batch_size": max(top, EngineConfig().max_batch_size or 0) if cuda else top,
+            "image_cache_bytes": 0,
+            "preprocess_threads": args.preprocess_threads,
+        }
+        if args.prefill_budget is not None:
+            values["prefill_budget_tokens"] = args.prefill_budget
+        if args.chunk_vision is not None:
+            values["chunk_vision"] = args.chunk_vision == "on"
+        if not cuda:  # the tiny model's CPU run keeps the KV small
+            values["max_seq_len"] = max(2048, prompt.length + args.new_tokens + 64)
+        values.update(changes)
+        return EngineConfig(**values)
+
+    def build_engine(**changes: Any) -> tuple[Engine, float]:
+        engine = Engine(runner, engine_config(**changes))
         return engine, engine.warmup()
 
-    batches = sorted({b for b in (1, 8, 32) if b <= top} | {top})
-
-    def main_engine() -> Engine:
-        return engines[0]
-
-    def step_times(engine: Engine, variant: str) -> None:
-        """The decode step alone, then the whole engine step, per batch."""
+    def step_times(
+        engine: Engine, variant: str, batches: list[int], engine_batches: list[int]
+    ) -> None:
         for b in batches:
-            t = workloads.decoder_step_times(
-                engine, batch=b, position=prompt.length + args.new_tokens // 2, repeats=args.steps
-            )
+            t = workloads.decoder_step_times(engine, batch=b, position=position, repeats=args.steps)
             rec.add(
                 "decoder_step",
                 variant=variant,
@@ -145,7 +174,7 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 wall_median_s=statistics.median(t["wall"]),
                 device_median_s=statistics.median(t["device"]) if t["device"] else None,
             )
-        for b in batches:
+        for b in engine_batches:
             t = workloads.engine_step_times(
                 engine, requests[:b], images, steps=args.steps, tag=f"{variant}{b}"
             )
@@ -156,6 +185,47 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 median_s=statistics.median(t),
                 p90_s=workloads.percentile(t, 0.9),
             )
+
+    reference: dict[str, Any] = {}
+
+    def agreement(engine: Engine, variant: str) -> None:
+        result, reference["value"] = kernels.fast_path_check(
+            engine, requests[0], images, reference.get("value")
+        )
+        rec.add("check", variant=variant, **result)
+
+    engines: list[Engine] = []
+
+    def main_engine() -> Engine:
+        return engines[0]
+
+    def default_engine() -> None:
+        """The engine at its defaults, warmed. If its warm-up fails (on CUDA: the graph
+        capture), once more without CUDA graphs, so that the other figures still come."""
+        try:
+            engine, warmup_s = build_engine()
+        except Exception as exc:
+            if not cuda:
+                raise
+            rec.add("error", what="engine build", message=f"{type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
+            engine, warmup_s = build_engine(cuda_graphs=False)
+        stats = engine.stats()
+        rec.add(
+            "engine_build",
+            warmup_s=warmup_s,
+            shapes=len(engine.decoder.shapes),
+            graphs=stats.cuda_graphs,
+            slots=stats.kv_capacity_tokens // engine.config.max_seq_len,
+            max_seq_len=engine.config.max_seq_len,
+            batch_buckets=list(stats.decode_batch_sizes),
+            compiled_buckets=list(stats.compiled_batch_sizes),
+            compile_error=stats.compile_error,
+            attention=engine.config.decode_attention,
+            prefill_budget=engine.config.prefill_budget_tokens,
+            chunk_vision=engine.config.chunk_vision,
+        )
+        engines.append(engine)
 
     def engine_runs(n: int) -> None:
         """``n`` requests submitted at once, the fastest of ``--repeat`` runs."""
@@ -168,17 +238,19 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     def stages() -> None:
         rec.add("ttft_stages", stages=ttft_stages(main_engine(), requests[0], images))
 
-    def sustained() -> None:
+    def sustained(concurrency: int) -> None:
+        count = args.sustained_requests or 5 * concurrency
         result = workloads.run_sustained(
-            main_engine(), requests[:n_sustained], images, concurrency=top, tag="sustained"
+            main_engine(), requests[:count], images, concurrency=concurrency, tag=f"s{concurrency}"
         )
         rec.add("sustained", **result)
 
     def profile() -> None:
         table = out / "profile-decode.txt" if out else None
+        batch = 32 if top >= 32 else top
         result = decode_profile(
             main_engine(),
-            requests[:top],
+            requests[:batch],
             images,
             steps=min(args.steps, 20),
             tag="prof",
@@ -186,14 +258,43 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
         )
         rec.add("profile", **result)
 
-    def compiled_steps() -> None:
-        """The same steps with the decode parts compiled for each measured batch bucket."""
-        compiled, seconds = build_engine(
-            decode_batch_sizes=tuple(batches), compile_batch_sizes=tuple(batches)
+    def check() -> None:
+        sizes = ((1000, 750), (57, 93), (2016, 1512))
+        rec.add("pixel_check", sizes=sizes, **kernels.pixel_check(runner, sizes))
+        engine, _ = build_engine(max_batch_size=1, capture_sampling=False)
+        agreement(engine, "default")
+        engine.close()
+
+    def kernel_timings() -> None:
+        rec.add(
+            "kernels",
+            **kernels.prefill_timings(
+                runner, requests[0], images, large_size=args.large_image, repeats=args.repeat + 3
+            ),
         )
-        rec.add("compiled_build", warmup_s=seconds, batches=batches)
-        step_times(compiled, "compiled")
-        compiled.close()
+
+    def variants() -> None:
+        for name in args.variants:
+            if not rec.allows(f"variant {name}", estimate["variant"]):
+                continue
+            started = time.perf_counter()
+            engine, warmup_s = build_engine(capture_sampling=False, **parse_variant(name))
+            stats = engine.stats()
+            rec.add(
+                "variant_build",
+                variant=name,
+                warmup_s=warmup_s,
+                seconds=time.perf_counter() - started,
+                compiled_buckets=list(stats.compiled_batch_sizes),
+                compile_error=stats.compile_error,
+            )
+            agreement(engine, name)
+            step_times(engine, name, list(args.batches), [max(args.batches)])
+            engine.close()
+            del engine
+            gc.collect()  # the engine's graphs and KV buffers, before the next one allocates
+            if cuda:
+                torch.cuda.empty_cache()
 
     def naive() -> None:
         for n in args.concurrency:
@@ -219,18 +320,19 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
                 else Path(args.model or tiny_dir)
             )
             save_s = time.perf_counter() - saved
-            # Just written, so the weights load from the page cache: a warm-disk start.
-            # A serving configuration: the default context per slot (4096 tokens), so the
-            # warm-up captures every batch bucket x KV bucket a worker would.
-            serving_len = max(EngineConfig().max_seq_len, max_seq_len)
-            result = startup.measure_startup(
-                checkpoint,
-                max_batch_size=top,
-                max_seq_len=serving_len,
-                device=str(runner.device),
-                timeout_s=max(60.0, (args.budget_s or 3600) - rec.elapsed),
-            )
-        rec.add("startup", save_s=save_s, max_seq_len=serving_len, **result)
+            compile_cache = Path(scratch) / "compile-cache"
+            # Just written, so the weights load from the page cache: a warm-disk start. A
+            # serving configuration: the engine's defaults (batch limit, context per slot).
+            for cache_state in ("cold", "warm"):
+                if not rec.allows(f"startup {cache_state}", estimate["startup"] / 3):
+                    continue
+                result = startup.measure_startup(
+                    checkpoint,
+                    device=str(runner.device),
+                    compile_cache_dir=str(compile_cache),
+                    timeout_s=max(60.0, (args.budget_s or 3600) - rec.elapsed),
+                )
+                rec.add("startup", save_s=save_s, compile_cache=cache_state, **result)
 
     def static() -> None:
         extra = {"cache_implementation": "static"}
@@ -252,78 +354,71 @@ def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
 
     def mixed() -> None:
         for size in args.mixed_sizes:
-            for chunk in (args.chunk, None):
-                if not rec.allows(f"mixed {size}px chunk={chunk}", estimate["mixed"] / 4):
+            for budget in args.mixed_budgets:
+                if not rec.allows(f"mixed {size}px budget={budget}", estimate["mixed"]):
                     continue
                 result = run_mixed(
                     runner,
-                    chunk=chunk,
+                    config=engine_config(
+                        **mixed_settings(budget), capture_sampling=False, max_batch_size=None
+                    ),
                     size=size,
                     streams=args.streams,
                     count=args.large_count,
                     question_tokens=args.question_tokens,
-                    preprocess_threads=args.preprocess_threads,
                 )
-                rec.add("mixed", **result)
+                rec.add("mixed", budget=budget, **result)
 
-    engines: list[Engine] = []
-
-    def default_engine() -> None:
-        """The engine at its defaults, warmed. If its warm-up fails (on CUDA: the graph
-        capture), once more without CUDA graphs, so that the other figures still come."""
-        try:
-            engine, warmup_s = build_engine()
-        except Exception as exc:
-            if runner.device.type != "cuda":
-                raise
-            rec.add("error", what="engine build", message=f"{type(exc).__name__}: {exc}")
-            torch.cuda.empty_cache()
-            engine, warmup_s = build_engine(cuda_graphs=False)
-        stats = engine.stats()
-        rec.add(
-            "engine_build",
-            warmup_s=warmup_s,
-            shapes=len(engine.decoder.shapes),
-            graphs=stats.cuda_graphs,
-            slots=stats.kv_capacity_tokens // engine.config.max_seq_len,
-            batch_buckets=list(stats.decode_batch_sizes),
-        )
-        engines.append(engine)
-
-    # In order of importance. The profile comes last: starting the CUDA profiler after
-    # graphs were captured has broken CUDA contexts on some versions (pytorch#75504).
     engine_plan = [
-        ("decode steps", lambda: step_times(main_engine(), "default")),
+        ("decode steps", lambda: step_times(main_engine(), "default", list(args.batches), [])),
+        ("engine steps", lambda: step_times(main_engine(), "default", [], list(args.batches))),
         ("engine alone", lambda: engine_runs(1)),
         ("ttft stages", stages),
         ("engine batches", lambda: [engine_runs(n) for n in args.concurrency if n > 1]),
-        ("sustained", sustained),
+        *((f"sustained {n}", lambda n=n: sustained(n)) for n in closed),
     ]
-    later = [
-        ("naive", naive),
-        ("startup", start_to_ready),
-        ("compiled", compiled_steps),
-        ("static", static),
-        ("mixed", mixed),
+    plan = [
+        ("check", check, estimate["check"]),
+        ("kernels", kernel_timings, estimate["kernels"]),
+        ("variants", variants, 0),  # checks the budget before each variant
     ]
+    for name, fn, cost in plan:
+        if name in args.skip:
+            rec.add("skipped", what=name, reason="--skip")
+        else:
+            rec.stage(name, cost, fn)
+            if cuda:
+                torch.cuda.empty_cache()
     if "engine" in args.skip:
         rec.add("skipped", what="engine", reason="--skip")
     elif rec.stage("engine build", estimate["engine build"], default_engine):
         for name, fn in engine_plan:
-            rec.stage(name, estimate[name], fn)
+            key = "sustained" if name.startswith("sustained") else name
+            rec.stage(name, estimate[key], fn)
+    later = [("naive", naive), ("static", static), ("startup", start_to_ready), ("mixed", mixed)]
     for name, fn in later:
         if name in args.skip:
             rec.add("skipped", what=name, reason="--skip")
             continue
-        # static and mixed check the budget before each of their runs
-        rec.stage(name, 0 if name in ("static", "mixed") else estimate[name], fn)
-        if runner.device.type == "cuda":
+        # static, startup and mixed check the budget before each of their runs
+        rec.stage(name, estimate[name] if name == "naive" else 0, fn)
+        if cuda:
             torch.cuda.empty_cache()
     if engines:
-        rec.stage("profile", estimate["profile"], profile)
+        if "profile" in args.skip:
+            rec.add("skipped", what="profile", reason="--skip")
+        else:
+            rec.stage("profile", estimate["profile"], profile)
         engines[0].close()
     rec.close()
     markdown = report.render(rec.records)
     if out is not None:
         (out / "engine-bench.md").write_text(markdown)
     print(markdown, flush=True)
+
+
+def mixed_settings(budget: str) -> dict[str, Any]:
+    """``--mixed-budgets`` entry -> engine settings: a token budget, or ``off``."""
+    if budget == "off":
+        return {"prefill_budget_tokens": 10**9, "chunk_vision": False}
+    return {"prefill_budget_tokens": int(budget)}

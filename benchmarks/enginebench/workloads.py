@@ -34,6 +34,7 @@ import msgspec
 import torch
 
 from inference.engine import Engine
+from inference.engine.decoder import DecodeRows
 from inference.protocol import (
     DoneEvent,
     ErrorEvent,
@@ -99,14 +100,27 @@ def make_request(
 
 
 def make_requests(
-    n: int, image_size: int, text: str, new_tokens: int, *, first_seed: int = 0
+    n: int,
+    image_size: int,
+    text: str,
+    new_tokens: int,
+    *,
+    first_seed: int = 0,
+    distinct: int | None = None,
 ) -> tuple[list[InferenceRequest], Images]:
-    """``n`` standard requests, each with its own image."""
-    seeds = range(first_seed, first_seed + n)
-    images = {f"img{s}": png(image_size, s) for s in seeds}
+    """``n`` standard requests; their images cycle through ``distinct`` different ones
+    (None: each its own). Run engines with the image-embedding cache off, so that a repeated
+    image still costs its vision pass."""
+    pool = min(n, distinct or n)
+    images = {f"img{s}": png(image_size, s) for s in range(first_seed, first_seed + pool)}
     requests = [
-        make_request(f"r{s}", text, image=(f"img{s}", image_size), max_tokens=new_tokens)
-        for s in seeds
+        make_request(
+            f"r{first_seed + i}",
+            text,
+            image=(f"img{first_seed + i % pool}", image_size),
+            max_tokens=new_tokens,
+        )
+        for i in range(n)
     ]
     return requests, images
 
@@ -282,19 +296,21 @@ def engine_step_times(
 def decoder_step_times(
     engine: Engine, *, batch: int, position: int, repeats: int
 ) -> dict[str, list[float]]:
-    """The fixed-shape decode step alone (``BucketedDecoder.decode``: input buffers, graph
-    replay or eager forward, logits copy) for ``batch`` rows writing ``position``.
+    """The fixed-shape decode step alone (``BucketedDecoder.launch`` + ``collect``: input
+    staging, graph replay or eager forward, sampling, the ids back to the host) for
+    ``batch`` rows writing ``position``, one step at a time.
 
     ``wall``: seconds per step, device synchronised. ``device`` (CUDA only): seconds between
     CUDA events around the step, the device's own time for it. The engine must be idle:
     the rows write into free slots."""
     if engine.has_unfinished():
         raise RuntimeError("decoder_step_times needs an idle engine")
-    tokens, positions, deltas = [1] * batch, [position] * batch, [0] * batch
+    rows = DecodeRows.fresh([1] * batch, [position] * batch, [0] * batch)
+    decoder = engine.decoder
     device = engine.runner.device
     cuda = device.type == "cuda"
     for _ in range(3):
-        engine.decoder.decode(tokens, positions, deltas)
+        decoder.collect(decoder.launch(rows))
     wall: list[float] = []
     on_device: list[float] = []
     for _ in range(repeats):
@@ -303,9 +319,10 @@ def decoder_step_times(
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        engine.decoder.decode(tokens, positions, deltas)
+        launch = decoder.launch(rows)
         if cuda:
             end.record()
+        decoder.collect(launch)
         sync(device)
         wall.append(time.perf_counter() - t)
         if cuda:

@@ -2,14 +2,17 @@
 
 With ``DATABASE_URL`` and ``REDIS_URL`` unset the platform runs on embedded defaults
 (SQLite, process-local cache, quota store and channel layer, in-process inference queue,
-eager Celery). With them set it runs on PostgreSQL and Redis. Secrets may also be given as
-``NAME_FILE`` pointing at a file (Docker secrets).
+eager Celery). With them set it runs on PostgreSQL and Redis. Any variable may also be given
+as ``NAME_FILE`` pointing at a file (Docker and Kubernetes secrets; django-environ's
+``FileAwareEnv``).
+
+Every setting the code reads is declared here with its default: call sites read
+``settings.NAME``, never ``getattr(settings, "NAME", default)``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import environ
@@ -17,15 +20,7 @@ from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
-
-
-def _secret(name: str, default: str | None = None) -> str | None:
-    """Read a secret from ``NAME`` or from the file named by ``NAME_FILE``."""
-    file_path = os.environ.get(f"{name}_FILE")
-    if file_path:
-        return Path(file_path).read_text().strip()
-    return os.environ.get(name, default)
+env = environ.FileAwareEnv()
 
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
@@ -47,9 +42,11 @@ def _embedded_secret(filename: str) -> str:
     return path.read_text().strip()
 
 
-SECRET_KEY = _secret("DJANGO_SECRET_KEY") or _embedded_secret("secret_key")
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="").strip() or _embedded_secret("secret_key")
 # Keyed hash for API keys. Separate from SECRET_KEY so rotating one does not void the other.
-API_KEY_HMAC_SECRET = _secret("API_KEY_HMAC_SECRET") or _embedded_secret("api_key_hmac_secret")
+API_KEY_HMAC_SECRET = env.str("API_KEY_HMAC_SECRET", default="").strip() or _embedded_secret(
+    "api_key_hmac_secret"
+)
 API_KEY_PREFIX = env.str("API_KEY_PREFIX", default="sk")
 
 ALLOWED_HOSTS = env.list(
@@ -241,6 +238,12 @@ SPECTACULAR_SETTINGS = {
 # in the shared cache, so this bounds only the damage of a lost invalidation.
 API_KEY_CACHE_SECONDS = env.int("API_KEY_CACHE_SECONDS", default=30)
 API_KEY_LAST_USED_RESOLUTION_SECONDS = env.int("API_KEY_LAST_USED_RESOLUTION_SECONDS", default=60)
+# Quota counters: "redis" (shared by every process) or "local" (one process: the embedded
+# mode and tests); empty picks redis when REDIS_URL is set.
+QUOTA_BACKEND = env.str("QUOTA_BACKEND", default="")
+QUOTA_KEY_PREFIX = env.str("QUOTA_KEY_PREFIX", default="quota")
+# A concurrency lease not released by then (a crashed web process) expires on its own.
+QUOTA_LEASE_SECONDS = env.int("QUOTA_LEASE_SECONDS", default=600)
 
 # --- Inference ------------------------------------------------------------------------
 # Served model name -> {"path": local dir or hub id, "dtype": ..., "device": ...}.
@@ -271,12 +274,13 @@ INFERENCE_MAX_DELIVERIES = env.int("INFERENCE_MAX_DELIVERIES", default=3)
 
 # --- Answer cache and degradation -----------------------------------------------------
 ANSWER_CACHE_TTL_SECONDS = env.int("ANSWER_CACHE_TTL_SECONDS", default=3600)
+ANSWER_CACHE_KEY_PREFIX = env.str("ANSWER_CACHE_KEY_PREFIX", default="answer")
 # Refuse (or fall back) when a model's queue holds more than this many requests per free
 # batch slot of its live workers: beyond it a request would wait too long to start.
 MODEL_MAX_QUEUE_PER_SLOT = env.int("MODEL_MAX_QUEUE_PER_SLOT", default=4)
 MODEL_UNAVAILABLE_RETRY_AFTER = env.int("MODEL_UNAVAILABLE_RETRY_AFTER", default=10)
 MODEL_OVERLOADED_RETRY_AFTER = env.int("MODEL_OVERLOADED_RETRY_AFTER", default=2)
-METRICS_TOKEN = _secret("METRICS_TOKEN", "") or ""
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="").strip()
 CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 
 # --- Uploads --------------------------------------------------------------------------

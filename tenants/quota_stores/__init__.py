@@ -91,7 +91,7 @@ def quota_store_get() -> QuotaStore:
     ``QUOTA_BACKEND`` ("redis" / "local") forces one; ``QUOTA_KEY_PREFIX`` (default
     "quota") namespaces the Redis keys, and gives a fresh local store per prefix.
     """
-    redis_url = getattr(settings, "REDIS_URL", "") or ""
-    backend = getattr(settings, "QUOTA_BACKEND", "") or ("redis" if redis_url else "local")
-    key_prefix = getattr(settings, "QUOTA_KEY_PREFIX", "quota")
+    redis_url = settings.REDIS_URL
+    backend = settings.QUOTA_BACKEND or ("redis" if redis_url else "local")
+    key_prefix = settings.QUOTA_KEY_PREFIX
     return _quota_store_build(backend, redis_url, key_prefix)

@@ -56,9 +56,6 @@ from tenants.quota_stores import (
     quota_store_get,
 )
 
-# A lease outlives a request by far; it only bounds how long a crashed process holds a slot.
-DEFAULT_LEASE_SECONDS = 600
-
 
 def duration_format(milliseconds: int) -> str:
     """A duration as OpenAI writes reset times (Go's ``time.Duration`` at ms precision)."""
@@ -139,7 +136,7 @@ def _status_from_state(*, state: QuotaState, limits: EffectiveLimits) -> QuotaSt
 
 
 def _lease_ms() -> int:
-    return int(getattr(settings, "QUOTA_LEASE_SECONDS", DEFAULT_LEASE_SECONDS) * 1000)
+    return int(settings.QUOTA_LEASE_SECONDS * 1000)
 
 
 def _refusal(

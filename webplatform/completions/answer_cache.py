@@ -37,7 +37,7 @@ def cache_key(
 ) -> str:
     canonical = _encoder.encode([tenant_id, model, messages, sampling])
     digest = hashlib.sha256(canonical).hexdigest()
-    prefix = getattr(settings, "ANSWER_CACHE_KEY_PREFIX", "answer")
+    prefix = settings.ANSWER_CACHE_KEY_PREFIX
     return f"{prefix}:{tenant_id}:{model}:{digest}"
 
 
@@ -78,7 +78,7 @@ async def cache_store(*, key: str, outcome) -> None:  # outcome: CompletionOutco
     )
     try:
         await sync_to_async(cache.set, thread_sensitive=False)(
-            key, data, timeout=getattr(settings, "ANSWER_CACHE_TTL_SECONDS", 3600)
+            key, data, timeout=settings.ANSWER_CACHE_TTL_SECONDS
         )
     except Exception:
         logger.warning("answer cache store failed", exc_info=True)

@@ -22,18 +22,18 @@ async def _refusal(client: InferenceClient, model: str) -> ApplicationError | No
             code="model_unavailable",
             status=503,
             type="server_error",
-            headers={"retry-after": str(getattr(settings, "MODEL_UNAVAILABLE_RETRY_AFTER", 10))},
+            headers={"retry-after": str(settings.MODEL_UNAVAILABLE_RETRY_AFTER)},
         )
     # Requests a worker can start now are its free batch slots; beyond that they wait about
     # one request's service time per batch. Refuse when the wait would exceed the bound.
-    max_waiting = health.capacity * getattr(settings, "MODEL_MAX_QUEUE_PER_SLOT", 4)
+    max_waiting = health.capacity * settings.MODEL_MAX_QUEUE_PER_SLOT
     if health.queue_depth > max_waiting:
         return ApplicationError(
             f"The model '{model}' is overloaded; retry shortly.",
             code="model_overloaded",
             status=503,
             type="server_error",
-            headers={"retry-after": str(getattr(settings, "MODEL_OVERLOADED_RETRY_AFTER", 2))},
+            headers={"retry-after": str(settings.MODEL_OVERLOADED_RETRY_AFTER)},
         )
     return None
 

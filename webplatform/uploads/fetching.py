@@ -25,7 +25,6 @@ from django.conf import settings
 from webplatform.uploads.decoding import image_size_check
 from webplatform.uploads.errors import UploadErrorCode, upload_error
 
-DEFAULT_FETCH_TIMEOUT_SECONDS = 10.0
 MAX_URL_LENGTH = 2048
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _READ_CHUNK = 64 * 1024
@@ -56,9 +55,7 @@ def remote_image_fetch(
             param=param,
         )
     if timeout is None:
-        timeout = float(
-            getattr(settings, "REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS", DEFAULT_FETCH_TIMEOUT_SECONDS)
-        )
+        timeout = float(settings.REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS)
     deadline = time.monotonic() + timeout
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _RefuseRedirects())
     request = urllib.request.Request(

@@ -243,7 +243,7 @@ def image_scan(*, data: bytes, param: str | None = None) -> ScanVerdict:
 
 
 def _client() -> ClamdClient:
-    timeout = float(getattr(settings, "CLAMD_TIMEOUT_SECONDS", DEFAULT_CLAMD_TIMEOUT_SECONDS))
+    timeout = float(settings.CLAMD_TIMEOUT_SECONDS)
     return ClamdClient(clamd_address_parse(settings.CLAMD_URL), timeout=timeout)
 
 

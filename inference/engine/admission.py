@@ -115,7 +115,7 @@ class Admission:
             return None
         try:
             assert processing is not None
-            prompt = self._runner.build_prompt(
+            prompt: PreparedPrompt = self._runner.build_prompt(
                 request.messages, processing.result(), thinking=request.sampling.thinking
             )
         except PromptError as exc:

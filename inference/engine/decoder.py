@@ -382,8 +382,8 @@ class BucketedDecoder:
         weights, cache, inputs = self.weights, self.cache, self.inputs
         layer = self._eager_layer
         compiled = self._compiled_layer is not None and batch not in self.eager_batch_sizes
-        if compiled:
-            layer = self._compiled_layer  # type: ignore[assignment]
+        if compiled and self._compiled_layer is not None:
+            layer = self._compiled_layer
         ints, floats, next_ids = inputs.ints, inputs.floats, inputs.next_ids
         host_ids = ints[StaticDecodeInputs.HOST_IDS, :batch]
         sources = ints[StaticDecodeInputs.SRC, :batch]

@@ -77,8 +77,10 @@ class IncrementalDetokenizer:
         return DecodeStream(skip_special_tokens=True)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        return str(
+            self._tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
         )
 
     def push(self, token_id: int) -> str:
@@ -93,7 +95,7 @@ class IncrementalDetokenizer:
             if chunk is None:
                 return ""
             self._context, self._pending = self._pending, []
-            return chunk
+            return str(chunk)
         return self._push_window()
 
     def _push_window(self) -> str:

@@ -407,10 +407,12 @@ class Engine:
             self._run_prefill(chunks, events)
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int]], events: Events) -> None:
+        jobs = []
+        for seq, end in chunks:
+            assert seq.prefill is not None
+            jobs.append((seq.prefill, seq.slot, end))
         try:
-            logits = self.runner.prefill(
-                self.cache, [(seq.prefill, seq.slot, end) for seq, end in chunks]
-            )
+            logits = self.runner.prefill(self.cache, jobs)
         except Exception as exc:
             if isinstance(exc, torch.OutOfMemoryError):
                 self._release_memory()

@@ -258,7 +258,7 @@ class PatchExtractor:
             size = processor.size
             if not (size.shortest_edge and size.longest_edge):
                 return None  # the processor raises its own error for this
-            if not resample_supported(resample):
+            if resample is None or not resample_supported(resample):
                 return None
         return cls(processor, resample=resample)
 

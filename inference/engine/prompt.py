@@ -85,8 +85,8 @@ class ProcessedImage:
         if self.extractor is None:
             pixels = self.pixels if device is None else self.pixels.to(device)
             return pixels.to(dtype)
-        grid = tuple(int(v) for v in self.grid_thw.tolist())
-        return self.extractor.model_pixels(self.pixels, grid, device=device, dtype=dtype)
+        t, h, w = (int(v) for v in self.grid_thw.tolist())
+        return self.extractor.model_pixels(self.pixels, (t, h, w), device=device, dtype=dtype)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class PreparedPrompt:
             "attention_mask": torch.ones_like(self.input_ids),
             "mm_token_type_ids": self.mm_token_type_ids,
         }
-        if self.pixel_values is not None:
+        if self.pixel_values is not None and self.image_grid_thw is not None:
             inputs["pixel_values"] = self.pixel_values
             inputs["image_grid_thw"] = self.image_grid_thw
         elif self.images:
@@ -197,12 +197,13 @@ class PromptBuilder:
     def render(self, messages: Sequence[Message], *, thinking: bool) -> str:
         """The prompt text from the checkpoint's chat template (the processor's if loaded)."""
         renderer = self.processor if self.processor is not None else self.tokenizer
-        return renderer.apply_chat_template(
+        rendered: str = renderer.apply_chat_template(
             to_chat_messages(messages),
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=thinking,
         )
+        return rendered
 
     def build(
         self, messages: Sequence[Message], images: Mapping[str, bytes], *, thinking: bool
@@ -302,7 +303,10 @@ class PromptBuilder:
             self.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
         )
         # The template already wrote [gMASK]<sop>; add nothing.
-        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids: torch.Tensor = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
+        return ids
 
     def _build_without_processor(self, text: str, pil_images: list[Any]) -> PreparedPrompt:
         pixel_values = grid = None

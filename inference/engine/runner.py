@@ -189,7 +189,7 @@ class ModelRunner:
             local_files_only=local,
             attn_implementation=spec.attn_implementation,
         )
-        model.to(device).eval()
+        torch.nn.Module.to(model, device).eval()
         prompts = PromptBuilder.from_pretrained(spec.path, local_files_only=local)
         return cls(model, prompts, device=device)
 
@@ -232,7 +232,7 @@ class ModelRunner:
     def memory_bytes(self, cache: SlotKVCache | None = None) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        params = sum(p.nbytes for p in self.model.parameters())
+        params = sum(int(p.nbytes) for p in self.model.parameters())
         return params + (cache.nbytes if cache is not None else 0)
 
     def free_memory_bytes(self) -> int | None:

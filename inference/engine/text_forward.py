@@ -89,7 +89,7 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tens
     has_bias = [linear.bias is not None for linear in linears]
     bias = None
     if all(has_bias):
-        bias = torch.cat([linear.bias.detach() for linear in linears])  # type: ignore[union-attr]
+        bias = torch.cat([linear.bias.detach() for linear in linears if linear.bias is not None])
     elif any(has_bias):
         raise ValueError("cannot fuse projections where only some have a bias")
     start = 0

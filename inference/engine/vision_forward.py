@@ -117,7 +117,7 @@ class VisionWeights:
     def merge_cost(self, patches: Sequence[int]) -> float:
         """FLOPs of the final merge (downsample GEMM and merger MLP), roughly."""
         merged = sum(patches) // (self.merge * self.merge)
-        return 2.0 * (self.downsample_weight.numel() + 3 * self.out_hidden**2 * 4) * merged
+        return 2.0 * float(self.downsample_weight.numel() + 3 * self.out_hidden**2 * 4) * merged
 
 
 class VisionPass:

@@ -29,7 +29,8 @@ def warm_prefill(runner: ModelRunner, cache: SlotKVCache, *, slot: int) -> int:
     """Prefill a dummy prompt into ``slot``; returns its length (0 when none fits a slot)."""
     ref = ImageRef(sha256=_WARMUP_IMAGE, width=56, height=56)
     question = TextPart("Describe the picture.")
-    for content in ([ImagePart(ref), question], [question]):
+    contents: list[list[TextPart | ImagePart]] = [[ImagePart(ref), question], [question]]
+    for content in contents:
         messages = [Message(role="user", content=content)]
         images = runner.process_images(messages, {_WARMUP_IMAGE: _png(56)}, scope="warmup")
         prompt = runner.build_prompt(messages, images, thinking=False)

@@ -347,6 +347,48 @@ def prefill_packed(
 
 
 # ---------------------------------------------------------------------------- decode
+# KV positions per FlexAttention block in the decode step: a row reads only the blocks up to
+# its own length, so a short stream in a batch with a long one does not pay for the long one.
+FLEX_KV_BLOCK = 128
+
+
+def _flex_decode(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Grouped-query decode attention with FlexAttention over each row's own KV blocks.
+
+    The block mask is built from the rows' lengths inside the step (tensors only, so it is
+    captured with the graph): row ``b`` visits ``ceil(length_b / block)`` blocks, and the
+    mask function cuts the last one at its length.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    batch, kv_len = visible.shape
+    block = min(FLEX_KV_BLOCK, kv_len)
+    blocks = (kv_len + block - 1) // block
+    lengths = visible.sum(-1)
+
+    def within_length(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+        return kv_idx < lengths[b]
+
+    kv_num_blocks = ((lengths + block - 1) // block).clamp(max=blocks).to(torch.int32)
+    kv_indices = torch.arange(blocks, device=visible.device, dtype=torch.int32)
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks.view(batch, 1, 1),
+        kv_indices.view(1, 1, 1, blocks).expand(batch, 1, 1, blocks),
+        BLOCK_SIZE=(block, block),
+        mask_mod=within_length,
+        seq_lengths=(query.shape[2], kv_len),
+    )
+    return flex_attention(
+        query, keys, values, block_mask=block_mask, scale=scaling, enable_gqa=True
+    )
+
+
 def make_decode_layer(weights: TextWeights, attention: str) -> Callable[..., torch.Tensor]:
     """One decoder layer of a decode step, as a function of tensors only.
 
@@ -384,16 +426,7 @@ def make_decode_layer(weights: TextWeights, attention: str) -> Callable[..., tor
             )
             return out.reshape(batch, heads * head_dim)
         if attention == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            lengths = visible.sum(-1)
-
-            def mask_length(score, b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
-                return torch.where(kv_idx < lengths[b], score, -float("inf"))
-
-            out = flex_attention(
-                query, keys, values, score_mod=mask_length, scale=scaling, enable_gqa=True
-            )
+            out = _flex_decode(query, keys, values, visible, scaling)
             return out.reshape(batch, heads * head_dim)
         # grouped: the G query heads of a KV head are G query rows against its keys.
         q = query.reshape(batch, kv_heads, groups, head_dim)

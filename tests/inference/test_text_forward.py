@@ -202,3 +202,24 @@ def test_fusing_refuses_projections_where_only_some_have_a_bias():
     linears = [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2, bias=False)]
     with pytest.raises(ValueError, match="bias"):
         fuse_linears(linears)
+
+
+def test_flex_decode_reads_each_row_up_to_its_own_length_across_blocks():
+    """Rows of one batch end inside the first block, on a block edge, one past it and at
+    the bucket's end (three 128-position blocks, the last partial): each must equal
+    softmax attention over exactly its own positions, grouped heads included."""
+    from inference.engine.text_forward import FLEX_KV_BLOCK, _flex_decode
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, kv_len = 5, 8, 2, 16, 300
+    query = torch.randn(batch, heads, 1, dim, dtype=torch.float64)
+    keys = torch.randn(batch, kv_heads, kv_len, dim, dtype=torch.float64)
+    values = torch.randn(batch, kv_heads, kv_len, dim, dtype=torch.float64)
+    lengths = torch.tensor([1, FLEX_KV_BLOCK - 1, FLEX_KV_BLOCK, FLEX_KV_BLOCK + 1, kv_len])
+    visible = torch.arange(kv_len)[None] < lengths[:, None]
+    out = _flex_decode(query, keys, values, visible, dim**-0.5)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = (grouped @ keys.transpose(-1, -2)) * dim**-0.5
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    expected = (scores.softmax(-1) @ values).reshape(batch, heads, 1, dim)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)

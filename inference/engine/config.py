@@ -79,7 +79,7 @@ def default_compile_cache_dir() -> str:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """What every engine kind reports (the worker's heartbeat; ocr-lite mirrors the fields)."""
+    """What every engine kind reports (the worker's heartbeat); ocr-lite returns this type."""
 
     running: int  # requests holding a slot: decoding + prefilling
     waiting: int

@@ -3,6 +3,6 @@ model reads in the images. Free of Django; the OCR model loads lazily, on first 
 
 from __future__ import annotations
 
-from inference.ocr_lite.engine import KIND, EngineStats, OcrLiteEngine, ocr_lite_engine_from_spec
+from inference.ocr_lite.engine import KIND, OcrLiteEngine, ocr_lite_engine_from_spec
 
-__all__ = ["KIND", "EngineStats", "OcrLiteEngine", "ocr_lite_engine_from_spec"]
+__all__ = ["KIND", "OcrLiteEngine", "ocr_lite_engine_from_spec"]

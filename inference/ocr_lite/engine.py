@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# The module, not the package's lazy export (which loads inference.engine.engine, hence
+# torch): a CPU fallback worker needs no torch (a second and some hundred MB per process).
+from inference.engine.config import EngineStats
 from inference.ocr_lite.answers import ImageText, compose_answer, count_words, split_words
 from inference.ocr_lite.ocr import ImageDecodeError, OcrReader
 from inference.protocol import (
@@ -43,22 +46,6 @@ from inference.protocol import (
 logger = logging.getLogger(__name__)
 
 KIND = "ocr-lite"
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Field for field ``inference.engine.engine.EngineStats`` (a test checks it). Not
-    imported from there: that module imports torch, which a CPU fallback worker does not
-    need (about a second and some hundred MB more per process)."""
-
-    running: int
-    waiting: int
-    max_batch_size: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    tokens_per_second: float
-    device: str
-    memory_bytes: int
 
 
 @dataclass

@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from inference.engine.config import EngineStats
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
@@ -71,18 +72,6 @@ def make_request(
         stream=stream,
         deadline=deadline,
     )
-
-
-@dataclass(frozen=True)
-class FakeStats:
-    running: int
-    waiting: int
-    max_batch_size: int
-    kv_used_tokens: int
-    kv_capacity_tokens: int
-    tokens_per_second: float
-    device: str
-    memory_bytes: int
 
 
 @dataclass
@@ -162,9 +151,9 @@ class FakeEngine:
         self._running.pop(rid, None)
         self._waiting = [s for s in self._waiting if s.request.request_id != rid]
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         with self._lock:
-            return FakeStats(
+            return EngineStats(
                 running=len(self._running),
                 waiting=len(self._waiting),
                 max_batch_size=self.max_batch_size,

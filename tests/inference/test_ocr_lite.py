@@ -3,10 +3,11 @@ model end to end on an image rendered with Pillow."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -14,7 +15,8 @@ import msgspec
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from inference.ocr_lite import EngineStats, OcrLiteEngine, ocr_lite_engine_from_spec
+from inference.engine.config import EngineStats
+from inference.ocr_lite import OcrLiteEngine, ocr_lite_engine_from_spec
 from inference.ocr_lite.answers import ImageText, best_matching_line, compose_answer, count_words
 from inference.ocr_lite.dates import (
     DateKind,
@@ -391,10 +393,17 @@ def test_spec_factory() -> None:
         ocr_lite_engine_from_spec({"kind": "ocr-lite", "timezone": "Mars/Olympus"})
 
 
-def test_stats_have_the_main_engines_fields() -> None:
-    main_engine = pytest.importorskip("inference.engine.engine")
-    expected = [f.name for f in dataclasses.fields(main_engine.EngineStats)]
-    assert [f.name for f in dataclasses.fields(EngineStats)] == expected
+def test_stats_are_the_engines_own_type_without_torch() -> None:
+    """The heartbeat reads one ``EngineStats`` from every engine kind; ocr-lite returns that
+    very type and, for it, loads no torch (a fresh interpreter, so nothing else did)."""
+    assert type(OcrLiteEngine(OcrReader()).stats()) is EngineStats
+    code = (
+        "import sys; from inference.ocr_lite import OcrLiteEngine; "
+        "from inference.ocr_lite.ocr import OcrReader; "
+        "OcrLiteEngine(OcrReader()).stats(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # -- end to end with the real OCR model -----------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import QuerySet
 
 from tenants.errors import ApplicationError
@@ -59,8 +59,27 @@ def tenant_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Tenant]:
     return Tenant.objects.filter(memberships__user=user).select_related("plan")
 
 
-def membership_get(*, tenant: Tenant, user: AbstractBaseUser) -> Membership | None:
-    return Membership.objects.filter(tenant=tenant, user=user).first()
+def tenant_get(*, tenant_id: int) -> Tenant | None:
+    """The organisation with this id and its plan, read afresh; None when there is none."""
+    return Tenant.objects.select_related("plan").filter(pk=tenant_id).first()
+
+
+def membership_get(*, tenant_id: int, user: AbstractBaseUser | AnonymousUser) -> Membership | None:
+    """The membership of ``user`` in organisation ``tenant_id``, or None.
+
+    None means "not a member here" and does not say why: the organisation does not exist,
+    the user is not in it, or the user is anonymous or deactivated (neither of the last two
+    queries the database). The dashboard answers all of them with the same 404, so a
+    stranger cannot tell which organisations exist. A membership comes with its tenant, the
+    tenant's plan and its user: acting for the organisation costs no further query.
+    """
+    if not user.is_authenticated or not user.is_active:
+        return None
+    return (
+        Membership.objects.select_related("tenant__plan", "user")
+        .filter(tenant_id=tenant_id, user=user)
+        .first()
+    )
 
 
 def membership_list_for_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
@@ -80,9 +99,10 @@ def plan_get_by_name(*, name: str) -> Plan:
 def member_principal_get(*, tenant: Tenant, user: AbstractBaseUser) -> ApiPrincipal:
     """The principal for a signed-in member acting for ``tenant`` (the playground).
 
-    Refuses (403 ``insufficient_permissions``) a user who is not a member of the tenant.
+    Refuses (403 ``insufficient_permissions``) a user who is not a member of the tenant (or
+    is not active: see ``membership_get``).
     """
-    if membership_get(tenant=tenant, user=user) is None:
+    if membership_get(tenant_id=tenant.pk, user=user) is None:
         raise ApplicationError(
             "You are not a member of this organisation.",
             code="insufficient_permissions",

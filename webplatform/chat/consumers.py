@@ -28,7 +28,8 @@ from rest_framework import serializers
 
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
-from tenants.selectors.tenants import member_principal_get
+from tenants.selectors.accounts import user_get
+from tenants.selectors.tenants import member_principal_get, tenant_get
 from tenants.services.api_keys import api_key_authenticate, api_key_principal_by_id
 from webplatform.api.chat_serializers import parse_content
 from webplatform.chat import selectors as chat_selectors
@@ -71,13 +72,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 def _member_principal(*, tenant_ref: str, user: Any) -> ApiPrincipal:
     """The member principal of ``user`` in organisation ``tenant_ref``, read afresh (plan,
     overrides, membership); 403 ``insufficient_permissions`` when it is gone."""
-    from tenants.models import Tenant
-
-    tenant = (
-        Tenant.objects.select_related("plan").filter(pk=tenant_ref).first()
-        if tenant_ref.isdigit()
-        else None
-    )
+    tenant = tenant_get(tenant_id=int(tenant_ref)) if tenant_ref.isdigit() else None
     if tenant is None or not user.is_active:
         raise ApplicationError("No such organisation.", code="insufficient_permissions", status=403)
     return member_principal_get(tenant=tenant, user=user)
@@ -91,9 +86,7 @@ def _session_principal(scope: dict[str, Any], tenant_ref: str | None) -> ApiPrin
 
 
 def _member_principal_refresh(principal: ApiPrincipal) -> ApiPrincipal:
-    from django.contrib.auth import get_user_model
-
-    user = get_user_model().objects.filter(pk=principal.user.pk).first()  # type: ignore[union-attr]
+    user = user_get(user_id=principal.user.pk)  # type: ignore[union-attr]
     if user is None:
         raise ApplicationError(
             "You are not a member of this organisation.",

@@ -14,7 +14,8 @@ from django.conf import settings
 from django.core.cache import cache
 
 from tenants.principals import ApiPrincipal
-from tenants.selectors.tenants import member_principal_get
+from tenants.selectors.accounts import user_get
+from tenants.selectors.tenants import member_principal_get, tenant_get
 from tenants.services.api_keys import api_key_principal_by_id
 
 _PREFIX = "wsticket:"
@@ -47,14 +48,10 @@ def chat_ticket_redeem(*, ticket: str) -> ApiPrincipal | None:
         return None
     if payload["api_key_id"] is not None:
         return api_key_principal_by_id(api_key_id=payload["api_key_id"])
-    from django.contrib.auth import get_user_model
-
-    from tenants.models import Tenant
-
-    # Either may be gone since the ticket was issued: then the ticket is worth nothing
-    # (``None``, refused as invalid), never a crash of the handshake.
-    tenant = Tenant.objects.select_related("plan").filter(pk=payload["tenant_id"]).first()
-    user = get_user_model().objects.filter(pk=payload["user_id"], is_active=True).first()
-    if tenant is None or user is None:
+    # Either may be gone (or the user deactivated) since the ticket was issued: then the
+    # ticket is worth nothing (``None``, refused as invalid), never a crash of the handshake.
+    tenant = tenant_get(tenant_id=payload["tenant_id"])
+    user = user_get(user_id=payload["user_id"])
+    if tenant is None or user is None or not user.is_active:
         return None
     return member_principal_get(tenant=tenant, user=user)

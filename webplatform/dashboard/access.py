@@ -21,7 +21,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 
 from tenants.models import Membership
-from webplatform.dashboard.selectors.organisations import membership_for_user
+from tenants.selectors.tenants import membership_get
 from webplatform.dashboard.services.members import role_at_least
 
 CURRENT_TENANT_SESSION_KEY = "current_tenant_id"
@@ -36,7 +36,7 @@ def org_view(role: str = Membership.Role.MEMBER) -> Callable[[View], View]:
         def wrapper(
             request: HttpRequest, tenant_id: int, *args: Any, **kwargs: Any
         ) -> HttpResponse:
-            membership = membership_for_user(tenant_id=tenant_id, user=request.user)
+            membership = membership_get(tenant_id=tenant_id, user=request.user)
             if membership is None:
                 raise Http404("No such organisation.")
             if not role_at_least(membership.role, role):

@@ -20,18 +20,6 @@ from tenants.models import (
 DEFAULT_RETENTION_DAYS = 30
 
 
-def membership_for_user(*, tenant_id: int, user: AbstractBaseUser) -> Membership | None:
-    """The user's membership of organisation ``tenant_id`` (with tenant and plan), or None
-    whether the organisation does not exist or the user is not in it."""
-    if not user.is_authenticated:
-        return None
-    return (
-        Membership.objects.select_related("tenant__plan", "user")
-        .filter(tenant_id=tenant_id, user=user)
-        .first()
-    )
-
-
 def memberships_of_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__name")
 

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from tenants.errors import ApplicationError
 from tenants.models import Membership
-from tenants.selectors.tenants import tenant_limits_get
+from tenants.selectors.tenants import membership_get, tenant_limits_get
 from tenants.selectors.usage import usage_today_for_tenant
 from tenants.services.quotas import duration_format, quota_status
 from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
@@ -23,7 +23,6 @@ from webplatform.dashboard.forms import (
 )
 from webplatform.dashboard.selectors.organisations import (
     content_retention_days_get,
-    membership_for_user,
     memberships_of_user,
     plan_list,
 )
@@ -41,7 +40,7 @@ def home(request: HttpRequest) -> HttpResponse:
     if not request.user.is_authenticated:
         return redirect("dashboard:login")
     current = request.session.get(CURRENT_TENANT_SESSION_KEY)
-    if current and membership_for_user(tenant_id=current, user=request.user):
+    if current and membership_get(tenant_id=current, user=request.user):
         return redirect("dashboard:overview", current)
     first = memberships_of_user(user=request.user).first()
     if first is None:
@@ -69,7 +68,7 @@ def org_switch(request: HttpRequest) -> HttpResponse:
     tenant_id = request.POST.get("tenant_id", "")
     if (
         not tenant_id.isdigit()
-        or membership_for_user(tenant_id=int(tenant_id), user=request.user) is None
+        or membership_get(tenant_id=int(tenant_id), user=request.user) is None
     ):
         raise Http404("No such organisation.")
     request.session[CURRENT_TENANT_SESSION_KEY] = int(tenant_id)

@@ -1,8 +1,10 @@
-"""Typed messages between the web side and the inference workers.
+"""The vocabulary the web side and the inference workers share.
 
 Everything that crosses the internal queue is one of these msgspec structs, encoded with
 ``encode`` and decoded with ``decode_request`` / ``decode_event``. No raw dicts cross Redis.
-This module imports nothing from Django, so the worker can run without the web code.
+Where they lie in Redis (``KeySpace``, the entry fields, the consumer group) is here too, so
+that neither side reads the other's module. This module imports nothing from Django, so the
+worker can run without the web code.
 
 Images never travel inline: the web side stores validated, re-encoded bytes once under a
 content hash (``ImageRef.sha256``), scoped to the tenant, and the worker fetches them.
@@ -201,3 +203,37 @@ def encode_heartbeat(hb: WorkerHeartbeat) -> bytes:
 
 def decode_heartbeat(data: bytes) -> WorkerHeartbeat:
     return _heartbeat_decoder.decode(data)
+
+
+# --- Where the messages lie in Redis (DESIGN.md "Internal queue protocol") ----------------
+
+GROUP = "workers"  # the one consumer group every worker of a model joins
+REQUEST_FIELD = b"r"  # the one field of a request entry: the encoded InferenceRequest
+EVENT_FIELD = b"e"  # the one field of a reply entry: one encoded Event
+
+
+class KeySpace(msgspec.Struct, frozen=True):
+    """Redis key names of the queue protocol, under one prefix (``INFERENCE_KEY_PREFIX``)."""
+
+    prefix: str = "inference"
+
+    def requests(self, model: str) -> str:
+        """Stream of a model's unfinished requests (``REQUEST_FIELD`` entries)."""
+        return f"{self.prefix}:{model}:requests"
+
+    def reply(self, request_id: str) -> str:
+        """Stream of one request's events (``EVENT_FIELD`` entries)."""
+        return f"{self.prefix}:reply:{request_id}"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def blob(self, tenant_id: str, sha256: str) -> str:
+        return f"{self.prefix}:blob:{tenant_id}:{sha256}"
+
+    def heartbeat(self, model: str, worker_id: str) -> str:
+        return f"{self.prefix}:{model}:worker:{worker_id}"
+
+    def registry(self, model: str) -> str:
+        """ZSET of the model's worker ids scored by last heartbeat (unix seconds)."""
+        return f"{self.prefix}:{model}:workers"

@@ -78,7 +78,7 @@ class EngineTarget(Target):
         from inference.client import build_inference_client
 
         torch.set_num_threads(torch_threads)  # as OMP_NUM_THREADS gives the servers
-        from inference.transports.base import InferenceSettings
+        from inference.settings import InferenceSettings
 
         self.client = build_inference_client(
             InferenceSettings(transport="inprocess", models={MODEL: model_spec(model_dir)})

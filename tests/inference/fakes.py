@@ -28,6 +28,7 @@ from inference.protocol import (
     StartEvent,
     TextPart,
     Usage,
+    WorkerHeartbeat,
     new_request_id,
 )
 
@@ -163,6 +164,37 @@ class FakeEngine:
                 device="cpu",
                 memory_bytes=0,
             )
+
+
+# --- transport tests without an engine ----------------------------------------------------
+
+# A whole reply as a worker writes it: start, twenty deltas, done.
+SAMPLE_EVENTS: list[Event] = [
+    StartEvent(prompt_tokens=3),
+    *[DeltaEvent(text=f"w{i} ", tokens=1) for i in range(20)],
+    DoneEvent(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=3, completion_tokens=20)),
+]
+
+
+def make_heartbeat(
+    worker_id: str, *, model: str = "fake", running: int = 0, waiting: int = 0
+) -> WorkerHeartbeat:
+    """A fresh heartbeat of a worker with 4 batch slots."""
+    now = time.time()
+    return WorkerHeartbeat(
+        worker_id=worker_id,
+        model=model,
+        running=running,
+        waiting=waiting,
+        max_batch_size=4,
+        kv_used_tokens=0,
+        kv_capacity_tokens=100,
+        tokens_per_second=1.0,
+        memory_bytes=0,
+        device="cpu",
+        started_at=now,
+        updated_at=now,
+    )
 
 
 # --- helpers for tests against the real Redis --------------------------------------------

@@ -20,16 +20,17 @@ from pathlib import Path
 import pytest
 import redis
 
+from inference.client.redis_streams import RedisStreamsClient
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
+    KeySpace,
     decode_event,
     decode_request,
 )
-from inference.transports.base import InferenceSettings, KeySpace
-from inference.transports.redis_streams import RedisStreamsClient
+from inference.settings import InferenceSettings
 from tests.inference.fakes import (
     delete_prefix,
     make_request,

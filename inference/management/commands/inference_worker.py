@@ -18,8 +18,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from inference.client import inference_settings
-from inference.transports.redis_worker import RedisWorkerTransport
-from inference.worker import Worker, WorkerConfig, default_worker_id
+from inference.worker.loop import Worker, WorkerConfig, default_worker_id
+from inference.worker.redis_streams import RedisWorkerTransport
 
 logger = logging.getLogger("inference.worker")
 
@@ -78,7 +78,7 @@ class Command(BaseCommand):
         install_stop_signals(stop)  # before the (slow) load, so SIGTERM then is clean too
 
         from inference.engine import EngineConfig
-        from inference.engines import engine_for_spec
+        from inference.worker.engines import engine_for_spec
 
         started = time.monotonic()
         logger.info("loading model %s from %s", model, settings.models[model].get("path"))

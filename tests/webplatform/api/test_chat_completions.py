@@ -47,7 +47,7 @@ class _FailingEngine:
 def engine_failing_at(monkeypatch):  # type: ignore[no-untyped-def]
     """``engine_failing_at(n)``: the in-process engine (built on first request) fails its
     n-th step."""
-    from inference.transports import inprocess
+    from inference.client import inprocess
 
     real_load_engine = inprocess.load_engine
 
@@ -245,7 +245,7 @@ class _SlowEngine:
 
 
 def test_a_client_that_hangs_up_on_a_json_request_cancels_it(http, monkeypatch):
-    from inference.transports import inprocess
+    from inference.client import inprocess
 
     engines: list[_SlowEngine] = []
     real_load_engine = inprocess.load_engine

@@ -281,7 +281,7 @@ class _SlowEngine:
 def test_a_client_that_disconnects_mid_stream_cancels_its_request(
     live_asgi_server, key, monkeypatch
 ):
-    from inference.transports import inprocess
+    from inference.client import inprocess
 
     engines: list[_SlowEngine] = []
     loaded = threading.Event()

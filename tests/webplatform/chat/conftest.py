@@ -89,7 +89,7 @@ def _drop_leftover_connections(django_db_setup, django_db_blocker) -> Iterator[N
 
 
 def _record_engines(monkeypatch: pytest.MonkeyPatch) -> Engines:
-    from inference.transports import inprocess
+    from inference.client import inprocess
 
     state = Engines()
     real_load = inprocess.load_engine

@@ -2,9 +2,9 @@
 
 The broker is an ``InProcessHub``: per-model thread-safe request queues, a blob store with a
 TTL, cancel marks, and one subscriber per request (its event loop and ``asyncio.Queue``).
-The worker thread runs the very same ``inference.worker.Worker`` as a Redis worker process,
-with ``InProcessWorkerTransport`` in place of Redis; events reach asyncio callers through
-``loop.call_soon_threadsafe``.
+The worker thread runs the very same ``inference.worker.loop.Worker`` as a Redis worker
+process, with ``InProcessWorkerTransport`` (this module's worker half) in place of Redis;
+events reach asyncio callers through ``loop.call_soon_threadsafe``.
 
 A model's engine is loaded lazily, in its worker thread, on the first request for it; until
 then ``model_health`` reports the model as servable (one worker that loads on demand) so
@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference.blobs import LocalBlobStore, blob_check_digest
-from inference.client import InferenceClient
+from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
+from inference.client.blobs import LocalBlobStore, blob_check_digest
 from inference.protocol import (
     TERMINAL_EVENTS,
     ErrorCode,
@@ -34,16 +34,11 @@ from inference.protocol import (
     InferenceRequest,
     WorkerHeartbeat,
 )
-from inference.transports.base import (
-    Delivery,
-    InferenceSettings,
-    ModelHealth,
-    Outgoing,
-    model_health_from_heartbeats,
-)
-from inference.worker import EngineLike, Worker, WorkerConfig
+from inference.settings import InferenceSettings
+from inference.worker.loop import EngineLike, Worker, WorkerConfig
+from inference.worker.transport import Delivery, Outgoing
 
-logger = logging.getLogger("inference.transports.inprocess")
+logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[str, Mapping[str, Any]], EngineLike]
 # Batch slots reported before the engine has loaded and said how many it has.
@@ -52,7 +47,7 @@ _NOMINAL_CAPACITY = 8
 
 def load_engine(model: str, spec: Mapping[str, Any]) -> EngineLike:
     """The default engine factory: the real engine from an ``INFERENCE_MODELS`` spec."""
-    from inference.engines import engine_for_spec
+    from inference.worker.engines import engine_for_spec
 
     return engine_for_spec(spec)
 

@@ -1,4 +1,4 @@
-"""The in-process transport (embedded mode): the worker loop in a thread of this process.
+"""The in-process client (embedded mode): the worker loop in a thread of this process.
 
 No Redis and no database. The fake-engine tests pin exact behaviour (cancel frees the slot,
 leaving early cancels, model health before/after loading); the last tests go through
@@ -13,6 +13,7 @@ import hashlib
 import pytest
 
 from inference.client import get_inference_client, reset_inference_client
+from inference.client.inprocess import InProcessClient
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
@@ -22,8 +23,7 @@ from inference.protocol import (
     ImageRef,
     StartEvent,
 )
-from inference.transports.base import InferenceSettings
-from inference.transports.inprocess import InProcessClient
+from inference.settings import InferenceSettings
 from tests.inference.fakes import FakeEngine, fake_answer, make_request
 
 MODEL = "fake"

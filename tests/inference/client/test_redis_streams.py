@@ -1,4 +1,5 @@
-"""The Redis Streams transport against the real Redis: both halves, no engine."""
+"""The Redis Streams client (inference/client/redis_streams.py) against the real Redis, with
+the worker half (inference/worker/redis_streams.py) as its counterpart; no engine."""
 
 from __future__ import annotations
 
@@ -10,24 +11,28 @@ import time
 import pytest
 import redis
 
-from inference.blobs import BlobDigestMismatch
+from inference.client.blobs import BlobDigestMismatch
+from inference.client.redis_streams import RedisStreamsClient
 from inference.protocol import (
-    DeltaEvent,
-    DoneEvent,
+    REQUEST_FIELD,
     ErrorCode,
     ErrorEvent,
-    FinishReason,
     ImageRef,
+    KeySpace,
     StartEvent,
-    Usage,
-    WorkerHeartbeat,
-    decode_request,
     encode,
 )
-from inference.transports.base import InferenceSettings, KeySpace, Outgoing, ReplyState
-from inference.transports.redis_streams import RedisStreamsClient
-from inference.transports.redis_worker import REQUEST_FIELD, RedisWorkerTransport
-from tests.inference.fakes import delete_prefix, make_request, redis_url_for_tests, unique_prefix
+from inference.settings import InferenceSettings
+from inference.worker.redis_streams import RedisWorkerTransport
+from inference.worker.transport import Outgoing
+from tests.inference.fakes import (
+    SAMPLE_EVENTS,
+    delete_prefix,
+    make_heartbeat,
+    make_request,
+    redis_url_for_tests,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -72,31 +77,6 @@ def _transport(settings_: InferenceSettings, worker_id: str) -> RedisWorkerTrans
     return t
 
 
-def _beat(worker_id: str, *, running: int = 0, waiting: int = 0) -> WorkerHeartbeat:
-    now = time.time()
-    return WorkerHeartbeat(
-        worker_id=worker_id,
-        model=MODEL,
-        running=running,
-        waiting=waiting,
-        max_batch_size=4,
-        kv_used_tokens=0,
-        kv_capacity_tokens=100,
-        tokens_per_second=1.0,
-        memory_bytes=0,
-        device="cpu",
-        started_at=now,
-        updated_at=now,
-    )
-
-
-EVENTS = [
-    StartEvent(prompt_tokens=3),
-    *[DeltaEvent(text=f"w{i} ", tokens=1) for i in range(20)],
-    DoneEvent(finish_reason=FinishReason.STOP, usage=Usage(prompt_tokens=3, completion_tokens=20)),
-]
-
-
 async def _collect(agen) -> list:
     return [event async for event in agen]
 
@@ -112,8 +92,8 @@ async def test_request_and_events_round_trip_through_the_streams(client, setting
             break
     assert [d.request for d in deliveries] == [request]
     assert deliveries[0].attempt == 1
-    worker.publish([Outgoing(request.request_id, EVENTS, ack_token=deliveries[0].token)])
-    assert await asyncio.wait_for(consumer, 5) == EVENTS
+    worker.publish([Outgoing(request.request_id, SAMPLE_EVENTS, ack_token=deliveries[0].token)])
+    assert await asyncio.wait_for(consumer, 5) == SAMPLE_EVENTS
     # Acknowledged and deleted: the request stream holds only unfinished work.
     r = redis.Redis.from_url(settings_.redis_url)
     stream = KeySpace(settings_.key_prefix).requests(MODEL)
@@ -124,8 +104,8 @@ async def test_request_and_events_round_trip_through_the_streams(client, setting
 
 async def test_late_reader_of_a_finished_reply_misses_nothing(client, settings_):
     request_id = "req_late"
-    _transport(settings_, "w1").publish([Outgoing(request_id, EVENTS)])
-    assert await _collect(client.events(request_id, time_limit_s=5)) == EVENTS
+    _transport(settings_, "w1").publish([Outgoing(request_id, SAMPLE_EVENTS)])
+    assert await _collect(client.events(request_id, time_limit_s=5)) == SAMPLE_EVENTS
 
 
 async def test_reader_joining_halfway_while_the_worker_writes_misses_nothing(client, settings_):
@@ -134,16 +114,16 @@ async def test_reader_joining_halfway_while_the_worker_writes_misses_nothing(cli
     half_written = threading.Event()
 
     def write() -> None:
-        for i, event in enumerate(EVENTS):
+        for i, event in enumerate(SAMPLE_EVENTS):
             worker.publish([Outgoing(request_id, [event])])
-            if i == len(EVENTS) // 2:
+            if i == len(SAMPLE_EVENTS) // 2:
                 half_written.set()
             time.sleep(0.01)
 
     writer = threading.Thread(target=write)
     writer.start()
     await asyncio.to_thread(half_written.wait, 5)
-    assert await _collect(client.events(request_id, time_limit_s=5)) == EVENTS
+    assert await _collect(client.events(request_id, time_limit_s=5)) == SAMPLE_EVENTS
     writer.join()
 
 
@@ -189,8 +169,8 @@ async def test_put_image_stores_once_per_tenant_and_refreshes_ttl(client, settin
 
 async def test_model_health_counts_live_workers_and_queue(client, settings_):
     w1, w2 = _transport(settings_, "w1"), _transport(settings_, "w2")
-    w1.heartbeat(_beat("w1", running=2, waiting=1))
-    w2.heartbeat(_beat("w2", running=1))
+    w1.heartbeat(make_heartbeat("w1", running=2, waiting=1))
+    w2.heartbeat(make_heartbeat("w2", running=1))
     r = redis.Redis.from_url(settings_.redis_url)
     for _ in range(3):
         r.xadd(
@@ -214,45 +194,3 @@ async def test_model_health_counts_live_workers_and_queue(client, settings_):
 async def test_model_health_of_a_model_nobody_serves(client):
     health = await client.model_health(MODEL)
     assert (health.live_workers, health.queue_depth, health.capacity) == (0, 0, 0)
-
-
-def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings_):
-    keys = KeySpace(settings_.key_prefix)
-    r = redis.Redis.from_url(settings_.redis_url)
-    dead, alive, rescuer = (_transport(settings_, w) for w in ("dead", "alive", "rescuer"))
-    alive.heartbeat(_beat("alive"))
-    rescuer.heartbeat(_beat("rescuer"))
-    requests = {name: make_request(name) for name in ("empty", "started", "streamed", "done")}
-    for request in requests.values():
-        r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(request)})
-    taken = dead.fetch(4, 0)
-    assert len(taken) == 4
-    kept = make_request("kept")
-    r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(kept)})
-    assert [d.request for d in alive.fetch(1, 0)] == [kept]
-    dead.publish(
-        [
-            Outgoing(requests["started"].request_id, EVENTS[:1]),
-            Outgoing(requests["streamed"].request_id, EVENTS[:3]),
-            Outgoing(requests["done"].request_id, EVENTS),
-        ]
-    )
-    assert rescuer.claim_stale() == []  # not idle long enough yet
-    time.sleep(0.3)
-    claimed = {d.request.request_id: d for d in rescuer.claim_stale()}
-    assert set(claimed) == {r_.request_id for r_ in requests.values()}  # not the live one's
-    states = {name: claimed[req.request_id].reply_state for name, req in requests.items()}
-    assert states == {
-        "empty": ReplyState.EMPTY,
-        "started": ReplyState.STARTED,
-        "streamed": ReplyState.STREAMED,
-        "done": ReplyState.FINISHED,
-    }
-    assert all(d.attempt == 2 for d in claimed.values())
-    assert (
-        decode_request(encode(claimed[requests["empty"].request_id].request)) == requests["empty"]
-    )
-    # A second rescuer right after finds nothing: the claim reset the idle time.
-    other = _transport(settings_, "other")
-    other.heartbeat(_beat("other"))
-    assert other.claim_stale() == []

@@ -1,7 +1,8 @@
-"""The worker loop (inference/worker.py) over the real Redis, with the fake engine.
+"""The worker loop (inference/worker/loop.py) over the real Redis, with the fake engine.
 
 Most tests drive ``Worker.run_once`` by hand so that "within one step" is exact; the rest
-run ``Worker.run`` in a thread. Process-level behaviour is in test_worker_process.py.
+run ``Worker.run`` in a thread. Process-level behaviour is in
+tests/inference/test_worker_process.py.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ import msgspec
 import pytest
 import redis
 
+from inference.client.redis_streams import RedisStreamsClient
 from inference.protocol import (
+    REQUEST_FIELD,
     DeltaEvent,
     DoneEvent,
     ErrorCode,
     ErrorEvent,
     FinishReason,
     ImageRef,
+    KeySpace,
     StartEvent,
     encode,
 )
-from inference.transports.base import InferenceSettings, KeySpace, Outgoing
-from inference.transports.redis_streams import RedisStreamsClient
-from inference.transports.redis_worker import REQUEST_FIELD, RedisWorkerTransport
-from inference.worker import Worker, WorkerConfig
+from inference.settings import InferenceSettings
+from inference.worker.loop import Worker, WorkerConfig
+from inference.worker.redis_streams import RedisWorkerTransport
+from inference.worker.transport import Outgoing, TransportUnavailable
 from tests.inference.fakes import (
     FakeEngine,
     WorkerThread,
@@ -346,16 +350,12 @@ def test_worker_survives_a_redis_outage_without_losing_events(settings_, monkeyp
     fail.set()
 
     def flaky(batch):
-        from inference.transports.base import TransportUnavailable
-
         if fail.is_set():
             fail.clear()
             raise TransportUnavailable("down")
         real_publish(batch)
 
     monkeypatch.setattr(worker.transport, "publish", flaky)
-    from inference.transports.base import TransportUnavailable
-
     with pytest.raises(TransportUnavailable):
         worker.run_once()
     run_until_idle(worker, r, settings_)

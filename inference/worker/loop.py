@@ -1,4 +1,4 @@
-"""The worker: the IO loop around one engine, the same code for both transports.
+"""The worker loop: the IO loop around one engine, the same code for both transports.
 
 ``Worker.run`` repeats one iteration until stopped:
 
@@ -26,11 +26,16 @@ are left for another worker, the others get an ``ErrorEvent(WORKER_LOST)``.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
+from inference.engine.config import EngineStats
 from inference.protocol import (
     TERMINAL_EVENTS,
     DeltaEvent,
@@ -39,32 +44,61 @@ from inference.protocol import (
     ErrorEvent,
     Event,
     FinishReason,
+    InferenceRequest,
     StartEvent,
     Usage,
     WorkerHeartbeat,
 )
-from inference.transports.base import (
+from inference.worker.transport import (
     Delivery,
     Outgoing,
     ReplyState,
     TransportUnavailable,
     WorkerTransport,
 )
-from inference.worker_types import (
-    _OUR_FAILURE_MESSAGES,
-    EngineLike,
-    WorkerConfig,
-    _client_message,
-    _coalesce,
-    _error_code_for,
-    _InFlight,
-    default_worker_id,
-)
-
-__all__ = ["EngineLike", "Worker", "WorkerConfig", "default_worker_id"]
 
 logger = logging.getLogger("inference.worker")
 _T = TypeVar("_T")
+
+
+class EngineLike(Protocol):
+    """The part of ``inference.engine.Engine`` the worker uses (see that module)."""
+
+    def add_request(self, request: InferenceRequest, images: Mapping[str, bytes]) -> None: ...
+    def abort(self, request_id: str) -> None: ...
+    def step(self) -> list[tuple[str, Event]]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> EngineStats: ...
+
+
+def default_worker_id() -> str:
+    """Unique per process start, so a restarted worker never inherits a dead one's name."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    worker_id: str = field(default_factory=default_worker_id)
+    max_batch_size: int | None = None  # None: the engine's own limit
+    heartbeat_s: float = 2.0
+    claim_interval_s: float = 2.0
+    idle_block_ms: int = 200
+    max_deliveries: int = 3
+    drain_timeout_s: float = 30.0
+    # Requests queued longer than this are answered TIMEOUT, not run: their client has
+    # given up (INFERENCE_REQUEST_TIMEOUT_SECONDS), so the work would be for nobody.
+    max_request_age_s: float | None = None
+    # Consecutive failed engine steps after which the engine is not trusted any more.
+    max_step_failures: int = 5
+
+
+@dataclass
+class _InFlight:
+    delivery: Delivery
+    skip_start: bool = False  # a reclaimed request whose StartEvent is already out
+    sent_text: bool = False
+    buffered: list[Event] = field(default_factory=list)  # stream=False: held until the end
 
 
 class Worker:
@@ -367,3 +401,49 @@ class Worker:
                 logger.warning("broker unavailable at start-up, retrying: %s", exc)
                 stop.wait(1.0)
         return None
+
+
+def _error_code_for(exc: BaseException) -> ErrorCode:
+    # torch.cuda.OutOfMemoryError is matched by name: the worker does not import torch.
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return ErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, ValueError):
+        return ErrorCode.INVALID_REQUEST
+    return ErrorCode.INTERNAL_ERROR
+
+
+# What a client is told when the failure is ours: exception text (device names, shapes,
+# file paths, other requests' ids) stays in the worker's log.
+_OUR_FAILURE_MESSAGES = {
+    ErrorCode.OUT_OF_MEMORY: "The model ran out of memory; retry, or send a smaller request.",
+    ErrorCode.INTERNAL_ERROR: "The model failed while serving this request.",
+}
+
+
+def _client_message(code: ErrorCode, exc: BaseException) -> str:
+    """The message of an ``ErrorEvent`` for ``exc``: the exception's own text only for a
+    request the client got wrong (``INVALID_REQUEST``), a fixed sentence otherwise."""
+    if code is ErrorCode.INVALID_REQUEST:
+        return str(exc)
+    return _OUR_FAILURE_MESSAGES.get(code, _OUR_FAILURE_MESSAGES[ErrorCode.INTERNAL_ERROR])
+
+
+def _coalesce(events: list[Event]) -> list[Event]:
+    """A non-streamed reply: its start, all text as one delta, and its terminal event.
+
+    A failed non-streamed request is all-or-nothing: only its error is sent.
+    """
+    if events and isinstance(events[-1], ErrorEvent):
+        return [events[-1]]
+    deltas = [e for e in events if isinstance(e, DeltaEvent)]
+    out: list[Event] = [e for e in events if isinstance(e, StartEvent)][:1]
+    if deltas:
+        out.append(
+            DeltaEvent(
+                text="".join(d.text for d in deltas),
+                reasoning="".join(d.reasoning for d in deltas),
+                tokens=sum(d.tokens for d in deltas),
+            )
+        )
+    out.extend(e for e in events if isinstance(e, TERMINAL_EVENTS))
+    return out

@@ -1,4 +1,5 @@
-"""The web side of the Redis Streams transport (``redis.asyncio``).
+"""The web half of the Redis Streams transport (``redis.asyncio``); the worker half is
+``inference.worker.redis_streams``, the keys and entry fields are in ``inference.protocol``.
 
 - ``submit`` appends the encoded request to ``{prefix}:{model}:requests`` and reads the
   reply stream ``{prefix}:reply:{request_id}`` from id 0, blocking with the last id seen, so
@@ -23,29 +24,26 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from inference.blobs import blob_check_digest
-from inference.client import InferenceClient
+from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
+from inference.client.blobs import blob_check_digest
 from inference.protocol import (
+    EVENT_FIELD,
+    GROUP,
+    REQUEST_FIELD,
     TERMINAL_EVENTS,
     ErrorCode,
     ErrorEvent,
     Event,
     ImageRef,
     InferenceRequest,
+    KeySpace,
     decode_event,
     decode_heartbeat,
     encode,
 )
-from inference.transports.base import (
-    GROUP,
-    InferenceSettings,
-    KeySpace,
-    ModelHealth,
-    model_health_from_heartbeats,
-)
-from inference.transports.redis_worker import EVENT_FIELD, REQUEST_FIELD
+from inference.settings import InferenceSettings
 
-logger = logging.getLogger("inference.transports.redis")
+logger = logging.getLogger(__name__)
 
 # Longest single XREAD block: short enough to notice the overall timeout promptly and to
 # stay under any socket timeout.

@@ -1,6 +1,7 @@
-"""The worker side of the Redis Streams transport (synchronous: the worker loop is a thread).
+"""The worker half of the Redis Streams transport (synchronous: the worker loop is a thread).
 
-Keys and protocol are in ``KeySpace`` and DESIGN.md. What this side adds:
+Keys and entry fields are in ``inference.protocol`` (``KeySpace``) and DESIGN.md; the web
+half is ``inference.client.redis_streams``. What this side adds:
 
 - Requests are read with ``XREADGROUP`` into the consumer group ``workers``; the consumer
   name is the worker id. An entry is acknowledged (``XACK``) and deleted (``XDEL``, so the
@@ -26,7 +27,11 @@ import msgspec
 import redis
 
 from inference.protocol import (
+    EVENT_FIELD,
+    GROUP,
+    REQUEST_FIELD,
     TERMINAL_EVENTS,
+    KeySpace,
     StartEvent,
     WorkerHeartbeat,
     decode_event,
@@ -34,20 +39,16 @@ from inference.protocol import (
     encode,
     encode_heartbeat,
 )
-from inference.transports.base import (
-    GROUP,
+from inference.settings import InferenceSettings
+from inference.worker.transport import (
     Delivery,
-    InferenceSettings,
-    KeySpace,
     Outgoing,
     ReplyState,
     TransportUnavailable,
 )
 
-logger = logging.getLogger("inference.transports.redis")
+logger = logging.getLogger(__name__)
 
-REQUEST_FIELD = b"r"  # the one field of a request entry: the encoded InferenceRequest
-EVENT_FIELD = b"e"  # the one field of a reply entry: one encoded Event
 _CLAIM_BATCH = 16
 # A dead consumer with nothing pending is removed from the group after this long.
 _FORGET_CONSUMER_AFTER_MS = 10 * 60 * 1000

@@ -1,0 +1,38 @@
+"""The inference settings as one plain value, which each process builds its own way.
+
+The web side builds it from Django settings (``inference.client.factory.inference_settings``),
+the worker from the environment (``inference.worker.settings.worker_settings``): the same
+variable names and defaults, and neither process imports the other's reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Everything the clients and the worker read from their settings, as plain data."""
+
+    transport: str = "inprocess"
+    redis_url: str = ""
+    key_prefix: str = "inference"
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    blob_ttl_s: int = 900
+    reply_ttl_s: int = 300
+    claim_idle_ms: int = 15_000
+    heartbeat_s: float = 2.0
+    # The client gives up on a request after this long and reports TIMEOUT.
+    request_timeout_s: float = 600.0
+    # A request delivered this many times without finishing is a poison request.
+    max_deliveries: int = 3
+    # Cap on entries per reply stream (approximate trim); a reply longer than this loses
+    # its oldest entries for a reader that joins very late.
+    reply_maxlen: int = 10_000
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        # Three missed beats before a worker counts as dead.
+        return max(3 * self.heartbeat_s, 1.0)

@@ -16,7 +16,7 @@ outside (a shared machine) hits all alike; the summary keeps each figure's best 
 - ``redis``: the production wiring: uvicorn subprocess on PostgreSQL (a scratch database
   created and dropped by this script) and Redis (cache, quotas, Redis Streams queue, all
   under unique key prefixes deleted afterwards), plus one
-  ``manage.py inference_worker`` subprocess.
+  ``python -m inference.worker`` subprocess.
 
 Each HTTP request runs the real path: API-key authentication, quota admission, image
 validation (decode, pixel cap, re-encode to PNG; ClamAV INSTREAM scan when ``--clamd-url``

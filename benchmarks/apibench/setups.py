@@ -4,7 +4,7 @@
   and quotas, in-process inference);
 - ``redis``: the production wiring: uvicorn on PostgreSQL (a scratch database created and
   dropped here) and Redis (cache, quotas, Redis Streams queue, all under unique key
-  prefixes deleted afterwards), plus one ``manage.py inference_worker``.
+  prefixes deleted afterwards), plus one ``python -m inference.worker``.
 
 Each setup is a context manager yielding its URL and an API key; it runs with
 ``bench_settings`` (``BENCH_SETTINGS``, written into the temp dir by the caller).
@@ -144,7 +144,7 @@ def redis_target(tmp: Path, model_dir: Path, args: argparse.Namespace) -> Iterat
         env["DATABASE_URL"] = database_url
         key = provision(env)
         worker_log = tmp / "worker.log"
-        worker = [sys.executable, "manage.py", "inference_worker", "--model", MODEL]
+        worker = [sys.executable, "-m", "inference.worker", "--model", MODEL]
         with (
             process(worker, env, worker_log) as worker_process,
             uvicorn_server(env, tmp, "redis") as url,

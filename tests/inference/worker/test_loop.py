@@ -1,8 +1,7 @@
 """The worker loop (inference/worker/loop.py) over the real Redis, with the fake engine.
 
 Most tests drive ``Worker.run_once`` by hand so that "within one step" is exact; the rest
-run ``Worker.run`` in a thread. Process-level behaviour is in
-tests/inference/test_worker_process.py.
+run ``Worker.run`` in a thread. Process-level behaviour is in test_main.py.
 """
 
 from __future__ import annotations

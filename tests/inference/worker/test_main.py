@@ -1,9 +1,10 @@
-"""Worker PROCESSES (``manage.py inference_worker``) with the real tiny model and Redis.
+"""The worker's entry point (inference/worker/main.py, ``python -m inference.worker``).
 
-Two workers, A and B, start in parallel for the module (model loading dominates the cost)
-and share one queue under their own key prefix. The tests run in order: the first kills A,
-the second stops the survivor B with SIGTERM. Every request uses the same greedy prompt,
-so every complete answer has the same text.
+First what a worker process imports: a fresh interpreter, no web code. Then worker
+PROCESSES with the real tiny model and Redis: two workers, A and B, start in parallel for
+those tests (model loading dominates the cost) and share one queue under their own key
+prefix. They run in order: the first kills A, the second stops the survivor B with SIGTERM.
+Every request uses the same greedy prompt, so every complete answer has the same text.
 """
 
 from __future__ import annotations
@@ -38,12 +39,88 @@ from tests.inference.fakes import (
     unique_prefix,
 )
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
 MODEL = "tiny"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLAIM_IDLE_MS = 1500
 PROMPT = "hello world"
+
+
+# --- what a worker process imports -------------------------------------------------------
+
+# Run in a fresh interpreter: the modules of this project in sys.modules, and whether
+# Django's settings were configured, once the code before it ran.
+_REPORT = """
+import json, sys
+conf = sys.modules.get("django.conf")
+print(json.dumps({
+    "project": sorted(m for m in sys.modules if m.split(".")[0] in ("inference", "tenants", "webplatform")),
+    "settings_configured": conf is not None and conf.settings.configured,
+    "torch": "torch" in sys.modules,
+}))
+"""
+
+
+def _fresh_interpreter(code: str, env: dict[str, str] | None = None) -> dict:
+    # DJANGO_SETTINGS_MODULE stays set (as pytest-django set it): touching Django's
+    # settings would then load webplatform.settings, which the test would see.
+    out = subprocess.run(
+        [sys.executable, "-c", code + _REPORT],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _no_web_code(report: dict) -> None:
+    web = [m for m in report["project"] if m.startswith(("tenants", "webplatform"))]
+    assert web == []
+    assert not report["settings_configured"]
+
+
+def test_the_worker_entry_point_imports_no_web_code():
+    report = _fresh_interpreter("import inference.worker.main")
+    _no_web_code(report)
+    assert "inference.worker.main" in report["project"]
+    assert not any(m.startswith("inference.client") for m in report["project"])
+
+
+def test_a_worker_that_reached_its_loop_has_loaded_no_web_code():
+    """The whole start-up (settings, engine, transport) of an ocr-lite worker, stopped where
+    the loop would begin; ocr-lite needs no torch either."""
+    code = """
+from inference.worker import loop, main
+loop.Worker.run = lambda self, stop: None  # stop where serving would begin
+assert main.main(["--model", "ocr-lite"]) == 0
+"""
+    env = {
+        "INFERENCE_MODELS": json.dumps({"ocr-lite": {"kind": "ocr-lite"}}),
+        "INFERENCE_REDIS_URL": "redis://127.0.0.1:1/0",  # never dialled before the loop
+    }
+    report = _fresh_interpreter(code, env)
+    _no_web_code(report)
+    assert {"inference.worker.engines", "inference.ocr_lite.engine"} <= set(report["project"])
+    assert not report["torch"]
+
+
+def test_bad_arguments_are_refused_before_any_model_loads():
+    env = {**os.environ, "INFERENCE_MODELS": json.dumps({"ocr-lite": {"kind": "ocr-lite"}})}
+    cases = {
+        "nope": ({"INFERENCE_REDIS_URL": "redis://127.0.0.1:1/0"}, "unknown model 'nope'"),
+        "ocr-lite": ({"INFERENCE_REDIS_URL": "", "REDIS_URL": ""}, "needs INFERENCE_REDIS_URL"),
+    }
+    for model, (extra, message) in cases.items():
+        argv = [sys.executable, "-m", "inference.worker", "--model", model]
+        out = subprocess.run(
+            argv, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+# --- worker processes ----------------------------------------------------------------------
 
 
 class WorkerProcess:
@@ -65,7 +142,7 @@ class WorkerProcess:
             "INFERENCE_HEARTBEAT_SECONDS": "0.3",
             "PLATFORM_TESTING": "1",
         }
-        argv = [sys.executable, "manage.py", "inference_worker", "--model", MODEL]
+        argv = [sys.executable, "-m", "inference.worker", "--model", MODEL]
         argv += ["--worker-id", worker_id, "--key-prefix", prefix, "--max-batch-size", "4"]
         argv += ["--drain-seconds", "20"]
         with open(self.log_path, "wb") as log:
@@ -148,6 +225,8 @@ def _pending_of(r, keys, consumer: str) -> list:
     return out
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 async def test_two_workers_answer_everything_once_and_recover_a_killed_workers_work(workers):
     a, b = workers["A"], workers["B"]
     url = redis_url_for_tests()
@@ -217,6 +296,8 @@ async def test_two_workers_answer_everything_once_and_recover_a_killed_workers_w
     r.close()
 
 
+@pytest.mark.redis
+@pytest.mark.slow
 async def test_sigterm_finishes_the_running_batch_then_exits_0(workers):
     c = workers["B"]  # the survivor of the previous test, now alone on its queue
     assert c.proc.poll() is None, c.log()

@@ -39,6 +39,28 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
+# The error policy of the inference side. A client reads an ``ErrorEvent``'s code and
+# message; the message is the fixed sentence of its code below, or a more specific one made
+# only of what the client itself sent or may know (its model name, its image's hash, its
+# token counts, how long it waited). Never an exception's text: that names devices, paths,
+# shapes and other tenants' requests, and goes to the log of the process that caught it.
+ERROR_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.INVALID_REQUEST: "The model could not process this request as sent.",
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: "The prompt and max_tokens exceed what the model holds.",
+    ErrorCode.IMAGE_UNAVAILABLE: "An image of this request expired or was never stored.",
+    ErrorCode.MODEL_NOT_FOUND: "The model does not exist.",
+    ErrorCode.OUT_OF_MEMORY: "The model ran out of memory; retry, or send a smaller request.",
+    ErrorCode.WORKER_LOST: "The worker stopped before the answer was complete.",
+    ErrorCode.INTERNAL_ERROR: "The model failed while serving this request.",
+    ErrorCode.TIMEOUT: "No answer in time.",
+}
+# Codes that say the failure was ours, not the request's: they only ever carry the fixed
+# sentence (an engine's own wording for them is replaced by the worker).
+SERVER_ERRORS = frozenset(
+    {ErrorCode.OUT_OF_MEMORY, ErrorCode.WORKER_LOST, ErrorCode.INTERNAL_ERROR}
+)
+
+
 class Priority(enum.IntEnum):
     HIGH = 0
     NORMAL = 1
@@ -142,6 +164,11 @@ class ErrorEvent(msgspec.Struct, frozen=True, tag="error"):
     message: str
     # True when nothing was streamed yet and the request may be retried elsewhere.
     retryable: bool = False
+
+    @classmethod
+    def fixed(cls, code: ErrorCode, *, retryable: bool = False) -> ErrorEvent:
+        """The error with its code's fixed message (``ERROR_MESSAGES``)."""
+        return cls(code, ERROR_MESSAGES[code], retryable=retryable)
 
 
 Event = StartEvent | DeltaEvent | DoneEvent | ErrorEvent

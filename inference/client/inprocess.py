@@ -194,7 +194,9 @@ class _WorkerThread(threading.Thread):
         self.settings = settings
         self.factory = factory
         self.stop_event = threading.Event()
-        self.error: str | None = None  # set when loading or serving failed for good
+        # Set when loading or serving failed for good: what its callers get from then on (the
+        # exception itself is in the log).
+        self.error: ErrorEvent | None = None
 
     def run(self) -> None:
         try:
@@ -210,10 +212,10 @@ class _WorkerThread(threading.Thread):
             )
             transport = InProcessWorkerTransport(hub=self.hub, model=self.model)
             Worker(engine=engine, transport=transport, config=config).run(self.stop_event)
-        except Exception as exc:
+        except Exception:
             logger.exception("in-process worker for %s failed", self.model)
-            self.error = f"The model '{self.model}' failed: {exc}"
-            self.hub.fail_model(self.model, ErrorEvent(ErrorCode.INTERNAL_ERROR, self.error))
+            self.error = ErrorEvent.fixed(ErrorCode.INTERNAL_ERROR)
+            self.hub.fail_model(self.model, self.error)
 
 
 class InProcessClient(InferenceClient):
@@ -260,7 +262,7 @@ class InProcessClient(InferenceClient):
             return
         worker = self._worker(request.model)
         if worker.error is not None:
-            yield ErrorEvent(ErrorCode.INTERNAL_ERROR, worker.error)
+            yield worker.error
             return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -272,7 +274,7 @@ class InProcessClient(InferenceClient):
         try:
             self.hub.requests(request.model).put(request)
             if worker.error is not None:  # it failed while we enqueued
-                yield ErrorEvent(ErrorCode.INTERNAL_ERROR, worker.error)
+                yield worker.error
                 return
             while True:
                 remaining = deadline - loop.time()
@@ -303,7 +305,7 @@ class InProcessClient(InferenceClient):
         with self._lock:
             worker = self._workers.get(model)
         if worker is not None and (worker.error is not None or not worker.is_alive()):
-            detail = worker.error or "worker stopped"
+            detail = "worker failed (see the log)" if worker.error else "worker stopped"
             return ModelHealth(model, 0, waiting, 0, 0, 0, detail=detail)
         pending = max(0, self.hub.subscribers_of(model) - waiting)
         beat = self.hub.heartbeat(model)

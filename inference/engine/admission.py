@@ -121,9 +121,9 @@ class Admission:
         except PromptError as exc:
             self._outputs.fail(seq, exc.code, exc.message, events)
             return None
-        except Exception as exc:
+        except Exception:
             logger.exception("building prompt of %s failed", seq.request_id)
-            message = f"prompt processing failed: {exc}"
+            message = "prompt processing failed"
             self._outputs.fail(seq, ErrorCode.INTERNAL_ERROR, message, events)
             return None
         max_len = self._config.max_seq_len

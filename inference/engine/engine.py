@@ -519,7 +519,7 @@ class Engine:
             return
         if not logged:
             logger.exception("%s of %s failed", stage, seq.request_id)
-        self._outputs.fail(seq, ErrorCode.INTERNAL_ERROR, f"{stage} failed: {exc}", events)
+        self._outputs.fail(seq, ErrorCode.INTERNAL_ERROR, f"{stage} failed", events)
 
     def _release(self, seq: Sequence) -> None:
         """After the terminal event. Freeing the slot at once is safe although a launched

@@ -231,11 +231,12 @@ class OcrLiteEngine:
             return ErrorEvent(ErrorCode.TIMEOUT, "the request waited past its deadline")
         try:
             return compose_answer(_question(request), self._read_images(entry), self._today())
-        except ImageDecodeError as exc:
-            return ErrorEvent(ErrorCode.INVALID_REQUEST, str(exc))
+        except ImageDecodeError:
+            logger.warning("ocr-lite could not decode an image of %s", request_id, exc_info=True)
+            return ErrorEvent(ErrorCode.INVALID_REQUEST, "cannot decode image")
         except Exception:
             logger.exception("ocr-lite failed on request %s", request_id)
-            return ErrorEvent(ErrorCode.INTERNAL_ERROR, "the OCR model failed", retryable=True)
+            return ErrorEvent.fixed(ErrorCode.INTERNAL_ERROR, retryable=True)
 
     def _start(
         self,

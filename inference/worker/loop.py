@@ -14,8 +14,9 @@ Invariants:
 - every delivery taken is acknowledged exactly once, after its terminal event is written;
 - a non-streamed request (``stream=False``) writes nothing until it is finished, so a
   re-run after a crash is invisible; a streamed one that already sent text is never re-run;
-- anything that goes wrong for one request becomes an ``ErrorEvent`` for that request;
-  the loop keeps going. Only repeated whole-step failures end the process (a supervisor
+- anything that goes wrong for one request becomes an ``ErrorEvent`` for that request,
+  with its code's fixed message when the failure is ours (``inference.protocol``'s error
+  policy: exception text goes to the log only); the loop keeps going. Only repeated whole-step failures end the process (a supervisor
   restarts it and its requests are reclaimed), because by then the engine is not trusted.
 
 Stopping (SIGTERM): take no new requests, finish everything already taken, then return;
@@ -37,6 +38,8 @@ from typing import Protocol, TypeVar
 
 from inference.engine.config import EngineStats
 from inference.protocol import (
+    ERROR_MESSAGES,
+    SERVER_ERRORS,
     TERMINAL_EVENTS,
     DeltaEvent,
     DoneEvent,
@@ -213,8 +216,7 @@ class Worker:
                 raise
             except Exception as exc:  # one request's problem, not the worker's
                 logger.exception("admitting %s failed", delivery.request.request_id)
-                code = _error_code_for(exc)
-                self._finish_early(delivery, ErrorEvent(code, _client_message(code, exc)))
+                self._finish_early(delivery, ErrorEvent.fixed(_error_code_for(exc)))
             self._backlog.pop(0)
 
     def _admit(self, delivery: Delivery, *, cancelled: bool) -> None:
@@ -229,8 +231,7 @@ class Worker:
             self._outbox.append(Outgoing(rid, [], ack_token=delivery.token))
             return
         if delivery.reply_state is ReplyState.STREAMED:
-            message = "The worker serving this request stopped after part of the answer was sent."
-            self._finish_early(delivery, ErrorEvent(ErrorCode.WORKER_LOST, message))
+            self._finish_early(delivery, ErrorEvent.fixed(ErrorCode.WORKER_LOST))
             return
         if delivery.attempt > self.config.max_deliveries:
             message = f"The request failed on {delivery.attempt - 1} workers; giving up."
@@ -296,17 +297,15 @@ class Worker:
             self._step_failures,
             len(self._inflight),
         )
-        # Nothing the clients did: the batch holds other tenants' requests, so neither the
-        # exception's text nor a client-error code (a ValueError deep in the runner) goes out.
+        # Nothing the clients did: the batch holds other tenants' requests, so no client-error
+        # code goes out either (a ValueError deep in the runner is not a bad request).
         code = _error_code_for(exc)
         if code is not ErrorCode.OUT_OF_MEMORY:
             code = ErrorCode.INTERNAL_ERROR
-        message = _OUR_FAILURE_MESSAGES[code]
         for rid in list(self._inflight):
             flight = self._inflight[rid]
             self._safe_abort(rid)
-            error = ErrorEvent(code, message, retryable=not flight.sent_text)
-            self._route(rid, error)
+            self._route(rid, ErrorEvent.fixed(code, retryable=not flight.sent_text))
         if self._step_failures >= self.config.max_step_failures:
             raise RuntimeError("engine failed repeatedly; stopping this worker") from exc
 
@@ -323,6 +322,11 @@ class Worker:
         terminal = isinstance(event, TERMINAL_EVENTS)
         if isinstance(event, StartEvent) and flight.skip_start:
             return
+        if isinstance(event, ErrorEvent) and event.code in SERVER_ERRORS:
+            # The engine's wording of its own failure is for our log, not for the client.
+            if event.message != ERROR_MESSAGES[event.code]:
+                logger.warning("request %s failed: %s (%s)", rid, event.message, event.code)
+            event = ErrorEvent.fixed(event.code, retryable=event.retryable)
         if isinstance(event, DeltaEvent) and (event.text or event.reasoning):
             flight.sent_text = True
         ack = flight.delivery.token if terminal else None
@@ -351,14 +355,8 @@ class Worker:
             streamed = flight.delivery.request.stream and flight.sent_text
             if self.transport.supports_reclaim and not streamed:
                 continue  # left pending: another worker reclaims it and no one sees a thing
-            message = "The worker stopped before the answer was complete."
-            self._outbox.append(
-                Outgoing(
-                    rid,
-                    [ErrorEvent(ErrorCode.WORKER_LOST, message, retryable=not streamed)],
-                    ack_token=flight.delivery.token,
-                )
-            )
+            error = ErrorEvent.fixed(ErrorCode.WORKER_LOST, retryable=not streamed)
+            self._outbox.append(Outgoing(rid, [error], ack_token=flight.delivery.token))
         try:
             self._flush()
         except TransportUnavailable:
@@ -404,28 +402,13 @@ class Worker:
 
 
 def _error_code_for(exc: BaseException) -> ErrorCode:
+    """The code of a request that raised ``exc``; its message is the code's fixed one."""
     # torch.cuda.OutOfMemoryError is matched by name: the worker does not import torch.
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return ErrorCode.OUT_OF_MEMORY
     if isinstance(exc, ValueError):
         return ErrorCode.INVALID_REQUEST
     return ErrorCode.INTERNAL_ERROR
-
-
-# What a client is told when the failure is ours: exception text (device names, shapes,
-# file paths, other requests' ids) stays in the worker's log.
-_OUR_FAILURE_MESSAGES = {
-    ErrorCode.OUT_OF_MEMORY: "The model ran out of memory; retry, or send a smaller request.",
-    ErrorCode.INTERNAL_ERROR: "The model failed while serving this request.",
-}
-
-
-def _client_message(code: ErrorCode, exc: BaseException) -> str:
-    """The message of an ``ErrorEvent`` for ``exc``: the exception's own text only for a
-    request the client got wrong (``INVALID_REQUEST``), a fixed sentence otherwise."""
-    if code is ErrorCode.INVALID_REQUEST:
-        return str(exc)
-    return _OUR_FAILURE_MESSAGES.get(code, _OUR_FAILURE_MESSAGES[ErrorCode.INTERNAL_ERROR])
 
 
 def _coalesce(events: list[Event]) -> list[Event]:

@@ -369,6 +369,7 @@ def test_missing_image_duplicate_id_and_undecodable_image() -> None:
     engine.add_request(request, images)
     [(_, error)] = engine.step()
     assert isinstance(error, ErrorEvent) and error.code is ErrorCode.INVALID_REQUEST
+    assert error.message == "cannot decode image"  # Pillow's words go to the log
     assert not engine.has_unfinished()
     assert not engine.reader.loaded  # decoding failed before the model was needed
 

@@ -126,7 +126,7 @@ async def test_model_health_before_and_after_loading(client):
     assert unknown.live_workers == 0
 
 
-async def test_a_model_that_fails_to_load_answers_with_errors():
+async def test_a_model_that_fails_to_load_answers_with_errors(caplog):
     def broken(model, spec):
         raise OSError("no weights here")
 
@@ -135,7 +135,9 @@ async def test_a_model_that_fails_to_load_answers_with_errors():
     try:
         events = [e async for e in c.submit(make_request())]
         assert [type(e) for e in events] == [ErrorEvent]
-        assert "no weights here" in events[0].message
+        assert events[0] == ErrorEvent.fixed(ErrorCode.INTERNAL_ERROR)
+        assert "no weights here" not in events[0].message
+        assert "no weights here" in caplog.text  # for the operator, in the log
         assert (await c.model_health(MODEL)).live_workers == 0
     finally:
         await c.aclose()

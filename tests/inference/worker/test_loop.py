@@ -246,6 +246,42 @@ def test_a_failure_of_ours_tells_clients_nothing_of_the_exception(r, settings_):
         assert "0ther" not in error.message and "/srv" not in error.message
 
 
+class _WordyEngine(FakeEngine):
+    """Reports failures in its own words, as an engine may: exception text in an error that
+    is ours, a specific message in one the request caused, a ValueError from admission."""
+
+    def add_request(self, request, images) -> None:
+        if "BAD_VALUE" in text_of_request(request):
+            raise ValueError(f"pixel tensor of shape (3, 0) for {_LeakyEngine.secret}")
+        super().add_request(request, images)
+        if "ENGINE_FAILS" in text_of_request(request):
+            leak = f"decode failed: CUDA error on {_LeakyEngine.secret}"
+            self._waiting[-1].error = ErrorEvent(ErrorCode.INTERNAL_ERROR, leak, retryable=True)
+
+
+def test_clients_get_each_codes_fixed_message_and_the_log_gets_the_rest(r, settings_, caplog):
+    worker = make_worker(settings_, engine=_WordyEngine())
+    ours = make_request("ENGINE_FAILS now")
+    quiet = make_request("ENGINE_FAILS quietly", stream=False)
+    bad_value = make_request("BAD_VALUE here")
+    theirs = make_request("FAIL_REQUEST please")
+    for request in (ours, quiet, bad_value, theirs):
+        enqueue(r, settings_, request)
+    run_until_idle(worker, r, settings_)
+
+    last = {q.request_id: reply(r, settings_, q.request_id)[-1] for q in (ours, quiet, bad_value)}
+    for request in (ours, quiet):
+        assert last[request.request_id] == ErrorEvent.fixed(
+            ErrorCode.INTERNAL_ERROR, retryable=True
+        )
+    assert last[bad_value.request_id] == ErrorEvent.fixed(ErrorCode.INVALID_REQUEST)
+    # The engine's specific message about the client's own request is for the client.
+    assert reply(r, settings_, theirs.request_id)[-1] == ErrorEvent(
+        ErrorCode.INVALID_REQUEST, "this request fails"
+    )
+    assert "decode failed: CUDA error" in caplog.text and "pixel tensor" in caplog.text
+
+
 def test_a_non_streamed_reply_is_written_only_when_finished(r, settings_):
     worker = make_worker(settings_)
     worker.transport.setup()

@@ -29,6 +29,7 @@ from inference.protocol import (
 )
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
+from tenants.services.content_logging import content_log_record
 from tenants.services.quotas import Admission, quota_release, quota_settle
 from tenants.services.usage import usage_record_create
 from webplatform.completions import answer_cache
@@ -36,7 +37,6 @@ from webplatform.completions.inputs import (
     Channel,
     ChatCompletionInput,
 )
-from webplatform.dashboard.services.content_logging import content_log_record
 from webplatform.metrics import completion_observe
 from webplatform.uploads.services import ValidatedImage
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from tenants.models import ApiKey, Membership, Plan
-from webplatform.dashboard.services.organisations import MAX_RETENTION_DAYS
+from tenants.services.content_logging import MAX_RETENTION_DAYS
 
 
 class SignUpForm(forms.Form):

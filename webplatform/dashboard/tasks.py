@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from webplatform.dashboard.services.content_logging import content_log_purge_expired
+from tenants.services.content_logging import content_log_purge_expired
 
 
 @shared_task

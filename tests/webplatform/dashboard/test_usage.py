@@ -12,12 +12,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tenants.models import AuditLogEntry, ContentLogEntry, UsageRecord
+from tenants.services.content_logging import content_log_purge_expired, content_log_record
 from tenants.services.usage import usage_record_create, usage_rollup_day
 from tests.factories import api_key_for
-from webplatform.dashboard.services.content_logging import (
-    content_log_purge_expired,
-    content_log_record,
-)
 
 
 def _record(tenant, n: int, *, api_key=None, model="glm-4.6v-flash", days_ago=0, **extra):

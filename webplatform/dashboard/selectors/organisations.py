@@ -1,4 +1,4 @@
-"""Reads for the organisation pages: memberships, invitations, plans, audit log."""
+"""Reads for the organisation pages: memberships, invitations, plans."""
 
 from __future__ import annotations
 
@@ -7,17 +7,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from tenants.errors import ApplicationError
-from tenants.models import (
-    AuditLogEntry,
-    ContentLogEntry,
-    ContentLoggingPolicy,
-    Invitation,
-    Membership,
-    Plan,
-    Tenant,
-)
-
-DEFAULT_RETENTION_DAYS = 30
+from tenants.models import Invitation, Membership, Plan, Tenant
 
 
 def memberships_of_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -59,23 +49,3 @@ def invitation_get_for_tenant(*, tenant: Tenant, invitation_id: int) -> Invitati
 
 def plan_list() -> QuerySet[Plan]:
     return Plan.objects.order_by("requests_per_minute", "name")
-
-
-def audit_log_for_tenant(*, tenant: Tenant, limit: int = 200) -> list[AuditLogEntry]:
-    return list(
-        AuditLogEntry.objects.filter(tenant=tenant)
-        .select_related("actor")
-        .order_by("-created_at", "-id")[:limit]
-    )
-
-
-def content_retention_days_get(*, tenant: Tenant) -> int:
-    policy = ContentLoggingPolicy.objects.filter(tenant=tenant).first()
-    return policy.retention_days if policy else DEFAULT_RETENTION_DAYS
-
-
-def content_log_by_request(*, tenant: Tenant, request_ids: list[str]) -> dict[str, ContentLogEntry]:
-    entries = ContentLogEntry.objects.filter(
-        tenant=tenant, request_id__in=request_ids, expires_at__gt=timezone.now()
-    )
-    return {entry.request_id: entry for entry in entries}

@@ -9,7 +9,7 @@ from django.db import transaction
 
 from tenants.models import ApiKey, AuditLogEntry, Tenant
 from tenants.services.api_keys import CreatedApiKey, api_key_create, api_key_revoke
-from webplatform.dashboard.services.audit import audit_log_record
+from tenants.services.audit_log import audit_log_record
 
 
 @transaction.atomic

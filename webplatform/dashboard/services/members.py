@@ -27,8 +27,8 @@ from django.utils.translation import gettext as _
 
 from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, Invitation, Membership, Tenant
+from tenants.services.audit_log import audit_log_record
 from tenants.services.tenants import membership_create
-from webplatform.dashboard.services.audit import audit_log_record
 
 INVITATION_DAYS = 7
 ROLE_RANK = {Membership.Role.MEMBER: 0, Membership.Role.ADMIN: 1, Membership.Role.OWNER: 2}

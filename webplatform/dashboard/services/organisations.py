@@ -1,18 +1,16 @@
-"""Organisations as the dashboard changes them: create, change plan, delete, content logging."""
+"""Organisations as the dashboard changes them: create, change plan, delete."""
 
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
-from tenants.errors import ApplicationError
-from tenants.models import AuditLogEntry, ContentLoggingPolicy, Plan, Tenant
+from tenants.models import AuditLogEntry, Plan, Tenant
 from tenants.selectors.tenants import plan_get_by_name
+from tenants.services.audit_log import audit_log_record
 from tenants.services.tenants import plans_ensure_defaults, tenant_create
-from webplatform.dashboard.services.audit import audit_log_record
 
 SIGN_UP_PLAN = "free"
-MAX_RETENTION_DAYS = 365
 
 
 @transaction.atomic
@@ -59,36 +57,3 @@ def organisation_delete(*, tenant: Tenant, actor: AbstractBaseUser) -> None:
     for api_key in api_key_list_for_tenant(tenant=tenant, include_revoked=False):
         api_key_revoke(api_key=api_key)
     Tenant.objects.filter(pk=tenant.pk).delete()
-
-
-@transaction.atomic
-def content_logging_update(
-    *, tenant: Tenant, enabled: bool, retention_days: int, actor: AbstractBaseUser
-) -> ContentLoggingPolicy:
-    """Turn storing prompts and answers on or off and set how long they are kept.
-
-    Turning it off deletes what was stored: off means nothing is kept.
-    """
-    if not 1 <= retention_days <= MAX_RETENTION_DAYS:
-        raise ApplicationError(
-            f"Retention must be 1 to {MAX_RETENTION_DAYS} days.",
-            code="invalid_value",
-            param="retention_days",
-        )
-    policy, _ = ContentLoggingPolicy.objects.select_for_update().get_or_create(tenant=tenant)
-    changed = tenant.log_content != enabled or policy.retention_days != retention_days
-    policy.retention_days = retention_days
-    policy.save(update_fields=["retention_days", "updated_at"])
-    Tenant.objects.filter(pk=tenant.pk).update(log_content=enabled)
-    tenant.log_content = enabled
-    if not enabled:
-        tenant.content_log.all().delete()
-    if changed:
-        audit_log_record(
-            tenant=tenant,
-            actor=actor,
-            action=AuditLogEntry.Action.CONTENT_LOGGING_CHANGED,
-            target="on" if enabled else "off",
-            details={"enabled": enabled, "retention_days": retention_days},
-        )
-    return policy

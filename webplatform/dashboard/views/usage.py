@@ -10,12 +10,10 @@ from django.utils.translation import gettext as _
 
 from tenants.models import Membership, UsageRecord
 from tenants.selectors.api_keys import api_key_list_for_tenant
+from tenants.selectors.audit_log import audit_log_for_tenant
+from tenants.selectors.content_logging import content_log_by_request
 from webplatform.dashboard.access import org_view
 from webplatform.dashboard.forms import UsageFilterForm
-from webplatform.dashboard.selectors.organisations import (
-    audit_log_for_tenant,
-    content_log_by_request,
-)
 from webplatform.dashboard.selectors.usage import (
     NO_KEY,
     UsageFilter,

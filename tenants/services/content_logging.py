@@ -1,24 +1,29 @@
 """Storing prompts and answers, for organisations that turned content logging on.
 
-The hook for the completion path: after a request settles, call
+The settlement hook of the completion path: after a request settles, it calls
 ``content_log_record(tenant=..., request_id=..., prompt=..., answer=...)`` (synchronous;
 wrap it in ``sync_to_async`` from async code). It stores nothing unless the organisation
 logs content, and the row expires after the organisation's retention period;
 ``content_log_purge_expired`` (a daily Celery task) deletes what has expired.
+``content_logging_update`` is the organisation's switch and retention setting.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from tenants.models import ContentLogEntry, Tenant
-from webplatform.dashboard.selectors.organisations import content_retention_days_get
+from tenants.errors import ApplicationError
+from tenants.models import AuditLogEntry, ContentLogEntry, ContentLoggingPolicy, Tenant
+from tenants.selectors.content_logging import content_retention_days_get
+from tenants.services.audit_log import audit_log_record
 
 # Generous but bounded: a stored row never grows without limit.
 MAX_STORED_CHARS = 100_000
+MAX_RETENTION_DAYS = 365
 
 
 def content_log_record(
@@ -55,3 +60,36 @@ def content_log_purge_expired(*, now: datetime | None = None) -> int:
     """Delete every stored prompt and answer past its organisation's retention period."""
     deleted, _ = ContentLogEntry.objects.filter(expires_at__lte=now or timezone.now()).delete()
     return deleted
+
+
+@transaction.atomic
+def content_logging_update(
+    *, tenant: Tenant, enabled: bool, retention_days: int, actor: AbstractBaseUser
+) -> ContentLoggingPolicy:
+    """Turn storing prompts and answers on or off and set how long they are kept.
+
+    Turning it off deletes what was stored: off means nothing is kept.
+    """
+    if not 1 <= retention_days <= MAX_RETENTION_DAYS:
+        raise ApplicationError(
+            f"Retention must be 1 to {MAX_RETENTION_DAYS} days.",
+            code="invalid_value",
+            param="retention_days",
+        )
+    policy, _ = ContentLoggingPolicy.objects.select_for_update().get_or_create(tenant=tenant)
+    changed = tenant.log_content != enabled or policy.retention_days != retention_days
+    policy.retention_days = retention_days
+    policy.save(update_fields=["retention_days", "updated_at"])
+    Tenant.objects.filter(pk=tenant.pk).update(log_content=enabled)
+    tenant.log_content = enabled
+    if not enabled:
+        tenant.content_log.all().delete()
+    if changed:
+        audit_log_record(
+            tenant=tenant,
+            actor=actor,
+            action=AuditLogEntry.Action.CONTENT_LOGGING_CHANGED,
+            target="on" if enabled else "off",
+            details={"enabled": enabled, "retention_days": retention_days},
+        )
+    return policy

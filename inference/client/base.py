@@ -18,7 +18,7 @@ Leaving the ``async for`` early (the caller went away) cancels the request.
 from __future__ import annotations
 
 import abc
-import statistics
+import math
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
@@ -115,7 +115,7 @@ def model_health_from_heartbeats(
         running=sum(b.running for b in beats),
         capacity=sum(b.max_batch_size for b in beats),
         engine_waiting=sum(b.waiting for b in beats),
-        tokens_per_second=statistics.fsum(b.tokens_per_second for b in beats),
+        tokens_per_second=math.fsum(b.tokens_per_second for b in beats),
         detail=detail,
         workers=tuple(beats),
     )

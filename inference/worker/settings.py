@@ -61,4 +61,4 @@ def worker_settings(environ_: Mapping[str, str] | None = None) -> InferenceSetti
 
 def log_level(environ_: Mapping[str, str] | None = None) -> str:
     """``LOG_LEVEL``, as the web side's LOGGING reads it."""
-    return _env(environ_).str("LOG_LEVEL", default="INFO")
+    return str(_env(environ_).str("LOG_LEVEL", default="INFO"))

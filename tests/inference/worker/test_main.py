@@ -120,6 +120,18 @@ def test_bad_arguments_are_refused_before_any_model_loads():
         assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
+def test_manage_py_inference_worker_still_runs_the_same_entry_point():
+    env = {
+        **os.environ,
+        "INFERENCE_MODELS": json.dumps({"ocr-lite": {"kind": "ocr-lite"}}),
+        "INFERENCE_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    argv = [sys.executable, "manage.py", "inference_worker", "--model", "nope"]
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown model 'nope'" in out.stderr, out.stderr
+    assert "python -m inference.worker" in out.stderr  # the worker's own usage line
+
+
 # --- worker processes ----------------------------------------------------------------------
 
 

@@ -86,6 +86,27 @@ def membership_list_for_tenant(*, tenant: Tenant) -> QuerySet[Membership]:
     return Membership.objects.filter(tenant=tenant).select_related("user")
 
 
+def membership_get_for_tenant(*, tenant: Tenant, membership_id: int) -> Membership:
+    """One of the tenant's memberships; another tenant's is reported as missing (404)."""
+    membership = (
+        Membership.objects.select_related("user", "tenant")
+        .filter(tenant=tenant, pk=membership_id)
+        .first()
+    )
+    if membership is None:
+        raise ApplicationError("No such member.", code="not_found", status=404)
+    return membership
+
+
+def memberships_of_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
+    """Every organisation the user belongs to (the organisation switcher), by name."""
+    return Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__name")
+
+
+def plan_list() -> QuerySet[Plan]:
+    return Plan.objects.order_by("requests_per_minute", "name")
+
+
 def plan_get_by_name(*, name: str) -> Plan:
     plan = Plan.objects.filter(name=name).first()
     if plan is None:

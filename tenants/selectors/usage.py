@@ -1,14 +1,24 @@
-"""Usage reads; each takes the tenant whose usage it reads."""
+"""Usage reads; each takes the tenant whose usage it reads.
+
+Today's summary (the overview and ``GET /v1/usage``), the request records, the rolled-up days,
+and the series the dashboard charts, exports and lists (``usage_daily_series``,
+``request_log_for_tenant``).
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 
 from django.db.models import Count, Q, QuerySet, Sum
 from django.utils import timezone
 
 from tenants.models import DailyUsage, Tenant, UsageRecord
+from tenants.selectors.tenants import served_model_names
+from tenants.services.usage import percentile_cont
+
+NO_KEY = "none"  # the key filter value for requests made without a key (the playground)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +109,135 @@ def usage_daily_for_tenant(*, tenant: Tenant, start: date, end: date) -> QuerySe
         .select_related("api_key")
         .order_by("day", "model")
     )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    api_key: str | None = None  # a key's public id, NO_KEY, or None for all
+    model: str | None = None
+
+    def records(self) -> Q:
+        query = Q()
+        if self.api_key == NO_KEY:
+            query &= Q(api_key__isnull=True)
+        elif self.api_key:
+            query &= Q(api_key__public_id=self.api_key)
+        if self.model:
+            query &= Q(model=self.model)
+        return query
+
+
+@dataclass(slots=True)
+class DayUsage:
+    day: date
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)
+
+
+def usage_daily_series(
+    *,
+    tenant: Tenant,
+    usage_filter: UsageFilter,
+    days: int = 30,
+    today: date | None = None,
+) -> list[DayUsage]:
+    """One ``DayUsage`` per UTC day, the last ``days`` days up to today, oldest first.
+
+    Days already rolled up (``DailyUsage``, written after midnight UTC) are read from the
+    rollup; today and any day not rolled up yet are computed from ``UsageRecord``. Latency
+    percentiles are exact for days computed from records and for a rolled-up day with one row
+    (one key and model, as when both filters are set); a rolled-up day with several rows gets
+    the request-weighted mean of its rows' percentiles, an approximation said so on the page.
+    """
+    today = today or timezone.now().astimezone(UTC).date()
+    start = today - timedelta(days=days - 1)
+    series = {
+        start + timedelta(days=i): DayUsage(day=start + timedelta(days=i)) for i in range(days)
+    }
+
+    rolled_days = set(
+        DailyUsage.objects.filter(tenant=tenant, day__gte=start, day__lt=today)
+        .values_list("day", flat=True)
+        .distinct()
+    )
+    rollup_filter = usage_filter.records()
+    weighted: dict[date, list[tuple[int, float | None, float | None]]] = defaultdict(list)
+    for row in DailyUsage.objects.filter(
+        rollup_filter, tenant=tenant, day__in=rolled_days
+    ).values_list(
+        "day",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms_p50",
+        "latency_ms_p95",
+    ):
+        day, requests, errors, prompt, completion, p50, p95 = row
+        entry = series[day]
+        entry.requests += requests
+        entry.errors += errors
+        entry.prompt_tokens += prompt
+        entry.completion_tokens += completion
+        weighted[day].append((requests, p50, p95))
+    for day, rows in weighted.items():
+        total = sum(r for r, p50, _ in rows if p50 is not None)
+        if total:
+            series[day].latency_p50_ms = sum(r * p for r, p, _ in rows if p is not None) / total
+            series[day].latency_p95_ms = sum(r * p for r, _, p in rows if p is not None) / total
+
+    open_days = [day for day in series if day not in rolled_days]
+    if open_days:
+        latencies: dict[date, list[int]] = defaultdict(list)
+        records = UsageRecord.objects.filter(
+            usage_filter.records(), tenant=tenant, created_at__gte=_midnight(min(open_days))
+        ).values_list(
+            "created_at", "status", "prompt_tokens", "completion_tokens", "total_latency_ms"
+        )
+        for created_at, status, prompt, completion, latency in records.iterator():
+            day = created_at.astimezone(UTC).date()
+            if day in rolled_days or day not in series:
+                continue
+            entry = series[day]
+            entry.requests += 1
+            entry.errors += status == UsageRecord.Status.ERROR
+            entry.prompt_tokens += prompt
+            entry.completion_tokens += completion
+            latencies[day].append(latency)
+        for day, values in latencies.items():
+            series[day].latency_p50_ms = percentile_cont(values, 0.5)
+            series[day].latency_p95_ms = percentile_cont(values, 0.95)
+    return [series[day] for day in sorted(series)]
+
+
+def usage_models_for_tenant(*, tenant: Tenant) -> list[str]:
+    """Served models and any other model name found in the tenant's records."""
+    used = (
+        UsageRecord.objects.filter(tenant=tenant)
+        .order_by()
+        .values_list("model", flat=True)
+        .distinct()
+    )
+    names = list(served_model_names())
+    return names + sorted(set(used) - set(names))
+
+
+def request_log_for_tenant(
+    *, tenant: Tenant, usage_filter: UsageFilter, status: str | None = None, limit: int = 100
+) -> QuerySet[UsageRecord]:
+    records = usage_records_for_tenant(tenant=tenant).filter(usage_filter.records())
+    if status:
+        records = records.filter(status=status)
+    return records.select_related("user")[:limit]

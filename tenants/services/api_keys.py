@@ -20,6 +20,9 @@ the cached record. The marker is what makes revocation immediate: a process that
 key from the database just before the revocation committed may write its (unrevoked)
 record back to the cache just after; every authentication reads the marker along with the
 record, so that stale record is refused too.
+
+Members acting in the dashboard call the ``*_audited`` variants: the same change, plus an
+audit log entry in the same transaction.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from tenants.errors import ApplicationError
-from tenants.models import ApiKey, Tenant
+from tenants.models import ApiKey, AuditLogEntry, Tenant
 from tenants.principals import ApiPrincipal
 from tenants.selectors.tenants import served_model_names, tenant_limits_get
+from tenants.services.audit_log import audit_log_record
 
 PUBLIC_ID_LENGTH = 12
 SECRET_LENGTH = 40  # ~238 bits
@@ -173,6 +177,57 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
         )
     cache.set(api_key_revoked_cache_key(api_key.public_id), True, timeout=_REVOKED_MARKER_SECONDS)
     cache.delete(api_key_record_cache_key(api_key.public_id))
+    return api_key
+
+
+@transaction.atomic
+def api_key_create_audited(
+    *,
+    tenant: Tenant,
+    name: str,
+    created_by: AbstractBaseUser,
+    allowed_models: list[str],
+    access: str,
+    expires_at: datetime | None,
+) -> CreatedApiKey:
+    """``api_key_create`` by a member (the dashboard), recorded in the audit log."""
+    created = api_key_create(
+        tenant=tenant,
+        name=name,
+        created_by=created_by,
+        allowed_models=allowed_models,
+        access=access,
+        expires_at=expires_at,
+    )
+    audit_log_record(
+        tenant=tenant,
+        actor=created_by,
+        action=AuditLogEntry.Action.KEY_CREATED,
+        target=created.api_key.public_id,
+        details={
+            "name": created.api_key.name,
+            "access": access,
+            "models": list(allowed_models),
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    return created
+
+
+@transaction.atomic
+def api_key_revoke_audited(*, api_key: ApiKey, actor: AbstractBaseUser) -> ApiKey:
+    """``api_key_revoke`` by a member, recorded in the audit log (once: revoking a revoked
+    key again records nothing)."""
+    already = api_key.revoked_at is not None
+    api_key_revoke(api_key=api_key)
+    if not already:
+        audit_log_record(
+            tenant=api_key.tenant,
+            actor=actor,
+            action=AuditLogEntry.Action.KEY_REVOKED,
+            target=api_key.public_id,
+            details={"name": api_key.name},
+        )
     return api_key
 
 

@@ -15,13 +15,15 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from tenants.errors import ApplicationError
-from tenants.models import ApiKey
+from tenants.models import ApiKey, AuditLogEntry
 from tenants.principals import ApiPrincipal
 from tenants.services.api_keys import (
     api_key_authenticate,
     api_key_create,
+    api_key_create_audited,
     api_key_record_cache_key,
     api_key_revoke,
+    api_key_revoke_audited,
     api_key_revoked_cache_key,
     api_key_used_cache_key,
 )
@@ -300,3 +302,26 @@ def test_revoking_one_tenants_key_leaves_other_keys_working(owner, outsider):
 
     assert _auth_error_code(mine.raw_key) == "api_key_revoked"
     assert api_key_authenticate(raw_key=theirs.raw_key).tenant == outsider.tenant
+
+
+# --- from the dashboard: the same change, audited ------------------------------------------
+
+
+def test_a_member_creating_and_revoking_a_key_leaves_one_audit_entry_each(owner):
+    created = api_key_create_audited(
+        tenant=owner.tenant,
+        name="ci",
+        created_by=owner.user,
+        allowed_models=[],
+        access="read",
+        expires_at=None,
+    )
+    api_key_revoke_audited(api_key=created.api_key, actor=owner.user)
+    api_key_revoke_audited(api_key=created.api_key, actor=owner.user)
+
+    entries = AuditLogEntry.objects.filter(tenant=owner.tenant).order_by("id")
+    assert [(e.action, e.target, e.actor_id) for e in entries] == [
+        ("key_created", created.api_key.public_id, owner.user.pk),
+        ("key_revoked", created.api_key.public_id, owner.user.pk),
+    ]
+    assert entries[0].details["access"] == "read"

@@ -22,7 +22,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 
 from tenants.models import Membership
 from tenants.selectors.tenants import membership_get
-from webplatform.dashboard.services.members import role_at_least
+from tenants.services.members import role_at_least
 
 CURRENT_TENANT_SESSION_KEY = "current_tenant_id"
 

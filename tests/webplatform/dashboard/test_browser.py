@@ -266,8 +266,8 @@ def test_owner_signs_up_makes_a_key_uses_the_playground_and_sees_usage(page, ser
 
 def test_a_member_cannot_open_keys_and_an_outsider_sees_nothing(page, server) -> None:
     from tenants.models import Membership
+    from tenants.services.accounts import account_sign_up
     from tenants.services.tenants import membership_create
-    from webplatform.dashboard.services.accounts import account_sign_up
 
     acme = account_sign_up(email="owner@acme.test", password=PASSWORD, organisation_name="Acme")
     member = account_sign_up(email="member@acme.test", password=PASSWORD, organisation_name="Own")

@@ -15,14 +15,14 @@ from django.utils.translation import gettext as _
 from django.views.decorators.debug import sensitive_post_parameters
 
 from tenants.errors import ApplicationError
-from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY
-from webplatform.dashboard.forms import SignUpForm
-from webplatform.dashboard.services.accounts import account_sign_up
-from webplatform.dashboard.services.login_throttle import (
+from tenants.services.accounts import account_sign_up
+from tenants.services.login_throttle import (
     login_attempt_check,
     login_failure_record,
     login_success_reset,
 )
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY
+from webplatform.dashboard.forms import SignUpForm
 from webplatform.dashboard.views.common import client_ip, form_error, render_page
 
 AUTH_BACKEND = "django.contrib.auth.backends.ModelBackend"

@@ -9,8 +9,8 @@ from django.shortcuts import render
 
 from tenants.errors import ApplicationError
 from tenants.models import Membership
-from webplatform.dashboard.selectors.organisations import memberships_of_user
-from webplatform.dashboard.services.members import role_at_least
+from tenants.selectors.tenants import memberships_of_user
+from tenants.services.members import role_at_least
 
 
 def render_page(

@@ -12,9 +12,9 @@ from tenants.errors import ApplicationError
 from tenants.models import ApiKey, Membership
 from tenants.selectors.api_keys import api_key_get_for_tenant, api_key_list_for_tenant
 from tenants.selectors.tenants import tenant_limits_get
+from tenants.services.api_keys import api_key_create_audited, api_key_revoke_audited
 from webplatform.dashboard.access import org_view
 from webplatform.dashboard.forms import ApiKeyForm
-from webplatform.dashboard.services.keys import dashboard_api_key_create, dashboard_api_key_revoke
 from webplatform.dashboard.views.common import form_error, render_page
 
 
@@ -32,7 +32,7 @@ def keys(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if form.is_valid():
             try:
-                created = dashboard_api_key_create(
+                created = api_key_create_audited(
                     tenant=tenant,
                     name=form.cleaned_data["name"],
                     created_by=request.user,
@@ -68,7 +68,7 @@ def key_revoke(request: HttpRequest, public_id: str) -> HttpResponse:
     except ApplicationError as error:
         raise Http404(error.message) from error
     if request.method == "POST":
-        dashboard_api_key_revoke(api_key=api_key, actor=request.user)
+        api_key_revoke_audited(api_key=api_key, actor=request.user)
         messages.success(request, _("The key %(name)s was revoked.") % {"name": api_key.name})
         return redirect("dashboard:keys", tenant.pk)
     return render_page(

@@ -11,22 +11,16 @@ from django.views.decorators.http import require_POST
 
 from tenants.errors import ApplicationError
 from tenants.models import Membership
-from tenants.selectors.tenants import membership_list_for_tenant
-from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
-from webplatform.dashboard.forms import InviteForm, RoleForm
-from webplatform.dashboard.selectors.organisations import (
+from tenants.selectors.invitations import (
+    invitation_get_by_token,
     invitation_get_for_tenant,
     invitation_list_pending,
-    membership_get_for_tenant,
 )
-from webplatform.dashboard.services.members import (
-    invitation_accept,
-    invitation_cancel,
-    invitation_create,
-    invitation_get_by_token,
-    membership_remove,
-    membership_role_change,
-)
+from tenants.selectors.tenants import membership_get_for_tenant, membership_list_for_tenant
+from tenants.services.invitations import invitation_accept, invitation_cancel, invitation_create
+from tenants.services.members import membership_remove, membership_role_change
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
+from webplatform.dashboard.forms import InviteForm, RoleForm
 from webplatform.dashboard.views.common import form_error, render_page
 
 

@@ -12,9 +12,19 @@ from django.views.decorators.http import require_POST
 from tenants.errors import ApplicationError
 from tenants.models import Membership
 from tenants.selectors.content_logging import content_retention_days_get
-from tenants.selectors.tenants import membership_get, tenant_limits_get
+from tenants.selectors.tenants import (
+    membership_get,
+    memberships_of_user,
+    plan_list,
+    tenant_limits_get,
+)
 from tenants.selectors.usage import usage_today_for_tenant
 from tenants.services.content_logging import content_logging_update
+from tenants.services.organisations import (
+    organisation_create,
+    organisation_delete,
+    organisation_plan_change,
+)
 from tenants.services.quotas import duration_format, quota_status
 from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
 from webplatform.dashboard.forms import (
@@ -22,12 +32,6 @@ from webplatform.dashboard.forms import (
     DeleteOrganisationForm,
     OrganisationForm,
     PlanForm,
-)
-from webplatform.dashboard.selectors.organisations import memberships_of_user, plan_list
-from webplatform.dashboard.services.organisations import (
-    organisation_create,
-    organisation_delete,
-    organisation_plan_change,
 )
 from webplatform.dashboard.views.common import form_error, render_page
 

@@ -12,16 +12,16 @@ from tenants.models import Membership, UsageRecord
 from tenants.selectors.api_keys import api_key_list_for_tenant
 from tenants.selectors.audit_log import audit_log_for_tenant
 from tenants.selectors.content_logging import content_log_by_request
-from webplatform.dashboard.access import org_view
-from webplatform.dashboard.forms import UsageFilterForm
-from webplatform.dashboard.selectors.usage import (
+from tenants.selectors.usage import (
     NO_KEY,
     UsageFilter,
     request_log_for_tenant,
     usage_daily_series,
     usage_models_for_tenant,
 )
-from webplatform.dashboard.services.members import role_at_least
+from tenants.services.members import role_at_least
+from webplatform.dashboard.access import org_view
+from webplatform.dashboard.forms import UsageFilterForm
 from webplatform.dashboard.views.common import render_page
 from webplatform.dashboard.views.organisations import quota_rows
 

@@ -1,18 +1,11 @@
-"""Members and invitations: invite by e-mail link, accept, change roles, remove.
+"""Invitations: invite by e-mail link, accept, cancel.
 
-Who may do what (the views check the actor's role before calling; these services enforce
-the rules that hold whoever calls):
-
-- only an owner grants, changes or removes the owner role; an admin manages admins and
-  members;
-- an organisation always keeps at least one owner: the last owner can be neither demoted
-  nor removed. Owner rows are locked (``SELECT ... FOR UPDATE``) while this is checked, so
-  two owners demoting each other at once cannot both succeed.
+Who may invite whom follows the role rules of ``tenants.services.members``: only an owner
+invites an owner.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,37 +20,18 @@ from django.utils.translation import gettext as _
 
 from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, Invitation, Membership, Tenant
+from tenants.selectors.invitations import invitation_get_by_token, invitation_token_hash
 from tenants.services.audit_log import audit_log_record
+from tenants.services.members import role_at_least, role_grant_check
 from tenants.services.tenants import membership_create
 
 INVITATION_DAYS = 7
-ROLE_RANK = {Membership.Role.MEMBER: 0, Membership.Role.ADMIN: 1, Membership.Role.OWNER: 2}
-
-
-def role_at_least(role: str, required: str) -> bool:
-    return ROLE_RANK.get(role, -1) >= ROLE_RANK[required]
 
 
 @dataclass(frozen=True, slots=True)
 class CreatedInvitation:
     invitation: Invitation
     token: str  # only in the e-mailed link; the database keeps its hash
-
-
-def invitation_token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _check_may_grant(*, actor_role: str, role: str) -> None:
-    if role not in Membership.Role.values:
-        raise ApplicationError(_("Unknown role."), code="invalid_value", param="role")
-    if role == Membership.Role.OWNER and actor_role != Membership.Role.OWNER:
-        raise ApplicationError(
-            _("Only an owner can grant the owner role."),
-            code="insufficient_permissions",
-            status=403,
-            param="role",
-        )
 
 
 @transaction.atomic
@@ -74,7 +48,7 @@ def invitation_create(
 
     ``accept_url_for(token) -> str`` builds the absolute link (the view knows the host).
     """
-    _check_may_grant(actor_role=actor_role, role=role)
+    role_grant_check(actor_role=actor_role, role=role)
     email = email.strip().lower()
     if Membership.objects.filter(tenant=tenant, user__email__iexact=email).exists():
         raise ApplicationError(
@@ -112,35 +86,6 @@ def invitation_create(
         lambda: send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [email], fail_silently=True)
     )
     return CreatedInvitation(invitation=invitation, token=token)
-
-
-def invitation_get_by_token(*, token: str) -> Invitation:
-    """A pending invitation by its token; 404 ``invitation_not_found`` if unknown, used,
-    cancelled or expired (all told apart in the message, not in the status)."""
-    invitation = (
-        Invitation.objects.select_related("tenant")
-        .filter(token_hash=invitation_token_hash(token))
-        .first()
-    )
-    if invitation is None or invitation.cancelled_at is not None:
-        raise ApplicationError(
-            _("This invitation does not exist or was cancelled."),
-            code="invitation_not_found",
-            status=404,
-        )
-    if invitation.accepted_at is not None:
-        raise ApplicationError(
-            _("This invitation has already been accepted."),
-            code="invitation_not_found",
-            status=404,
-        )
-    if invitation.expires_at <= timezone.now():
-        raise ApplicationError(
-            _("This invitation has expired. Ask for a new one."),
-            code="invitation_not_found",
-            status=404,
-        )
-    return invitation
 
 
 @transaction.atomic
@@ -192,71 +137,4 @@ def invitation_cancel(*, invitation: Invitation, actor: AbstractBaseUser) -> Non
         actor=actor,
         action=AuditLogEntry.Action.INVITATION_CANCELLED,
         target=invitation.email,
-    )
-
-
-def _lock_owners(tenant: Tenant) -> list[int]:
-    return list(
-        Membership.objects.select_for_update()
-        .filter(tenant=tenant, role=Membership.Role.OWNER)
-        .order_by("pk")
-        .values_list("pk", flat=True)
-    )
-
-
-def _check_may_touch(*, membership: Membership, actor_role: str) -> None:
-    if membership.role == Membership.Role.OWNER and actor_role != Membership.Role.OWNER:
-        raise ApplicationError(
-            _("Only an owner can change or remove an owner."),
-            code="insufficient_permissions",
-            status=403,
-        )
-
-
-@transaction.atomic
-def membership_role_change(
-    *, membership: Membership, role: str, actor: AbstractBaseUser, actor_role: str
-) -> Membership:
-    _check_may_grant(actor_role=actor_role, role=role)
-    _check_may_touch(membership=membership, actor_role=actor_role)
-    owners = _lock_owners(membership.tenant)
-    membership.refresh_from_db(fields=["role"])
-    if membership.role == role:
-        return membership
-    if membership.role == Membership.Role.OWNER and owners == [membership.pk]:
-        raise ApplicationError(
-            _("An organisation needs at least one owner: make someone else owner first."),
-            code="last_owner",
-            status=409,
-        )
-    previous = membership.role
-    Membership.objects.filter(pk=membership.pk).update(role=role)
-    membership.role = role
-    audit_log_record(
-        tenant=membership.tenant,
-        actor=actor,
-        action=AuditLogEntry.Action.ROLE_CHANGED,
-        target=membership.user.get_username(),
-        details={"from": previous, "to": role},
-    )
-    return membership
-
-
-@transaction.atomic
-def membership_remove(*, membership: Membership, actor: AbstractBaseUser, actor_role: str) -> None:
-    _check_may_touch(membership=membership, actor_role=actor_role)
-    owners = _lock_owners(membership.tenant)
-    if membership.pk in owners and len(owners) == 1:
-        raise ApplicationError(
-            _("An organisation needs at least one owner: the last owner cannot be removed."),
-            code="last_owner",
-            status=409,
-        )
-    Membership.objects.filter(pk=membership.pk).delete()
-    audit_log_record(
-        tenant=membership.tenant,
-        actor=actor,
-        action=AuditLogEntry.Action.MEMBER_REMOVED,
-        target=membership.user.get_username(),
-        details={"role": membership.role},
     )

@@ -1,4 +1,7 @@
-"""Organisations as the dashboard changes them: create, change plan, delete."""
+"""Organisations as their members change them: create, change plan, delete.
+
+Content logging, an organisation setting of its own, is ``tenants.services.content_logging``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 
 from tenants.models import AuditLogEntry, Plan, Tenant
+from tenants.selectors.api_keys import api_key_list_for_tenant
 from tenants.selectors.tenants import plan_get_by_name
+from tenants.services.api_keys import api_key_revoke
 from tenants.services.audit_log import audit_log_record
 from tenants.services.tenants import plans_ensure_defaults, tenant_create
 
@@ -51,9 +56,6 @@ def organisation_delete(*, tenant: Tenant, actor: AbstractBaseUser) -> None:
     Its API keys are revoked first, so cached key records die at once on every process
     rather than at the end of their cache lifetime.
     """
-    from tenants.selectors.api_keys import api_key_list_for_tenant
-    from tenants.services.api_keys import api_key_revoke
-
     for api_key in api_key_list_for_tenant(tenant=tenant, include_revoked=False):
         api_key_revoke(api_key=api_key)
     Tenant.objects.filter(pk=tenant.pk).delete()

@@ -10,21 +10,14 @@ from django.db import transaction
 
 from tenants.errors import ApplicationError
 from tenants.models import Tenant
-from webplatform.dashboard.services.organisations import organisation_create
+from tenants.selectors.accounts import user_email_taken
+from tenants.services.organisations import organisation_create
 
 
 @dataclass(frozen=True, slots=True)
 class SignedUp:
     user: AbstractBaseUser
     tenant: Tenant
-
-
-def user_email_taken(*, email: str) -> bool:
-    user_model = get_user_model()
-    return (
-        user_model.objects.filter(email__iexact=email.strip()).exists()
-        or user_model.objects.filter(username__iexact=email.strip()).exists()
-    )
 
 
 @transaction.atomic

@@ -1,1 +1,0 @@
-"""Dashboard reads; every one takes the tenant whose data it reads."""

@@ -50,6 +50,7 @@ run: install tiny-model migrate
 lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy inference/engine
 
 format: install-test
 	$(VENV)/bin/ruff format .

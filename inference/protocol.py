@@ -176,7 +176,7 @@ TERMINAL_EVENTS = (DoneEvent, ErrorEvent)
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(InferenceRequest)
-_event_decoder = msgspec.msgpack.Decoder(Event)
+_event_decoder: msgspec.msgpack.Decoder[Event] = msgspec.msgpack.Decoder(Event)
 
 
 def encode(message: InferenceRequest | Event) -> bytes:

@@ -161,7 +161,7 @@ class StopStringFilter:
 
 
 @dataclass(frozen=True)
-class TextDelta:
+class DecodedText:
     text: str = ""
     reasoning: str = ""
 
@@ -197,7 +197,7 @@ class OutputStream:
     def stopped(self) -> bool:
         return self._stop.stopped
 
-    def push(self, token_id: int) -> TextDelta:
+    def push(self, token_id: int) -> DecodedText:
         if token_id in (self._think_start, self._think_end):
             # Finish the current channel's text before switching (a tag ends any character).
             delta = self._route(self._detok.flush())
@@ -211,14 +211,14 @@ class OutputStream:
             self.reasoning_tokens += 1
         return self._route(self._detok.push(token_id))
 
-    def finish(self) -> TextDelta:
+    def finish(self) -> DecodedText:
         """End of stream (EOS or length): release held text (not after a stop string)."""
         delta = self._route(self._detok.flush())
-        return TextDelta(text=delta.text + self._stop.flush(), reasoning=delta.reasoning)
+        return DecodedText(text=delta.text + self._stop.flush(), reasoning=delta.reasoning)
 
-    def _route(self, text: str) -> TextDelta:
+    def _route(self, text: str) -> DecodedText:
         if not text:
-            return TextDelta()
+            return DecodedText()
         if self.in_reasoning:
-            return TextDelta(reasoning=text)
-        return TextDelta(text=self._stop.feed(text))
+            return DecodedText(reasoning=text)
+        return DecodedText(text=self._stop.feed(text))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from inference.engine.detokenizer import OutputStream, TextDelta
+from inference.engine.detokenizer import DecodedText, OutputStream
 from inference.engine.sequence import Sequence
 from inference.protocol import (
     DeltaEvent,
@@ -86,12 +86,12 @@ class RequestOutputs:
         events: Events,
         *,
         flush: bool,
-        delta: TextDelta | None = None,
+        delta: DecodedText | None = None,
     ) -> None:
-        delta = delta or TextDelta()
+        delta = delta or DecodedText()
         if flush and seq.output is not None:
             tail = seq.output.finish()
-            delta = TextDelta(delta.text + tail.text, delta.reasoning + tail.reasoning)
+            delta = DecodedText(delta.text + tail.text, delta.reasoning + tail.reasoning)
         if delta:
             self._emit_delta(seq, delta, events)
         events.append((seq.request_id, DoneEvent(finish_reason=reason, usage=seq.usage())))
@@ -103,7 +103,7 @@ class RequestOutputs:
         events.append((seq.request_id, ErrorEvent(code=code, message=message, retryable=retryable)))
         self._release(seq)
 
-    def _emit_delta(self, seq: Sequence, delta: TextDelta, events: Events) -> None:
+    def _emit_delta(self, seq: Sequence, delta: DecodedText, events: Events) -> None:
         event = DeltaEvent(
             text=delta.text, reasoning=delta.reasoning, tokens=seq.undelivered_tokens
         )

@@ -133,7 +133,9 @@ def decode_image(data: bytes) -> Any:
         image.load()
         return image.convert("RGB")
     except Exception as exc:  # Pillow raises many types for corrupt input
-        raise PromptError(ErrorCode.INVALID_REQUEST, f"cannot decode image: {exc}") from exc
+        # The decoder's own words stay in the log: the client learns what, not Pillow's why.
+        logger.info("cannot decode image: %s", exc)
+        raise PromptError(ErrorCode.INVALID_REQUEST, "cannot decode image") from exc
 
 
 def to_chat_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:

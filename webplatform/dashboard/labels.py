@@ -1,7 +1,7 @@
 """Labels the templates translate at run time (``{% translate obj.get_FOO_display %}``).
 
-The models in ``tenants`` keep plain English labels (``tenants`` has no translations); they
-are listed here so that ``makemessages`` extracts them into the dashboard's catalogue.
+The models in ``tenants`` keep plain English labels (not marked for translation there);
+they are listed here so that ``makemessages`` extracts them into the dashboard's catalogue.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.engine.prompt import ProcessedImage, PromptBuilder, decode_image
 
-FORMATS = {"PNG": {}, "JPEG": {"quality": 90}}
+# PPM: what the web side hands the worker since validation delivers raw pixels.
+FORMATS = {"PNG": {}, "JPEG": {"quality": 90}, "PPM": {}}
 PARTS = ("old", "decode", "rest", "cpu", "device", "total", "key")
 
 

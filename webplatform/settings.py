@@ -290,6 +290,12 @@ CLAMD_TIMEOUT_SECONDS = env.float("CLAMD_TIMEOUT_SECONDS", default=15.0)
 REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS = env.float("REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS", default=10.0)
 IMAGE_MAX_PIXELS = env.int("IMAGE_MAX_PIXELS", default=40_000_000)
 IMAGE_MAX_PER_REQUEST = env.int("IMAGE_MAX_PER_REQUEST", default=4)
+# The most pixels a model sees of one image (larger images are scaled down at validation;
+# webplatform/uploads/budget.py says why these figures): detail auto and low, and the
+# prompt tokens kept free for text when detail high sizes an image from the context.
+IMAGE_PIXEL_BUDGET = env.int("IMAGE_PIXEL_BUDGET", default=1_254_400)
+IMAGE_PIXEL_BUDGET_LOW = env.int("IMAGE_PIXEL_BUDGET_LOW", default=200_704)
+IMAGE_BUDGET_TEXT_RESERVE = env.int("IMAGE_BUDGET_TEXT_RESERVE", default=2048)
 REMOTE_IMAGE_HOST_ALLOWLIST = env.list("REMOTE_IMAGE_HOST_ALLOWLIST", default=[])
 
 LOGGING = {

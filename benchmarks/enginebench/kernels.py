@@ -25,7 +25,7 @@ from inference.engine.kv_cache import SlotKVCache
 from inference.engine.runner import ModelRunner, PrefillJob
 from inference.protocol import InferenceRequest
 
-from .workloads import Images, png, sync
+from .workloads import Images, image_blob, sync
 
 
 def _relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -191,7 +191,7 @@ def prefill_timings(
             )
             out[f"packed_{n}_s"] = seconds
             out[f"packed_{n}_tflops"] = n * flops / seconds / 1e12
-        big = {"big": png(large_size, 999)}
+        big = {"big": image_blob(large_size, 999)}
         from .workloads import make_request
 
         large = make_request("big", "Describe.", image=("big", large_size), max_tokens=1)

@@ -18,7 +18,7 @@ from typing import Any
 from inference.engine import Engine, EngineConfig
 from inference.engine.runner import ModelRunner
 
-from .workloads import make_request, percentile, png, question, sync
+from .workloads import image_blob, make_request, percentile, question, sync
 
 
 def run_mixed(
@@ -37,7 +37,7 @@ def run_mixed(
     text = question(runner.tokenizer, question_tokens)
     large_new = 8
     if kind == "image":
-        images = {f"big{i}": png(size, 100 + i) for i in range(count)}
+        images = {f"big{i}": image_blob(size, 100 + i) for i in range(count)}
         large = [
             make_request(f"big{i}", text, image=(f"big{i}", size), max_tokens=large_new)
             for i in range(count)

@@ -73,14 +73,15 @@ def question(tokenizer: Any, tokens: int) -> str:
     return words(high)
 
 
-def png(size: int, seed: int) -> bytes:
-    """A ``size`` x ``size`` PNG of random pixels (incompressible, like a photo's detail)."""
+def image_blob(size: int, seed: int) -> bytes:
+    """A ``size`` x ``size`` image of random pixels as the worker receives it from the web
+    side: raw RGB pixels in a binary PPM (``webplatform/uploads/validation.py``)."""
     import numpy as np
     from PIL import Image
 
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     buffer = BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PPM")
     return buffer.getvalue()
 
 
@@ -112,7 +113,7 @@ def make_requests(
     (None: each its own). Run engines with the image-embedding cache off, so that a repeated
     image still costs its vision pass."""
     pool = min(n, distinct or n)
-    images = {f"img{s}": png(image_size, s) for s in range(first_seed, first_seed + pool)}
+    images = {f"img{s}": image_blob(image_size, s) for s in range(first_seed, first_seed + pool)}
     requests = [
         make_request(
             f"r{first_seed + i}",

@@ -7,8 +7,8 @@ before validating any. Each refusal is an ``ApplicationError`` (codes in ``error
 
 Pipeline, cheapest first: parse (data URI / base64 / URL policy, size estimated from the
 encoded length before decoding) -> fetch, for an allowlisted URL only -> ``image_validate``
-(size cap, magic bytes, header pixel cap, virus scan of the original bytes, full decode,
-re-encode to metadata-free RGB PNG).
+(size cap, magic bytes, header pixel cap, virus scan of the original bytes, decode, scaled
+down to the pixel budget, handed on as metadata-free raw RGB pixels).
 
 Blocking and CPU-bound: async callers run it in a thread
 (``sync_to_async(upload_validate_image, thread_sensitive=False)``).
@@ -51,11 +51,13 @@ def _settings_max_images() -> int:
 @dataclass(frozen=True, slots=True)
 class UploadLimits:
     """Per-request image limits: ``max_bytes`` from the tenant's plan, the rest from settings
-    (read when the limits are built, so ``override_settings`` applies)."""
+    (read when the limits are built, so ``override_settings`` applies). ``pixel_budget``:
+    what a larger image is scaled down to (``budget.image_pixel_budget``; None: kept whole)."""
 
     max_bytes: int = DEFAULT_IMAGE_MAX_BYTES
     max_pixels: int = field(default_factory=_settings_max_pixels)
     max_images: int = field(default_factory=_settings_max_images)
+    pixel_budget: int | None = None
 
     def check_count(self, count: int, *, param: str | None = "messages") -> None:
         """Refuse more than ``max_images`` images in one request (``too_many_images``)."""
@@ -76,5 +78,9 @@ def upload_validate_image(
     else:
         data = parsed.data
     return image_validate(
-        data=data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels, param=param
+        data=data,
+        max_bytes=limits.max_bytes,
+        max_pixels=limits.max_pixels,
+        pixel_budget=limits.pixel_budget,
+        param=param,
     )

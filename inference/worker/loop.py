@@ -52,6 +52,7 @@ from inference.protocol import (
     Usage,
     WorkerHeartbeat,
 )
+from inference.worker.observer import LoopObserver
 from inference.worker.transport import (
     Delivery,
     Outgoing,
@@ -108,9 +109,15 @@ class Worker:
     """Serves one model's engine through one transport. Use from a single thread."""
 
     def __init__(
-        self, *, engine: EngineLike, transport: WorkerTransport, config: WorkerConfig
+        self,
+        *,
+        engine: EngineLike,
+        transport: WorkerTransport,
+        config: WorkerConfig,
+        observer: LoopObserver | None = None,
     ) -> None:
         self.engine = engine
+        self.observer = observer or LoopObserver()  # metrics (inference.worker.metrics)
         self.transport = transport
         self.config = config
         self.max_batch_size = config.max_batch_size or int(engine.stats().max_batch_size)
@@ -142,10 +149,12 @@ class Worker:
         own = self._retrying(stop, lambda: self.transport.claim_stale(include_own=True))
         self._backlog.extend(own or [])
         logger.info("worker ready model=%s worker_id=%s", cfg.model, cfg.worker_id)
+        self.observer.ready()
         drain_deadline: float | None = None
         while True:
             if stop.is_set() and drain_deadline is None:
                 drain_deadline = time.monotonic() + cfg.drain_timeout_s
+                self.observer.draining()
                 logger.info(
                     "worker stopping worker_id=%s in_flight=%d", cfg.worker_id, len(self._inflight)
                 )
@@ -165,6 +174,7 @@ class Worker:
         except TransportUnavailable:
             logger.warning("could not unregister worker %s", cfg.worker_id)
         logger.info("worker stop model=%s worker_id=%s", cfg.model, cfg.worker_id)
+        self.observer.stopped()
 
     def run_once(self, *, accept_new: bool = True) -> None:
         """One iteration of the loop (see the module docstring)."""
@@ -259,6 +269,7 @@ class Worker:
                 self._finish_early(delivery, ErrorEvent(ErrorCode.IMAGE_UNAVAILABLE, message))
                 return
         self.engine.add_request(request, images)
+        self.observer.admitted(request)
         self._inflight[rid] = _InFlight(
             delivery=delivery, skip_start=delivery.reply_state is ReplyState.STARTED
         )
@@ -267,6 +278,7 @@ class Worker:
         """A request that ends before it reaches the engine: its terminal event, then ack."""
         rid = delivery.request.request_id
         self._outbox.append(Outgoing(rid, [event], ack_token=delivery.token))
+        self.observer.finished_early(delivery.request, event)
 
     # --- running --------------------------------------------------------------------
 
@@ -280,11 +292,14 @@ class Worker:
             self._abort_sent.add(rid)
 
     def _step(self) -> None:
+        started = time.monotonic()
         try:
             events = self.engine.step()
         except Exception as exc:
+            self.observer.step(time.monotonic() - started)
             self._step_failed(exc)
             return
+        self.observer.step(time.monotonic() - started)
         self._step_failures = 0
         for rid, event in events:
             self._route(rid, event)
@@ -319,6 +334,7 @@ class Worker:
         flight = self._inflight.get(rid)
         if flight is None:
             return  # already finished here (e.g. failed with its batch): late engine output
+        self.observer.event(flight.delivery.request, event)
         terminal = isinstance(event, TERMINAL_EVENTS)
         if isinstance(event, StartEvent) and flight.skip_start:
             return
@@ -357,6 +373,7 @@ class Worker:
                 continue  # left pending: another worker reclaims it and no one sees a thing
             error = ErrorEvent.fixed(ErrorCode.WORKER_LOST, retryable=not streamed)
             self._outbox.append(Outgoing(rid, [error], ack_token=flight.delivery.token))
+            self.observer.finished_early(flight.delivery.request, error)
         try:
             self._flush()
         except TransportUnavailable:
@@ -364,6 +381,7 @@ class Worker:
 
     def _heartbeat(self) -> None:
         stats = self.engine.stats()
+        self.observer.engine_stats(stats, backlog=len(self._backlog))
         now = time.time()
         beat = WorkerHeartbeat(
             worker_id=self.config.worker_id,

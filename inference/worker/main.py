@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from inference.worker.engines import engine_for_spec
 from inference.worker.loop import Worker, WorkerConfig, default_worker_id
+from inference.worker.metrics import MetricsServer, WorkerMetrics
 from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.settings import log_level, worker_settings
 
@@ -56,6 +57,15 @@ def parser() -> argparse.ArgumentParser:
         "--key-prefix", default=None, help="Redis key prefix (default INFERENCE_KEY_PREFIX)"
     )
     p.add_argument("--drain-seconds", type=float, default=30.0)
+    port = os.environ.get("INFERENCE_METRICS_PORT") or None
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(port) if port else None,
+        help="serve /metrics, /ready and /live on this port (default INFERENCE_METRICS_PORT; "
+        "unset: not served)",
+    )
+    p.add_argument("--metrics-host", default="0.0.0.0")
     return p
 
 
@@ -81,8 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     install_stop_signals(stop)  # before the (slow) load, so SIGTERM then is clean too
 
-    started = time.monotonic()
     spec = dict(settings.models[model])
+    metrics = WorkerMetrics(model=model, engine_kind=str(spec.get("kind", "glm4v")))
+    metrics.loading()
+    server = None
+    if args.metrics_port is not None:  # up during the load: /live answers, /ready says 503
+        server = MetricsServer(metrics, host=args.metrics_host, port=args.metrics_port).start()
+
+    started = time.monotonic()
     if batch is not None:
         # Through the spec, so that its other engine settings still apply.
         spec["max_batch_size"] = batch
@@ -108,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_request_age_s=settings.request_timeout_s,
     )
     try:
-        Worker(engine=engine, transport=transport, config=config).run(stop)
+        Worker(engine=engine, transport=transport, config=config, observer=metrics).run(stop)
     finally:
         transport.close()
+        if server is not None:
+            server.close()
     return 0

@@ -52,6 +52,7 @@ from inference.engine.config import EngineStats
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
+    ErrorCode,
     ErrorEvent,
     Event,
     FinishReason,
@@ -206,8 +207,11 @@ class WorkerMetrics(LoopObserver):
             ["model_name", "code"],
             registry=self.registry,
         )
-        for reason in FinishReason:  # every series exists from the start: rate() sees 0
+        # Every series exists from the start, so rate() and ratios see 0, not nothing.
+        for reason in FinishReason:
             self.success.labels(model, reason.value)
+        for code in ErrorCode:
+            self.errors.labels(model, code.value)
         self.registry.register(_EngineCollector(self))
         ProcessCollector(registry=self.registry)
 

@@ -35,7 +35,7 @@ class ApiKeyAuthentication(BaseAuthentication):
         return principal, principal.api_key
 
     def _raw_key(self, request: Request) -> str | None:
-        authorization = request.META.get("HTTP_AUTHORIZATION", "")
+        authorization: str = request.META.get("HTTP_AUTHORIZATION", "")
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == self.keyword:
             credentials = credentials.strip()
@@ -45,7 +45,8 @@ class ApiKeyAuthentication(BaseAuthentication):
                     code="invalid_api_key",
                 )
             return credentials
-        header_key = request.META.get("HTTP_X_API_KEY", "").strip()
+        header_key: str = request.META.get("HTTP_X_API_KEY", "")
+        header_key = header_key.strip()
         return header_key or None
 
     def authenticate_header(self, request: Request) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser
+    from django.contrib.auth.models import User
 
     from tenants.models import ApiKey, Tenant
 
@@ -44,7 +44,7 @@ class ApiPrincipal:
     limits: EffectiveLimits
     api_key: ApiKey | None = None
     # The member acting (playground); None for API keys.
-    user: AbstractBaseUser | None = None
+    user: User | None = None
     access: str = "full"  # ApiKey.Access values: "read" allows GET/HEAD/OPTIONS only
     # The key's own model scope; empty means "whatever the plan allows".
     key_models: tuple[str, ...] = ()

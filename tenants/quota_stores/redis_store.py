@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import redis
+from redis.typing import EncodableT
 
 from tenants.quota_stores.base import _REFUSALS, AdmitOutcome, QuotaState
 
@@ -135,8 +136,15 @@ class RedisQuotaStore:
         base = f"{self._key_prefix}:{{{tenant_id}}}"
         return [f"{base}:rpm", f"{base}:tpd", f"{base}:conc", f"{base}:leases"]
 
-    def _run(self, tenant_id: int, *args: object) -> object:
+    def _run(self, tenant_id: int, *args: EncodableT) -> object:
         return self._script(keys=self.keys_for(tenant_id), args=list(args))
+
+    def _run_for_state(self, tenant_id: int, *args: EncodableT) -> list[int]:
+        """``admit`` and ``status``: the script answers the nine integers of its ``reply``."""
+        # redis-py leaves Script.__call__'s result unannotated (Any); the annotation is the
+        # script's reply, Lua numbers arriving as Redis integers.
+        reply: list[int] = self._script(keys=self.keys_for(tenant_id), args=list(args))
+        return reply
 
     @staticmethod
     def _outcome(reply: list[int]) -> AdmitOutcome:
@@ -168,7 +176,7 @@ class RedisQuotaStore:
         lease_ms: int,
         now_ms: int | None = None,
     ) -> AdmitOutcome:
-        reply = self._run(
+        reply = self._run_for_state(
             tenant_id,
             "admit",
             "" if now_ms is None else int(now_ms),
@@ -179,14 +187,14 @@ class RedisQuotaStore:
             lease_id,
             lease_ms,
         )
-        return self._outcome(reply)  # type: ignore[arg-type]
+        return self._outcome(reply)
 
     def finish(self, *, tenant_id: int, lease_id: str, used_tokens: int) -> bool:
         return bool(self._run(tenant_id, "finish", "", lease_id, used_tokens))
 
     def status(self, *, tenant_id: int, now_ms: int | None = None) -> QuotaState:
-        reply = self._run(tenant_id, "status", "" if now_ms is None else int(now_ms))
-        return self._outcome(reply).state  # type: ignore[arg-type]
+        reply = self._run_for_state(tenant_id, "status", "" if now_ms is None else int(now_ms))
+        return self._outcome(reply).state
 
 
 @functools.lru_cache(maxsize=4)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 
 def user_email_taken(*, email: str) -> bool:
@@ -15,6 +15,6 @@ def user_email_taken(*, email: str) -> bool:
     )
 
 
-def user_get(*, user_id: int) -> AbstractBaseUser | None:
+def user_get(*, user_id: int) -> User | None:
     """The user with this id, read afresh (active or not); None when there is none."""
     return get_user_model().objects.filter(pk=user_id).first()

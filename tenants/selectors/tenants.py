@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import QuerySet
 
 from tenants.errors import ApplicationError
@@ -55,7 +55,7 @@ def tenant_get_by_reference(*, reference: str) -> Tenant:
     return tenant
 
 
-def tenant_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Tenant]:
+def tenant_list_for_user(*, user: User) -> QuerySet[Tenant]:
     return Tenant.objects.filter(memberships__user=user).select_related("plan")
 
 
@@ -64,7 +64,7 @@ def tenant_get(*, tenant_id: int) -> Tenant | None:
     return Tenant.objects.select_related("plan").filter(pk=tenant_id).first()
 
 
-def membership_get(*, tenant_id: int, user: AbstractBaseUser | AnonymousUser) -> Membership | None:
+def membership_get(*, tenant_id: int, user: User | AnonymousUser) -> Membership | None:
     """The membership of ``user`` in organisation ``tenant_id``, or None.
 
     None means "not a member here" and does not say why: the organisation does not exist,
@@ -98,7 +98,7 @@ def membership_get_for_tenant(*, tenant: Tenant, membership_id: int) -> Membersh
     return membership
 
 
-def memberships_of_user(*, user: AbstractBaseUser) -> QuerySet[Membership]:
+def memberships_of_user(*, user: User) -> QuerySet[Membership]:
     """Every organisation the user belongs to (the organisation switcher), by name."""
     return Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__name")
 
@@ -117,7 +117,7 @@ def plan_get_by_name(*, name: str) -> Plan:
     return plan
 
 
-def member_principal_get(*, tenant: Tenant, user: AbstractBaseUser) -> ApiPrincipal:
+def member_principal_get(*, tenant: Tenant, user: User) -> ApiPrincipal:
     """The principal for a signed-in member acting for ``tenant`` (the playground).
 
     Refuses (403 ``insufficient_permissions``) a user who is not a member of the tenant (or

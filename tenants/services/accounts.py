@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from tenants.errors import ApplicationError
@@ -16,7 +16,7 @@ from tenants.services.organisations import organisation_create
 
 @dataclass(frozen=True, slots=True)
 class SignedUp:
-    user: AbstractBaseUser
+    user: User
     tenant: Tenant
 
 

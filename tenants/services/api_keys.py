@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
@@ -114,7 +114,7 @@ def api_key_create(
     *,
     tenant: Tenant,
     name: str,
-    created_by: AbstractBaseUser | None = None,
+    created_by: User | None = None,
     allowed_models: list[str] | tuple[str, ...] = (),
     access: str = ApiKey.Access.FULL,
     expires_at: datetime | None = None,
@@ -185,7 +185,7 @@ def api_key_create_audited(
     *,
     tenant: Tenant,
     name: str,
-    created_by: AbstractBaseUser,
+    created_by: User,
     allowed_models: list[str],
     access: str,
     expires_at: datetime | None,
@@ -215,7 +215,7 @@ def api_key_create_audited(
 
 
 @transaction.atomic
-def api_key_revoke_audited(*, api_key: ApiKey, actor: AbstractBaseUser) -> ApiKey:
+def api_key_revoke_audited(*, api_key: ApiKey, actor: User) -> ApiKey:
     """``api_key_revoke`` by a member, recorded in the audit log (once: revoking a revoked
     key again records nothing)."""
     already = api_key.revoked_at is not None

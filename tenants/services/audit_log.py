@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 
 from tenants.models import AuditLogEntry, Tenant
 
@@ -12,7 +12,7 @@ from tenants.models import AuditLogEntry, Tenant
 def audit_log_record(
     *,
     tenant: Tenant,
-    actor: AbstractBaseUser | None,
+    actor: User | None,
     action: str,
     target: str = "",
     details: dict[str, Any] | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -64,7 +64,7 @@ def content_log_purge_expired(*, now: datetime | None = None) -> int:
 
 @transaction.atomic
 def content_logging_update(
-    *, tenant: Tenant, enabled: bool, retention_days: int, actor: AbstractBaseUser
+    *, tenant: Tenant, enabled: bool, retention_days: int, actor: User
 ) -> ContentLoggingPolicy:
     """Turn storing prompts and answers on or off and set how long they are kept.
 

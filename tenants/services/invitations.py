@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.mail import send_mail
 from django.db import transaction
 from django.utils import timezone
@@ -40,7 +40,7 @@ def invitation_create(
     tenant: Tenant,
     email: str,
     role: str,
-    invited_by: AbstractBaseUser,
+    invited_by: User,
     actor_role: str,
     accept_url_for: Callable[[str], str],
 ) -> CreatedInvitation:
@@ -89,7 +89,7 @@ def invitation_create(
 
 
 @transaction.atomic
-def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
+def invitation_accept(*, token: str, user: User) -> Membership:
     """Join the inviting organisation as ``user``. An existing member keeps the higher of
     the two roles.
 
@@ -128,7 +128,7 @@ def invitation_accept(*, token: str, user: AbstractBaseUser) -> Membership:
 
 
 @transaction.atomic
-def invitation_cancel(*, invitation: Invitation, actor: AbstractBaseUser) -> None:
+def invitation_cancel(*, invitation: Invitation, actor: User) -> None:
     if invitation.accepted_at is not None or invitation.cancelled_at is not None:
         return
     Invitation.objects.filter(pk=invitation.pk).update(cancelled_at=timezone.now())

@@ -14,7 +14,7 @@ Invitations (``tenants.services.invitations``) follow the same rules for the rol
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils.translation import gettext as _
 
@@ -22,7 +22,12 @@ from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, Membership, Tenant
 from tenants.services.audit_log import audit_log_record
 
-ROLE_RANK = {Membership.Role.MEMBER: 0, Membership.Role.ADMIN: 1, Membership.Role.OWNER: 2}
+# Keyed by str: a role read from a form or a row is a plain str, equal to its Role member.
+ROLE_RANK: dict[str, int] = {
+    Membership.Role.MEMBER: 0,
+    Membership.Role.ADMIN: 1,
+    Membership.Role.OWNER: 2,
+}
 
 
 def role_at_least(role: str, required: str) -> bool:
@@ -62,7 +67,7 @@ def _check_may_touch(*, membership: Membership, actor_role: str) -> None:
 
 @transaction.atomic
 def membership_role_change(
-    *, membership: Membership, role: str, actor: AbstractBaseUser, actor_role: str
+    *, membership: Membership, role: str, actor: User, actor_role: str
 ) -> Membership:
     role_grant_check(actor_role=actor_role, role=role)
     _check_may_touch(membership=membership, actor_role=actor_role)
@@ -90,7 +95,7 @@ def membership_role_change(
 
 
 @transaction.atomic
-def membership_remove(*, membership: Membership, actor: AbstractBaseUser, actor_role: str) -> None:
+def membership_remove(*, membership: Membership, actor: User, actor_role: str) -> None:
     _check_may_touch(membership=membership, actor_role=actor_role)
     owners = _lock_owners(membership.tenant)
     if membership.pk in owners and len(owners) == 1:

@@ -5,7 +5,7 @@ Content logging, an organisation setting of its own, is ``tenants.services.conte
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 
 from tenants.models import AuditLogEntry, Plan, Tenant
@@ -19,7 +19,7 @@ SIGN_UP_PLAN = "free"
 
 
 @transaction.atomic
-def organisation_create(*, name: str, owner: AbstractBaseUser) -> Tenant:
+def organisation_create(*, name: str, owner: User) -> Tenant:
     """A new organisation on the free plan, owned by ``owner``."""
     plans_ensure_defaults()
     tenant = tenant_create(name=name, plan=plan_get_by_name(name=SIGN_UP_PLAN), owner=owner)
@@ -33,7 +33,7 @@ def organisation_create(*, name: str, owner: AbstractBaseUser) -> Tenant:
 
 
 @transaction.atomic
-def organisation_plan_change(*, tenant: Tenant, plan: Plan, actor: AbstractBaseUser) -> Tenant:
+def organisation_plan_change(*, tenant: Tenant, plan: Plan, actor: User) -> Tenant:
     previous = tenant.plan.name
     if tenant.plan_id == plan.pk:
         return tenant
@@ -50,7 +50,7 @@ def organisation_plan_change(*, tenant: Tenant, plan: Plan, actor: AbstractBaseU
 
 
 @transaction.atomic
-def organisation_delete(*, tenant: Tenant, actor: AbstractBaseUser) -> None:
+def organisation_delete(*, tenant: Tenant, actor: User) -> None:
     """Delete the organisation and everything it owns (keys, usage, members, logs).
 
     Its API keys are revoked first, so cached key records die at once on every process

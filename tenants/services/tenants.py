@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.utils.text import slugify
 
@@ -56,7 +56,7 @@ def tenant_create(
     *,
     name: str,
     plan: Plan,
-    owner: AbstractBaseUser | None = None,
+    owner: User | None = None,
     slug: str | None = None,
 ) -> Tenant:
     """Create an organisation on ``plan``; ``owner`` (if given) becomes its owner member."""
@@ -77,7 +77,7 @@ def tenant_create(
 
 @transaction.atomic
 def membership_create(
-    *, tenant: Tenant, user: AbstractBaseUser, role: str = Membership.Role.MEMBER
+    *, tenant: Tenant, user: User, role: str = Membership.Role.MEMBER
 ) -> Membership:
     if role not in Membership.Role.values:
         raise ApplicationError(f"Unknown role {role!r}.", code="invalid_value", param="role")
@@ -92,7 +92,7 @@ def membership_create(
 
 @dataclass(frozen=True, slots=True)
 class EnsuredUser:
-    user: AbstractBaseUser
+    user: User
     created: bool
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Aggregate, Count, FloatField, Q, Sum
 from django.utils import timezone
@@ -24,7 +24,7 @@ def usage_record_create(
     model: str,
     status: str,
     api_key: ApiKey | None = None,
-    user: AbstractBaseUser | None = None,
+    user: User | None = None,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
     image_tokens: int = 0,
@@ -135,8 +135,10 @@ def usage_rollup_day(*, day: date) -> int:
     rows = list(records.values(*group).annotate(**aggregates).order_by(*group))
     if not in_database:
         latencies: dict[tuple[int, int | None, str], list[int]] = defaultdict(list)
-        for *key, latency in records.values_list(*group, "total_latency_ms").iterator():
-            latencies[tuple(key)].append(latency)  # type: ignore[index]
+        for tenant_id, api_key_id, model, latency in records.values_list(
+            "tenant_id", "api_key_id", "model", "total_latency_ms"
+        ).iterator():
+            latencies[(tenant_id, api_key_id, model)].append(latency)
         for row in rows:
             values = latencies[(row["tenant_id"], row["api_key_id"], row["model"])]
             row["latency_ms_p50"] = percentile_cont(values, 0.5)

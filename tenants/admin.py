@@ -3,6 +3,8 @@ shown once), never typed into the admin, so the key admin has no add form."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -10,9 +12,25 @@ from django.http import HttpRequest
 from tenants.models import ApiKey, DailyUsage, Membership, Plan, Tenant, UsageRecord
 from tenants.services.api_keys import api_key_revoke
 
+if TYPE_CHECKING:
+    # django-stubs makes the admin classes generic in their model; Django's are not
+    # subscriptable at run time (nothing here calls django_stubs_ext.monkeypatch), so the
+    # parameters exist for mypy only.
+    PlanModelAdmin = admin.ModelAdmin[Plan]
+    TenantModelAdmin = admin.ModelAdmin[Tenant]
+    MembershipModelAdmin = admin.ModelAdmin[Membership]
+    MembershipTabularInline = admin.TabularInline[Membership, Tenant]
+    ApiKeyModelAdmin = admin.ModelAdmin[ApiKey]
+    UsageRecordModelAdmin = admin.ModelAdmin[UsageRecord]
+    DailyUsageModelAdmin = admin.ModelAdmin[DailyUsage]
+else:
+    PlanModelAdmin = TenantModelAdmin = MembershipModelAdmin = admin.ModelAdmin
+    ApiKeyModelAdmin = UsageRecordModelAdmin = DailyUsageModelAdmin = admin.ModelAdmin
+    MembershipTabularInline = admin.TabularInline
+
 
 @admin.register(Plan)
-class PlanAdmin(admin.ModelAdmin):
+class PlanAdmin(PlanModelAdmin):
     list_display = (
         "name",
         "requests_per_minute",
@@ -25,14 +43,14 @@ class PlanAdmin(admin.ModelAdmin):
     search_fields = ("name",)
 
 
-class MembershipInline(admin.TabularInline):
+class MembershipInline(MembershipTabularInline):
     model = Membership
     extra = 0
     autocomplete_fields = ("user",)
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(TenantModelAdmin):
     list_display = ("name", "slug", "plan", "log_content", "created_at")
     list_filter = ("plan", "log_content")
     search_fields = ("name", "slug")
@@ -56,7 +74,7 @@ class TenantAdmin(admin.ModelAdmin):
 
 
 @admin.register(Membership)
-class MembershipAdmin(admin.ModelAdmin):
+class MembershipAdmin(MembershipModelAdmin):
     list_display = ("user", "tenant", "role", "created_at")
     list_filter = ("role",)
     search_fields = ("user__username", "user__email", "tenant__name", "tenant__slug")
@@ -64,9 +82,9 @@ class MembershipAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "public_id", "tenant", "access", "created_at", "expires_at")
-    list_display += ("revoked_at", "last_used_at")
+class ApiKeyAdmin(ApiKeyModelAdmin):
+    list_display: tuple[str, ...] = ("name", "public_id", "tenant", "access", "created_at")
+    list_display += ("expires_at", "revoked_at", "last_used_at")
     list_filter = ("access",)
     search_fields = ("name", "public_id", "tenant__name", "tenant__slug")
     readonly_fields = (
@@ -92,7 +110,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdminMixin:
+    """Before a ModelAdmin in the bases: its rows are seen, never added or changed."""
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -101,17 +121,18 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(ReadOnlyAdmin):
-    list_display = ("created_at", "tenant", "api_key", "channel", "model", "status")
-    list_display += ("prompt_tokens", "completion_tokens", "total_latency_ms", "cache_hit")
+class UsageRecordAdmin(ReadOnlyAdminMixin, UsageRecordModelAdmin):
+    list_display: tuple[str, ...] = ("created_at", "tenant", "api_key", "channel", "model")
+    list_display += ("status", "prompt_tokens", "completion_tokens", "total_latency_ms")
+    list_display += ("cache_hit",)
     list_filter = ("channel", "status", "cache_hit", "model")
     search_fields = ("request_id", "tenant__slug")
     date_hierarchy = "created_at"
 
 
 @admin.register(DailyUsage)
-class DailyUsageAdmin(ReadOnlyAdmin):
-    list_display = ("day", "tenant", "api_key", "model", "requests", "errors")
+class DailyUsageAdmin(ReadOnlyAdminMixin, DailyUsageModelAdmin):
+    list_display: tuple[str, ...] = ("day", "tenant", "api_key", "model", "requests", "errors")
     list_display += ("prompt_tokens", "completion_tokens", "latency_ms_p50", "latency_ms_p95")
     list_filter = ("model",)
     search_fields = ("tenant__slug",)

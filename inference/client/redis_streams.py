@@ -19,10 +19,12 @@ import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from redis.typing import XReadResponse
 
 from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
 from inference.client.blobs import blob_check_digest
@@ -126,17 +128,16 @@ class RedisStreamsClient(InferenceClient):
             resp = await client.xread(
                 {key: last_id}, count=_READ_COUNT, block=min(remaining_ms, _READ_BLOCK_MS)
             )
-            for _stream, entries in resp or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    try:
-                        event = decode_event(fields[EVENT_FIELD])
-                    except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
-                        logger.error("undecodable reply entry on %s", key)
-                        continue
-                    yield event
-                    if isinstance(event, TERMINAL_EVENTS):
-                        return
+            for entry_id, fields in _xread_entries(resp):
+                last_id = entry_id
+                try:
+                    event = decode_event(fields[EVENT_FIELD])
+                except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
+                    logger.error("undecodable reply entry on %s", key)
+                    continue
+                yield event
+                if isinstance(event, TERMINAL_EVENTS):
+                    return
 
     async def cancel(self, request_id: str) -> None:
         # Long enough for a request still queued to be seen as cancelled when it is taken.
@@ -153,12 +154,12 @@ class RedisStreamsClient(InferenceClient):
     async def model_health(self, model: str) -> ModelHealth:
         client = self._redis()
         registry = self.keys.registry(model)
-        worker_ids = [w.decode() for w in await client.zrange(registry, 0, -1)]
+        worker_ids = [_text(w) for w in await client.zrange(registry, 0, -1)]
         beats = []
         if worker_ids:
             raw = await client.mget([self.keys.heartbeat(model, w) for w in worker_ids])
             dead = [w for w, value in zip(worker_ids, raw, strict=True) if value is None]
-            beats = [decode_heartbeat(value) for value in raw if value is not None]
+            beats = [decode_heartbeat(_raw(value)) for value in raw if value is not None]
             if dead:  # their heartbeat expired: forget them
                 await client.zrem(registry, *dead)
         waiting, pending = await self._queue_counts(client, model)
@@ -171,8 +172,7 @@ class RedisStreamsClient(InferenceClient):
         except redis.ResponseError:  # no stream yet: nothing queued
             return 0, 0
         for group in groups:
-            name = group["name"]
-            if (name.decode() if isinstance(name, bytes) else name) != GROUP:
+            if _text(group["name"]) != GROUP:
                 continue
             pending = int(group["pending"])
             lag = group.get("lag")
@@ -190,3 +190,30 @@ class RedisStreamsClient(InferenceClient):
         client = self._clients.pop(loop, None)
         if client is not None:
             await client.aclose()
+
+
+# Replies as this client receives them. redis-py declares each reply for every protocol and
+# decoding setting; this transport relies on redis-py's defaults, RESP2 and replies left as
+# bytes (its URL sets neither ``protocol`` nor ``decode_responses``).
+
+
+def _xread_entries(reply: XReadResponse) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of an XREAD reply, in order: ``(id, {field: value})``, all bytes.
+
+    RESP2 answers a list of ``[stream, entries]`` pairs, which is the ``list[list[Any]]``
+    member of redis-py's ``XReadResponse`` (its dict members are RESP3's); an XREAD has no
+    entry deleted under it, so no ``(None, None)`` one.
+    """
+    pairs = cast("list[list[Any]]", reply)
+    return [entry for _stream, entries in pairs or [] for entry in entries]
+
+
+def _text(value: object) -> str:
+    """A reply's name (bytes under RESP2) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _raw(value: bytes | str) -> bytes:
+    """A reply's value as bytes: it is bytes already, redis-py's ``str`` is for decoding
+    clients."""
+    return value if isinstance(value, bytes) else value.encode()

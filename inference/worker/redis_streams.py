@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
+from redis.typing import XClaimResponse, XReadGroupResponse
 
 from inference.protocol import (
     EVENT_FIELD,
@@ -110,7 +111,7 @@ class RedisWorkerTransport:
         # redis-py: block=0 would mean "forever"; None means "do not block".
         block = block_ms if block_ms > 0 else None
 
-        def read() -> Any:
+        def read() -> XReadGroupResponse:
             try:
                 return self._r.xreadgroup(
                     GROUP, self._worker_id, {self._stream: ">"}, count=count, block=block
@@ -124,11 +125,10 @@ class RedisWorkerTransport:
 
         resp = _redis_call(read)
         deliveries: list[Delivery] = []
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                delivery = self._delivery(entry_id, fields, attempt=1, state=ReplyState.EMPTY)
-                if delivery is not None:
-                    deliveries.append(delivery)
+        for entry_id, fields in _xreadgroup_entries(resp):
+            delivery = self._delivery(entry_id, fields, attempt=1, state=ReplyState.EMPTY)
+            if delivery is not None:
+                deliveries.append(delivery)
         return deliveries
 
     def claim_stale(self, *, include_own: bool = False) -> list[Delivery]:
@@ -169,12 +169,12 @@ class RedisWorkerTransport:
             if not pending:
                 continue
             delivered = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-            entries = self._r.xclaim(
-                self._stream, GROUP, self._worker_id, 0 if own else min_idle, list(delivered)
+            entries = _xclaim_entries(
+                self._r.xclaim(
+                    self._stream, GROUP, self._worker_id, 0 if own else min_idle, list(delivered)
+                )
             )
             for entry_id, fields in entries:
-                if fields is None:  # deleted from the stream meanwhile
-                    continue
                 eid = _text(entry_id)
                 # XCLAIM counted this delivery too.
                 attempt = delivered.get(eid, 1) + 1
@@ -193,7 +193,7 @@ class RedisWorkerTransport:
         return claimed
 
     def _delivery(
-        self, entry_id: Any, fields: dict[bytes, bytes], *, attempt: int, state: ReplyState | None
+        self, entry_id: bytes, fields: dict[bytes, bytes], *, attempt: int, state: ReplyState | None
     ) -> Delivery | None:
         eid = _text(entry_id)
         try:
@@ -228,7 +228,7 @@ class RedisWorkerTransport:
     def fetch_images(self, tenant_id: str, sha256s: Sequence[str]) -> dict[str, bytes]:
         keys = [self._keys.blob(tenant_id, sha) for sha in sha256s]
         values = _redis_call(lambda: self._r.mget(keys))
-        return {sha: v for sha, v in zip(sha256s, values, strict=True) if v is not None}
+        return {sha: _raw(v) for sha, v in zip(sha256s, values, strict=True) if v is not None}
 
     def cancelled(self, request_ids: Sequence[str]) -> set[str]:
         if not request_ids:
@@ -246,8 +246,9 @@ class RedisWorkerTransport:
         for out in batch:
             key = self._keys.reply(out.request_id)
             for event in out.events:
-                fields = {EVENT_FIELD: encode(event)}
-                pipe.xadd(key, fields, maxlen=s.reply_maxlen, approximate=True)
+                pipe.xadd(
+                    key, {EVENT_FIELD: encode(event)}, maxlen=s.reply_maxlen, approximate=True
+                )
                 touched.add(key)
             if out.ack_token is not None:
                 # After the events, in the same pipeline: Redis runs them in order.
@@ -286,5 +287,43 @@ class RedisWorkerTransport:
         self._r.close()
 
 
-def _text(value: Any) -> str:
+# Replies as this worker receives them. redis-py declares each reply for every protocol and
+# decoding setting; this transport relies on redis-py's defaults, RESP2 and replies left as
+# bytes (its URL sets neither ``protocol`` nor ``decode_responses``).
+
+
+def _xreadgroup_entries(reply: XReadGroupResponse) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of an XREADGROUP ``>`` reply, in order: ``(id, {field: value})``, bytes.
+
+    RESP2 answers a list of ``[stream, entries]`` pairs, the ``list[list[Any]]`` member of
+    redis-py's ``XReadGroupResponse`` (its dict members are RESP3's); new entries (``>``) are
+    never deleted ones, so none is ``(None, None)``.
+    """
+    pairs = cast("list[list[Any]]", reply)
+    return [entry for _stream, entries in pairs or [] for entry in entries]
+
+
+def _xclaim_entries(reply: XClaimResponse) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The claimed entries still in the stream, in order: ``(id, {field: value})``, bytes.
+
+    Without ``justid`` the reply is redis-py's ``StreamRangeResponse`` member (the id-only
+    list is JUSTID's): ``(id, fields)`` per entry, ``(None, None)`` for one deleted from the
+    stream meanwhile (Redis before 7 still answers those).
+    """
+    claimed = cast("list[tuple[bytes, dict[bytes, bytes]] | tuple[None, None]]", reply)
+    return [
+        (entry_id, fields)
+        for entry_id, fields in claimed
+        if entry_id is not None and fields is not None
+    ]
+
+
+def _raw(value: bytes | str) -> bytes:
+    """A reply's value as bytes: it is bytes already, redis-py's ``str`` is for decoding
+    clients."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _text(value: object) -> str:
+    """A reply's name or id (bytes) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -8,10 +8,16 @@ interface, so the worker loop and the transports do not care which one they driv
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when the kind is known: an ocr-lite worker never loads torch
+    from inference.engine import Engine, EngineConfig
+    from inference.ocr_lite.engine import OcrLiteEngine
 
 
-def engine_for_spec(spec: Mapping[str, Any], config: Any | None = None) -> Any:
+def engine_for_spec(
+    spec: Mapping[str, Any], config: EngineConfig | None = None
+) -> Engine | OcrLiteEngine:
     kind = spec.get("kind", "glm4v")
     if kind == "glm4v":
         from inference.engine import engine_from_spec

@@ -143,7 +143,12 @@ class Worker:
             cfg.worker_id,
             self.max_batch_size,
         )
-        if self._retrying(stop, lambda: self.transport.setup() or True) is None:
+
+        def set_up() -> bool:  # True when done: _retrying answers None only when stopped
+            self.transport.setup()
+            return True
+
+        if self._retrying(stop, set_up) is None:
             return
         # Our own pending entries can only exist if a previous process used this worker id.
         own = self._retrying(stop, lambda: self.transport.claim_stale(include_own=True))
@@ -437,7 +442,8 @@ def _coalesce(events: list[Event]) -> list[Event]:
     if events and isinstance(events[-1], ErrorEvent):
         return [events[-1]]
     deltas = [e for e in events if isinstance(e, DeltaEvent)]
-    out: list[Event] = [e for e in events if isinstance(e, StartEvent)][:1]
+    starts = [e for e in events if isinstance(e, StartEvent)]
+    out: list[Event] = [*starts[:1]]
     if deltas:
         out.append(
             DeltaEvent(

@@ -26,9 +26,19 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # imported where used: importing this module loads neither
+    from tokenizers import Tokenizer
+    from transformers import (
+        Glm4vForConditionalGeneration,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 # Order copied from the GLM-4 tokenizer (151329 = <|endoftext|> ... 151343 = <|image|>);
 # here they start right after the learnt BPE vocabulary.
@@ -109,7 +119,7 @@ def _corpus() -> list[str]:
     return lines + _SYSTEMS
 
 
-def _build_tokenizer(vocab_size: int):
+def _build_tokenizer(vocab_size: int) -> Tokenizer:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -126,7 +136,7 @@ def _build_tokenizer(vocab_size: int):
     return tok
 
 
-def _wrap_tokenizer(tok):
+def _wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -155,7 +165,13 @@ def _training_texts(rng: random.Random) -> list[str]:
     return texts
 
 
-def _train_text_model(model, tokenizer, *, steps: int, seed: int) -> None:
+def _train_text_model(
+    model: Glm4vForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    steps: int,
+    seed: int,
+) -> None:
     """A short next-token training of the text stack so greedy output is not noise."""
     rng = random.Random(seed)
     texts = _training_texts(rng)
@@ -182,7 +198,7 @@ def _train_text_model(model, tokenizer, *, steps: int, seed: int) -> None:
     model.eval()
 
 
-def tiny_config_dict(tokenizer, vocab_size: int) -> dict:
+def tiny_config_dict(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dict[str, Any]:
     """The ``Glm4vConfig`` arguments of the tiny model; token ids are read from ``tokenizer``."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     eos = [ids[t] for t in EOS_TOKENS]
@@ -250,6 +266,8 @@ def build_tiny_model(
         GenerationConfig,
         Glm4vConfig,
         Glm4vForConditionalGeneration,
+        Glm4vTextConfig,
+        Glm4vVisionConfig,
         Glm46VImageProcessorPil,
     )
 
@@ -259,25 +277,33 @@ def build_tiny_model(
     # Like the real checkpoint (151552 rows for ~151365 tokens), pad the embedding table.
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     config = Glm4vConfig(**tiny_config_dict(tokenizer, vocab_size))
+    # Declared dict | config | None: Glm4vConfig has made config objects of the dicts.
+    text_config, vision_config = config.text_config, config.vision_config
+    assert isinstance(text_config, Glm4vTextConfig)
+    assert isinstance(vision_config, Glm4vVisionConfig)
     if init_std is not None:
-        config.text_config.initializer_range = init_std
-        config.vision_config.initializer_range = init_std
+        text_config.initializer_range = init_std
+        vision_config.initializer_range = init_std
     config.architectures = ["Glm4vForConditionalGeneration"]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # reductions in one thread: same bytes on every run
     try:
         torch.manual_seed(seed)
-        model = Glm4vForConditionalGeneration(config).to(torch.float32)
+        model = Glm4vForConditionalGeneration(config)
+        # In place, like every Module.to. PreTrainedModel.to is decorated with functools.wraps,
+        # and typeshed's _Wrapped has no __get__: mypy takes the dtype for self
+        # (python/typeshed#10653).
+        model.to(torch.float32)  # type: ignore[arg-type]
         if train_steps:
             _train_text_model(model, tokenizer, steps=train_steps, seed=seed)
     finally:
         torch.set_num_threads(threads)
 
-    eos = config.text_config.eos_token_id
+    eos = text_config.eos_token_id
     model.generation_config = GenerationConfig(
         eos_token_id=eos,
-        pad_token_id=config.text_config.pad_token_id,
+        pad_token_id=text_config.pad_token_id,
         do_sample=False,
     )
     model.save_pretrained(out)
@@ -304,5 +330,5 @@ def build_tiny_model(
     return out
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: Mapping[str, object]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

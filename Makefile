@@ -50,7 +50,7 @@ run: install tiny-model migrate
 lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy inference/engine
+	$(VENV)/bin/mypy inference tenants
 
 format: install-test
 	$(VENV)/bin/ruff format .

@@ -17,17 +17,12 @@ installs it).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import httpx
@@ -35,8 +30,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.factories import api_key_for
-from tests.inference.fakes import delete_prefix, redis_url_for_tests
+from tests.monitoring.conftest import free_port
 from tests.webplatform.uploads import corpus
 
 pytest_plugins = ["tests.webplatform.live_server"]
@@ -53,12 +47,6 @@ def _tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is missing: scripts/test-services.sh installs Debian's prometheus")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- rules and configuration ----------------------------------------------------------------
@@ -169,91 +157,6 @@ def test_the_dashboard_has_the_panels_an_operator_opens_first():
 # --- a worker process and the web side, live --------------------------------------------
 
 
-class WorkerProcess:
-    def __init__(self, *, url: str, prefix: str, model_dir: Path, log_path: Path) -> None:
-        self.metrics_port = _free_port()
-        self.log_path = log_path
-        env = {
-            **os.environ,
-            "INFERENCE_REDIS_URL": url,
-            "INFERENCE_KEY_PREFIX": prefix,
-            "INFERENCE_MODELS": json.dumps(
-                {MODEL: {"path": str(model_dir), "dtype": "float32", "device": "cpu"}}
-            ),
-            "INFERENCE_HEARTBEAT_SECONDS": "0.3",
-            "INFERENCE_METRICS_PORT": str(self.metrics_port),
-        }
-        argv = [sys.executable, "-m", "inference.worker", "--model", MODEL]
-        argv += ["--metrics-host", "127.0.0.1", "--max-batch-size", "4"]
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
-            try:
-                if httpx.get(self.base + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"worker not ready:\n{self.log()}"
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def worker(request, tmp_path_factory):
-    url = redis_url_for_tests()
-    if url is None:
-        pytest.fail("needs REDIS_URL pointing at a reachable Redis (make test sets it)")
-    from tests.webplatform.live_server import tiny_model_path  # registered as a plugin above
-
-    prefix = f"test-monitoring-{uuid.uuid4().hex[:10]}"
-    proc = WorkerProcess(
-        url=url,
-        prefix=prefix,
-        model_dir=tiny_model_path(request.config),
-        log_path=tmp_path_factory.mktemp("worker") / "worker.log",
-    )
-    try:
-        proc.wait_ready()
-        proc.prefix = prefix  # type: ignore[attr-defined]
-        yield proc
-    finally:
-        proc.stop()
-        delete_prefix(url, prefix)
-
-
-@pytest.fixture
-def web(live_asgi_server, worker, settings, owner):
-    """The live web server sending to ``worker`` over Redis, and an API key."""
-    from inference.client import reset_inference_client
-
-    settings.INFERENCE_TRANSPORT = "redis"
-    settings.INFERENCE_REDIS_URL = redis_url_for_tests()
-    settings.INFERENCE_KEY_PREFIX = worker.prefix
-    settings.INFERENCE_MODELS = {MODEL: live_asgi_server.models[MODEL]}
-    reset_inference_client()
-    yield live_asgi_server, api_key_for(owner.tenant).raw_key
-    reset_inference_client()
-
-
 def _complete(base: str, key: str, *, stream: bool, image: bool) -> None:
     content: list[dict] = [{"type": "text", "text": "What is in this image?"}]
     if image:
@@ -317,7 +220,7 @@ def test_prometheus_scrapes_the_web_side_and_a_worker_and_answers_queries(web, w
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
     proc = subprocess.Popen(
         [
@@ -380,14 +283,22 @@ def test_prometheus_scrapes_the_web_side_and_a_worker_and_answers_queries(web, w
             "(rate(inference:time_to_first_token_seconds_bucket[1m])))",
             lambda r: r and 0 < float(r[0]["value"][1]) < 60,
         )
-        with urllib.request.urlopen(api + "/rules", timeout=5) as resp:
-            groups = json.load(resp)["data"]["groups"]
-        loaded = {rule["name"]: rule["health"] for g in groups for rule in g["rules"]}
+
+        def rules() -> dict[str, dict]:
+            with urllib.request.urlopen(api + "/rules", timeout=5) as resp:
+                groups = json.load(resp)["data"]["groups"]
+            return {rule["name"]: rule for g in groups for rule in g["rules"]}
+
+        deadline = time.monotonic() + 20
+        while not all(r.get("lastEvaluation", "0001").startswith("20") for r in rules().values()):
+            assert time.monotonic() < deadline, rules()
+            time.sleep(0.25)
+        loaded = rules()
         assert set(loaded) == set(_alert_names())
-        eventually("ALERTS", lambda r: True)  # the rules evaluate...
-        assert not [
-            r for r in query('ALERTS{alertname="ModelNoLiveWorker"}')
-        ]  # ...and a model with a live worker raises no alarm
+        assert {r["health"] for r in loaded.values()} == {"ok"}, loaded  # they evaluate
+        # The model with a live worker raises no alarm. (The web process's registry is the
+        # test process's: models of earlier tests may linger there with no worker.)
+        assert query(f'ALERTS{{alertname="ModelNoLiveWorker", model="{MODEL}"}}') == []
     finally:
         proc.terminate()
         proc.wait(20)

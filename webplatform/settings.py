@@ -298,11 +298,29 @@ IMAGE_PIXEL_BUDGET_LOW = env.int("IMAGE_PIXEL_BUDGET_LOW", default=200_704)
 IMAGE_BUDGET_TEXT_RESERVE = env.int("IMAGE_BUDGET_TEXT_RESERVE", default=2048)
 REMOTE_IMAGE_HOST_ALLOWLIST = env.list("REMOTE_IMAGE_HOST_ALLOWLIST", default=[])
 
+# LOG_FORMAT=json: one JSON object per line (structlog renders the standard logging records),
+# with the same formatter and redaction as the inference workers (inference/worker/logs.py:
+# an API key loses its secret part, bearer tokens and ticket/token query values are masked).
+# uvicorn's access and error logs go through it too (Django configures logging after
+# uvicorn, so this wins).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain").strip().lower()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "inference.worker.logs.json_formatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "uvicorn.error": {"handlers": ["console"], "level": "INFO", "propagate": False},
+    },
 }

@@ -19,6 +19,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from inference.worker.engines import engine_for_spec
+from inference.worker.logs import (
+    bind_process,
+    configure_logging,
+    log_format,
+    log_request_finished,
+)
 from inference.worker.loop import Worker, WorkerConfig, default_worker_id
 from inference.worker.metrics import MetricsServer, WorkerMetrics
 from inference.worker.redis_streams import RedisWorkerTransport
@@ -72,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker until stopped; the process's exit status."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level(), log_format())  # LOG_FORMAT=json: JSON lines
     settings = worker_settings()
     if args.key_prefix:
         settings = replace(settings, key_prefix=args.key_prefix)
@@ -92,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_stop_signals(stop)  # before the (slow) load, so SIGTERM then is clean too
 
     spec = dict(settings.models[model])
-    metrics = WorkerMetrics(model=model, engine_kind=str(spec.get("kind", "glm4v")))
+    worker_id = args.worker_id or default_worker_id()
+    bind_process(model=model, worker_id=worker_id)
+    metrics = WorkerMetrics(
+        model=model, engine_kind=str(spec.get("kind", "glm4v")), on_finished=log_request_finished
+    )
     metrics.loading()
     server = None
     if args.metrics_port is not None:  # up during the load: /live answers, /ready says 503
@@ -108,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stop.is_set():
         return 0
 
-    worker_id = args.worker_id or default_worker_id()
     transport = RedisWorkerTransport.from_url(
         settings.redis_url, settings=settings, model=model, worker_id=worker_id
     )

@@ -59,6 +59,7 @@ from inference.protocol import (
     InferenceRequest,
     StartEvent,
 )
+from inference.worker.logs import RequestSummary
 from inference.worker.observer import LoopObserver
 
 logger = logging.getLogger("inference.worker")
@@ -93,6 +94,8 @@ class _Timing:
     admitted: float  # monotonic, from here on
     started: float | None = None  # StartEvent: prefill done
     last_token: float | None = None
+    queue_s: float = 0.0
+    ttft_s: float | None = None
 
 
 class WorkerMetrics(LoopObserver):
@@ -109,12 +112,14 @@ class WorkerMetrics(LoopObserver):
         engine_kind: str = "glm4v",
         registry: CollectorRegistry | None = None,
         stall_s: float = 300.0,
+        on_finished: Callable[[RequestSummary], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self.engine_kind = engine_kind
         self.stall_s = stall_s
+        self.on_finished = on_finished  # the request log (inference.worker.logs)
         self._wall = wall_clock
         self._mono = monotonic
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -256,10 +261,11 @@ class WorkerMetrics(LoopObserver):
 
     def admitted(self, request: InferenceRequest) -> None:
         self._tick()
+        queue_s = max(0.0, self._wall() - request.created_at)
         self._timings[request.request_id] = _Timing(
-            created_at=request.created_at, admitted=self._mono()
+            created_at=request.created_at, admitted=self._mono(), queue_s=queue_s
         )
-        self.queue_time.observe(max(0.0, self._wall() - request.created_at))
+        self.queue_time.observe(queue_s)
 
     def event(self, request: InferenceRequest, event: Event) -> None:
         timing = self._timings.get(request.request_id)
@@ -275,7 +281,8 @@ class WorkerMetrics(LoopObserver):
             if event.tokens > 0:
                 self.generation_tokens.inc(event.tokens)
                 if timing.last_token is None:
-                    self.ttft.observe(max(0.0, self._wall() - timing.created_at))
+                    timing.ttft_s = max(0.0, self._wall() - timing.created_at)
+                    self.ttft.observe(timing.ttft_s)
                 else:
                     gap = (now - timing.last_token) / event.tokens
                     for _ in range(event.tokens):
@@ -284,20 +291,58 @@ class WorkerMetrics(LoopObserver):
         elif isinstance(event, DoneEvent):
             del self._timings[request.request_id]
             self._done(event)
+            e2e = max(0.0, self._wall() - timing.created_at)
             if event.finish_reason is not FinishReason.CANCELLED:
-                self.e2e.observe(max(0.0, self._wall() - timing.created_at))
+                self.e2e.observe(e2e)
                 if timing.started is not None:
                     self.decode_time.observe(now - timing.started)
+            self._summarise(request, event, timing, e2e)
         elif isinstance(event, ErrorEvent):
             del self._timings[request.request_id]
             self.errors.labels(self.model, event.code.value).inc()
+            self._summarise(request, event, timing, max(0.0, self._wall() - timing.created_at))
 
     def finished_early(self, request: InferenceRequest, event: Event) -> None:
-        self._timings.pop(request.request_id, None)
+        timing = self._timings.pop(request.request_id, None)
         if isinstance(event, DoneEvent):
             self._done(event)
         elif isinstance(event, ErrorEvent):
             self.errors.labels(self.model, event.code.value).inc()
+        else:
+            return
+        self._summarise(request, event, timing, max(0.0, self._wall() - request.created_at))
+
+    def _summarise(
+        self,
+        request: InferenceRequest,
+        event: DoneEvent | ErrorEvent,
+        timing: _Timing | None,
+        e2e_s: float,
+    ) -> None:
+        if self.on_finished is None:
+            return
+        if isinstance(event, DoneEvent):
+            outcome, code = event.finish_reason.value, None
+            prompt, completion = event.usage.prompt_tokens, event.usage.completion_tokens
+        else:
+            outcome, code, prompt, completion = "error", event.code.value, 0, 0
+        summary = RequestSummary(
+            request_id=request.request_id,
+            tenant_id=request.tenant_id,
+            model=request.model,
+            outcome=outcome,
+            error_code=code,
+            stream=request.stream,
+            queue_s=timing.queue_s if timing else None,
+            ttft_s=timing.ttft_s if timing else None,
+            e2e_s=e2e_s,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
+        try:
+            self.on_finished(summary)
+        except Exception:  # a log line must never stop the loop
+            logger.exception("request log failed")
 
     def _done(self, event: DoneEvent) -> None:
         self.success.labels(self.model, event.finish_reason.value).inc()

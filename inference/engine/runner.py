@@ -453,7 +453,9 @@ class VisionJob:
 
     def block_cost(self) -> float:
         """FLOPs of the next block (0 when done)."""
-        return 0.0 if self.done else self.vision.next_block_cost()  # type: ignore[union-attr]
+        if self.vision is None or self.vision.finished_blocks:  # self.done, narrowing vision
+            return 0.0
+        return self.vision.next_block_cost()
 
     def run(self, blocks: int) -> None:
         if self.vision is not None and blocks > 0:

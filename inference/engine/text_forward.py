@@ -372,7 +372,9 @@ def _flex_decode(
     blocks = (kv_len + block - 1) // block
     lengths = visible.sum(-1)
 
-    def within_length(b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+    def within_length(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
         return kv_idx < lengths[b]
 
     kv_num_blocks = ((lengths + block - 1) // block).clamp(max=blocks).to(torch.int32)

@@ -303,3 +303,13 @@ def test_the_dashboard_speaks_chinese_on_a_phone(browser, server) -> None:
         page.screenshot(path=str(SCREENSHOTS / "login-zh-phone.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_the_empty_playground_shows_no_broken_image(page, server) -> None:
+    """Nothing chosen yet: the preview stays hidden (a CSS rule once beat ``hidden``)."""
+    tenant_id = sign_up(page, "empty@example.com", "Empty")
+    page.goto(f"/orgs/{tenant_id}/playground/")
+    assert page.get_attribute("#pg-preview", "hidden") is not None
+    assert not page.is_visible("#pg-preview")
+    page.set_input_files("#pg-file", {"name": "red.png", "mimeType": "image/png", "buffer": png()})
+    page.wait_for_selector("#pg-preview", state="visible")

@@ -34,3 +34,17 @@ def test_the_websocket_code_reads_tenancy_through_selectors(graph, module) -> No
         if graph.direct_import_exists(importer=module, imported=name)
     ]
     assert models == []
+
+
+def test_the_request_path_has_no_import_cycle(graph) -> None:
+    """Each step of ``webplatform.completions`` imports only the steps before it."""
+    modules = sorted(graph.find_children("webplatform.completions"))
+    cycles = [
+        (a, b)
+        for a in modules
+        for b in modules
+        if a < b
+        and graph.find_shortest_chain(importer=a, imported=b)
+        and graph.find_shortest_chain(importer=b, imported=a)
+    ]
+    assert cycles == []

@@ -1,40 +1,66 @@
-"""Every response carries ``x-request-id``: the usage record's id when the request reached
-the model (the chat view sets it), a fresh id otherwise, so a client can always quote one."""
+"""Every HTTP request gets one id, made here before any view runs, and every response carries
+it as ``x-request-id``, errors included, so a client can always quote one. A view that
+starts a completion (``POST /v1/chat/completions``) gives the same id to the request path:
+the usage record and the worker know the request by it (``request_id_of``).
+
+Ids come from ``inference.protocol.new_request_id``; the websocket chat, which has no HTTP
+request per answer, takes one from there for each ``message`` frame.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
+from rest_framework.request import Request
 
 from inference.protocol import new_request_id
+
+REQUEST_ID_HEADER = "x-request-id"
+# The attribute of Django's HttpRequest that holds the id (read it with request_id_of).
+_ATTRIBUTE = "platform_request_id"
+
+
+def request_id_of(request: HttpRequest | Request) -> str:
+    """The id of this HTTP request (a DRF ``Request`` reads its Django request's)."""
+    http_request = request._request if isinstance(request, Request) else request
+    request_id: str = getattr(http_request, _ATTRIBUTE)
+    return request_id
 
 
 class RequestIdMiddleware:
     sync_capable = True
     async_capable = True
 
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
         self.get_response = get_response
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest):  # type: ignore[no-untyped-def]
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        setattr(request, _ATTRIBUTE, new_request_id())
         if self.is_async:
             return self._acall(request)
-        return self._stamp(self.get_response(request))
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponseBase)
+        return self._stamp(request, response)
 
     async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        response = await self.get_response(request)  # type: ignore[misc]
-        return self._stamp(response)
+        response = self.get_response(request)
+        assert not isinstance(response, HttpResponseBase)
+        return self._stamp(request, await response)
 
     @staticmethod
-    def _stamp(response: HttpResponseBase) -> HttpResponseBase:
-        if "x-request-id" not in response:
-            response["x-request-id"] = new_request_id()
+    def _stamp(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+        if REQUEST_ID_HEADER not in response:
+            response[REQUEST_ID_HEADER] = request_id_of(request)
         return response
 
 
-__all__ = ["RequestIdMiddleware"]
+__all__ = ["REQUEST_ID_HEADER", "RequestIdMiddleware", "request_id_of"]

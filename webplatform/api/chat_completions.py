@@ -17,28 +17,24 @@ from typing import Any
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponseBase, StreamingHttpResponse
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from inference.protocol import new_request_id
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from webplatform.api import openai_wire
-from webplatform.api.base import AuthenticatedApiView
+from webplatform.api.base import AuthenticatedApiView, principal_of
 from webplatform.api.chat_serializers import ChatCompletionRequestSerializer
 from webplatform.api.schema import ChatCompletionSerializer, error_responses
-from webplatform.completions.inputs import Channel, ChatCompletionInput
-from webplatform.completions.service import (
-    Caller,
-    CompletionOutcome,
-    CompletionRun,
-    TextDelta,
-    chat_completion_start,
-)
+from webplatform.completions.answer import Answer
+from webplatform.completions.pipeline import chat_completion_start
+from webplatform.completions.request import Caller, ChatCompletionInput, EntryPoint
+from webplatform.completions.streaming import CompletionRun
+from webplatform.middleware import request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +78,11 @@ def _request_body(request: Request, *, limit: int) -> Any:
 
 
 def _parse_input(request: Request) -> ChatCompletionInput:
-    body = _request_body(request, limit=_body_limit(request.user))
+    principal = principal_of(request)
+    body = _request_body(request, limit=_body_limit(principal))
     serializer = ChatCompletionRequestSerializer(data=body)
     serializer.is_valid(raise_exception=True)
-    inp = serializer.to_input(default_model=request.user.default_model)
+    inp = serializer.to_input(default_model=principal.default_model or "")
     if _no_store(request.headers.get("cache-control", "")):
         inp = replace(inp, use_cache=False)
     return inp
@@ -99,7 +96,6 @@ def _no_store(cache_control: str) -> bool:
 
 def _response_headers(run: CompletionRun) -> dict[str, str]:
     headers = {
-        "x-request-id": run.request_id,
         "x-cache": "hit" if run.cache_hit else "miss",
         **run.rate_limit_headers,
     }
@@ -118,25 +114,13 @@ async def _sse_stream(run: CompletionRun) -> AsyncIterator[bytes]:
     )
     events = run.events()
     try:
-        async for item in events:
-            if isinstance(item, TextDelta):
-                delta: dict[str, str] = {}
-                if item.reasoning:
-                    delta["reasoning_content"] = item.reasoning
-                if item.text:
-                    delta["content"] = item.text
-                if delta:
-                    yield openai_wire.sse(
-                        openai_wire.chunk_object(
-                            **common, delta=delta, with_usage_field=include_usage
-                        )
-                    )
-            elif isinstance(item, CompletionOutcome):
+        async for event in events:
+            if isinstance(event, Answer):
                 yield openai_wire.sse(
                     openai_wire.chunk_object(
                         **common,
                         delta={},
-                        finish_reason=item.finish_reason,
+                        finish_reason=event.finish_reason,
                         with_usage_field=include_usage,
                     )
                 )
@@ -144,8 +128,20 @@ async def _sse_stream(run: CompletionRun) -> AsyncIterator[bytes]:
                     yield openai_wire.sse(
                         openai_wire.chunk_object(
                             **common,
-                            usage=openai_wire.usage_object(item),
+                            usage=openai_wire.usage_object(event.usage),
                             with_usage_field=True,
+                        )
+                    )
+            else:
+                delta: dict[str, str] = {}
+                if event.reasoning:
+                    delta["reasoning_content"] = event.reasoning
+                if event.text:
+                    delta["content"] = event.text
+                if delta:
+                    yield openai_wire.sse(
+                        openai_wire.chunk_object(
+                            **common, delta=delta, with_usage_field=include_usage
                         )
                     )
     except ApplicationError as exc:
@@ -180,22 +176,8 @@ class CompletionStreamResponse(StreamingHttpResponse):
 
 class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
     """Async dispatch from adrf; rate-limit headers on every response from the base view,
-    and an ``x-request-id`` on every response, errors included (the id of the usage record
-    when the request was admitted)."""
-
-    request_id: str = ""
-
-    def initialize_request(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Request:
-        self.request_id = new_request_id()
-        return super().initialize_request(request, *args, **kwargs)
-
-    def finalize_response(
-        self, request: Request, response: HttpResponseBase, *args: Any, **kwargs: Any
-    ) -> HttpResponseBase:
-        response = super().finalize_response(request, response, *args, **kwargs)
-        if "x-request-id" not in response:
-            response["x-request-id"] = self.request_id or new_request_id()
-        return response
+    and the middleware's ``x-request-id`` on every response, errors included (the id of the
+    usage record when the request was admitted)."""
 
     @extend_schema(
         operation_id="createChatCompletion",
@@ -215,9 +197,9 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         # off the event loop, which meanwhile streams other requests' answers.
         inp = await sync_to_async(_parse_input, thread_sensitive=False)(request)
         run = await chat_completion_start(
-            caller=Caller(principal=request.user, channel=Channel.REST),
+            caller=Caller(principal=principal_of(request), entry_point=EntryPoint.REST),
             inp=inp,
-            request_id=self.request_id,
+            request_id=request_id_of(request),
         )
         headers = _response_headers(run)
         if inp.stream:
@@ -227,12 +209,12 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
             for name, value in headers.items():
                 response[name] = value
             return response
-        outcome: CompletionOutcome | None = None
-        async for item in run.events():
-            if isinstance(item, CompletionOutcome):
-                outcome = item
-        assert outcome is not None
+        answer: Answer | None = None
+        async for event in run.events():
+            if isinstance(event, Answer):
+                answer = event
+        assert answer is not None
         body = openai_wire.completion_object(
-            request_id=run.request_id, model=run.model, created=run.created, outcome=outcome
+            request_id=run.request_id, model=run.model, created=run.created, answer=answer
         )
         return Response(body, headers=headers)

@@ -13,7 +13,7 @@ from typing import Any
 from rest_framework import serializers
 
 from tenants.errors import ApplicationError
-from webplatform.completions.inputs import ChatCompletionInput, ChatTurn, ImageSource
+from webplatform.completions.request import ChatCompletionInput, ChatTurn, ImageSource
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

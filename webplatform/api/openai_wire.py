@@ -1,4 +1,5 @@
-"""OpenAI wire objects for chat completions: the response, its chunks, and SSE framing.
+"""OpenAI wire objects for chat completions: the response, its chunks, and SSE framing,
+made from the one answer type (``webplatform.completions.answer``).
 
 Shapes follow the OpenAI API exactly (the official SDKs parse them):
 ``chat.completion`` for a whole answer and ``chat.completion.chunk`` for streaming, with a
@@ -11,16 +12,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from webplatform.completions.run import CompletionOutcome
+from inference.protocol import FinishReason, Usage
+from webplatform.completions.answer import Answer
 
 
-def _finish_reason(reason: str) -> str:
+def _finish_reason(reason: FinishReason) -> str:
     # OpenAI has no "cancelled"; a stream the client stopped ends as "stop".
-    return "length" if reason == "length" else "stop"
+    return "length" if reason is FinishReason.LENGTH else "stop"
 
 
-def usage_object(outcome: CompletionOutcome) -> dict[str, Any]:
-    usage = outcome.usage
+def usage_object(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -31,11 +32,11 @@ def usage_object(outcome: CompletionOutcome) -> dict[str, Any]:
 
 
 def completion_object(
-    *, request_id: str, model: str, created: int, outcome: CompletionOutcome
+    *, request_id: str, model: str, created: int, answer: Answer
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": outcome.text, "refusal": None}
-    if outcome.reasoning:
-        message["reasoning_content"] = outcome.reasoning
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text, "refusal": None}
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -47,10 +48,10 @@ def completion_object(
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": _finish_reason(outcome.finish_reason),
+                "finish_reason": _finish_reason(answer.finish_reason),
             }
         ],
-        "usage": usage_object(outcome),
+        "usage": usage_object(answer.usage),
     }
 
 
@@ -60,7 +61,7 @@ def chunk_object(
     model: str,
     created: int,
     delta: dict[str, Any] | None = None,
-    finish_reason: str | None = None,
+    finish_reason: FinishReason | None = None,
     usage: dict[str, Any] | None = None,
     with_usage_field: bool = False,
 ) -> dict[str, Any]:

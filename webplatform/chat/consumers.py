@@ -26,6 +26,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework import serializers
 
+from inference.protocol import FinishReason, new_request_id
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from tenants.selectors.accounts import user_get
@@ -34,32 +35,24 @@ from tenants.services.api_keys import api_key_authenticate, api_key_principal_by
 from webplatform.api.chat_serializers import parse_content
 from webplatform.chat import selectors as chat_selectors
 from webplatform.chat import services as chat_services
+from webplatform.chat.frames import (
+    delta_frame,
+    done_frame,
+    error_frame,
+    ready_frame,
+    start_frame,
+)
 from webplatform.chat.tickets import chat_ticket_redeem
-from webplatform.completions.inputs import (
-    Channel,
-    ChatCompletionInput,
-    ChatTurn,
-    ImageSource,
-    StoredImage,
-)
-from webplatform.completions.service import (
-    Caller,
-    CompletionOutcome,
-    CompletionRun,
-    TextDelta,
-    chat_completion_start,
-)
+from webplatform.completions.answer import Answer
+from webplatform.completions.pipeline import chat_completion_start
+from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
+from webplatform.completions.streaming import CompletionRun
 
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
-
-
-def error_frame(exc: ApplicationError) -> dict[str, Any]:
-    """The one way an ``ApplicationError`` is rendered on a websocket."""
-    return {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param}
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -85,15 +78,15 @@ def _session_principal(scope: dict[str, Any], tenant_ref: str | None) -> ApiPrin
     return _member_principal(tenant_ref=tenant_ref, user=user)
 
 
-def _member_principal_refresh(principal: ApiPrincipal) -> ApiPrincipal:
-    user = user_get(user_id=principal.user.pk)  # type: ignore[union-attr]
+def _member_principal_refresh(*, tenant_id: int, user_id: Any) -> ApiPrincipal:
+    user = user_get(user_id=user_id)
     if user is None:
         raise ApplicationError(
             "You are not a member of this organisation.",
             code="insufficient_permissions",
             status=403,
         )
-    return _member_principal(tenant_ref=str(principal.tenant_id), user=user)
+    return _member_principal(tenant_ref=str(tenant_id), user=user)
 
 
 class MessageOptionsSerializer(serializers.Serializer):
@@ -120,7 +113,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     channel_layer_alias = "chat-has-no-channel-layer"
 
     principal: ApiPrincipal
-    channel: Channel
+    entry_point: EntryPoint
     conversation: Any = None
     run: CompletionRun | None = None
     cancel_requested: bool = False
@@ -130,7 +123,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
         await self.accept()
         try:
-            principal, channel = await self._authenticate(query)
+            principal, entry_point = await self._authenticate(query)
             if not principal.can_write:
                 raise ApplicationError(
                     "This API key is read-only (GET endpoints only); the chat needs a key "
@@ -142,7 +135,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(error_frame(exc))
             await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
             return
-        self.principal, self.channel = principal, channel
+        self.principal, self.entry_point = principal, entry_point
         conversation_id = (query.get("conversation") or [None])[0]
         try:
             if conversation_id:
@@ -154,27 +147,28 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         await self.send_json(
-            {
-                "type": "ready",
-                "conversation_id": str(self.conversation.pk) if self.conversation else None,
-                "models": list(principal.allowed_models),
-            }
+            ready_frame(
+                conversation_id=self._conversation_id(), models=list(principal.allowed_models)
+            )
         )
 
-    async def _authenticate(self, query: dict[str, list[str]]) -> tuple[ApiPrincipal, Channel]:
+    def _conversation_id(self) -> str | None:
+        return str(self.conversation.pk) if self.conversation else None
+
+    async def _authenticate(self, query: dict[str, list[str]]) -> tuple[ApiPrincipal, EntryPoint]:
         authorization = _header(self.scope, b"authorization") or ""
         if authorization.lower().startswith("bearer "):
             principal = await database_sync_to_async(api_key_authenticate)(
                 raw_key=authorization[7:]
             )
-            return principal, Channel.WEBSOCKET
+            return principal, EntryPoint.WEBSOCKET
         if query.get("ticket"):
             redeemed = await database_sync_to_async(chat_ticket_redeem)(ticket=query["ticket"][0])
             if redeemed is None:
                 raise ApplicationError(
                     "This ticket is unknown, used or expired.", code="invalid_ticket", status=401
                 )
-            return redeemed, Channel.WEBSOCKET
+            return redeemed, EntryPoint.WEBSOCKET
         # The session cookie rides along on any cross-site request; only a checked Origin
         # lets it authenticate.
         if self.scope.get("browser_origin"):
@@ -182,7 +176,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 self.scope, (query.get("tenant") or [None])[0]
             )
             if principal is not None:
-                return principal, Channel.PLAYGROUND
+                return principal, EntryPoint.PLAYGROUND
         raise ApplicationError(
             "Authenticate with 'Authorization: Bearer <key>', a ticket from "
             "POST /v1/chat/tickets, or a dashboard session.",
@@ -233,23 +227,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.cancel_requested = False
         self.task = asyncio.create_task(self._answer(content))
 
-    async def _history(self) -> list[ChatTurn]:
+    async def _history(self) -> tuple[ChatTurn, ...]:
         if self.conversation is None:
-            return []
-        turns = await database_sync_to_async(chat_selectors.conversation_turns)(
+            return ()
+        return await database_sync_to_async(chat_selectors.conversation_history)(
             conversation=self.conversation
         )
-        history = []
-        for turn in turns:
-            parts: list[str | ImageSource | StoredImage] = [
-                StoredImage(sha256=i["sha256"], width=i["width"], height=i["height"])
-                for i in turn.images
-            ]
-            parts.append(turn.text)
-            history.append(ChatTurn(role=turn.role, parts=tuple(parts)))
-        return history
 
-    def _input(self, frame: dict[str, Any], history: list[ChatTurn]) -> ChatCompletionInput:
+    def _input(self, frame: dict[str, Any], history: tuple[ChatTurn, ...]) -> ChatCompletionInput:
         parts = parse_content(frame.get("content"), role="user", index=len(history))
         model = frame.get("model") or (
             self.conversation.model if self.conversation else self.principal.default_model
@@ -282,7 +267,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 api_key_id=self.principal.api_key.pk
             )
         elif self.principal.user is not None:
-            self.principal = await database_sync_to_async(_member_principal_refresh)(self.principal)
+            self.principal = await database_sync_to_async(_member_principal_refresh)(
+                tenant_id=self.principal.tenant_id, user_id=self.principal.user.pk
+            )
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         try:
@@ -296,40 +283,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             history = await self._history()
             inp = self._input(frame, history)
             self.run = run = await chat_completion_start(
-                caller=Caller(principal=self.principal, channel=self.channel), inp=inp
+                caller=Caller(principal=self.principal, entry_point=self.entry_point),
+                inp=inp,
+                request_id=new_request_id(),
             )
             if self.cancel_requested:
                 await run.cancel()
-            await self.send_json(
-                {"type": "start", "request_id": run.request_id, "model": run.model}
-            )
-            outcome: CompletionOutcome | None = None
+            await self.send_json(start_frame(request_id=run.request_id, model=run.model))
+            answer: Answer | None = None
             # aclosing: a cancel that lands while a frame is being sent closes (and so
             # settles) the stream now, not whenever the generator is garbage-collected.
             async with contextlib.aclosing(run.events()) as events:
-                async for item in events:
-                    if isinstance(item, TextDelta):
-                        await self.send_json(
-                            {"type": "delta", "text": item.text, "reasoning": item.reasoning}
-                        )
+                async for event in events:
+                    if isinstance(event, Answer):
+                        answer = event
                     else:
-                        outcome = item
-            assert outcome is not None
-            await self._remember(inp, run, outcome)
+                        await self.send_json(delta_frame(event))
+            assert answer is not None
+            await self._remember(inp, run, answer)
             await self.send_json(
-                {
-                    "type": "done",
-                    "request_id": run.request_id,
-                    "finish_reason": outcome.finish_reason,
-                    "usage": {
-                        "prompt_tokens": outcome.usage.prompt_tokens,
-                        "completion_tokens": outcome.usage.completion_tokens,
-                        "total_tokens": outcome.usage.total_tokens,
-                        "image_tokens": outcome.usage.image_tokens,
-                    },
-                    "cache_hit": run.cache_hit,
-                    "conversation_id": str(self.conversation.pk) if self.conversation else None,
-                }
+                done_frame(
+                    answer,
+                    request_id=run.request_id,
+                    cache_hit=run.cache_hit,
+                    conversation_id=self._conversation_id(),
+                )
             )
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
@@ -348,10 +326,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 # lease and the day's token reservation would stay taken. A no-op otherwise.
                 await run.abandon()
 
-    async def _remember(
-        self, inp: ChatCompletionInput, run: CompletionRun, outcome: CompletionOutcome
-    ) -> None:
-        if outcome.finish_reason == "cancelled":
+    async def _remember(self, inp: ChatCompletionInput, run: CompletionRun, answer: Answer) -> None:
+        if answer.finish_reason is FinishReason.CANCELLED:
             return
         if self.conversation is None:
             self.conversation = await database_sync_to_async(chat_services.conversation_create)(
@@ -364,7 +340,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             user_images=[
                 {"sha256": i.sha256, "width": i.width, "height": i.height} for i in run.images
             ],
-            assistant_text=outcome.text,
+            assistant_text=answer.text,
         )
 
     async def disconnect(self, code: int) -> None:

@@ -6,7 +6,11 @@ from django.db.models import Q
 
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
+from webplatform.completions.request import ChatTurn, Role, StoredImage
 from webplatform.models import Conversation, ConversationTurn
+
+# The roles a conversation stores (chat.services writes only these two).
+_ROLES: dict[str, Role] = {"user": "user", "assistant": "assistant"}
 
 
 def conversation_get_for_principal(
@@ -34,6 +38,20 @@ def conversation_turns(*, conversation: Conversation, limit: int = 40) -> list[C
         conversation=conversation, tenant_id=conversation.tenant_id
     ).order_by("-id")[:limit]
     return list(reversed(turns))
+
+
+def conversation_history(*, conversation: Conversation) -> tuple[ChatTurn, ...]:
+    """The conversation's latest turns as the request path takes them: each turn's images
+    (validated and stored when it was asked) before its text."""
+    history = []
+    for turn in conversation_turns(conversation=conversation):
+        parts: list[str | StoredImage] = [
+            StoredImage(sha256=i["sha256"], width=i["width"], height=i["height"])
+            for i in turn.images
+        ]
+        parts.append(turn.text)
+        history.append(ChatTurn(role=_ROLES[turn.role], parts=tuple(parts)))
+    return tuple(history)
 
 
 def _is_uuid(value: str) -> bool:

@@ -1,4 +1,4 @@
-"""Degradation: pick the model that will answer, or refuse at once with a 503.
+"""Step 4, route: pick the model that will answer, or refuse at once with a 503.
 
 A request must never hang in a queue that cannot serve it. When no worker of the model is
 alive, or its queue is deeper than its workers can start within the bound, the request goes
@@ -15,6 +15,7 @@ from tenants.errors import ApplicationError
 
 
 async def _refusal(client: InferenceClient, model: str) -> ApplicationError | None:
+    """Why ``model`` cannot take a request now, or None when it can."""
     health = await client.model_health(model)
     if health.live_workers == 0:
         return ApplicationError(
@@ -39,6 +40,8 @@ async def _refusal(client: InferenceClient, model: str) -> ApplicationError | No
 
 
 async def model_route(*, client: InferenceClient, model: str, fallback: str | None) -> str:
+    """The model to submit to: ``model``, else ``fallback``; raises the model's refusal when
+    neither can serve."""
     refusal = await _refusal(client, model)
     if refusal is None:
         return model

@@ -11,6 +11,7 @@ import base64
 import pytest
 from channels.db import database_sync_to_async
 
+from inference.protocol import new_request_id
 from tenants.models import ApiKey, Membership, UsageRecord
 from tenants.selectors.tenants import member_principal_get, tenant_limits_get
 from tenants.services.api_keys import api_key_authenticate, api_key_revoke
@@ -28,8 +29,9 @@ from tests.webplatform.chat.support import (
     wait_for,
 )
 from webplatform.api.chat_serializers import parse_content
-from webplatform.completions.inputs import Channel, ChatCompletionInput, ChatTurn
-from webplatform.completions.service import Caller, CompletionOutcome, chat_completion_start
+from webplatform.completions.answer import Answer
+from webplatform.completions.pipeline import chat_completion_start
+from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
 from webplatform.models import Conversation, ConversationTurn
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_inference")]
@@ -43,7 +45,7 @@ def engines(chat_inference):
     return chat_inference
 
 
-async def greedy_answer(raw_key: str, content, *, max_tokens: int) -> CompletionOutcome:
+async def greedy_answer(raw_key: str, content, *, max_tokens: int) -> Answer:
     """The same question answered without streaming, greedy, bypassing the answer cache."""
     principal = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
     inp = ChatCompletionInput(
@@ -55,10 +57,12 @@ async def greedy_answer(raw_key: str, content, *, max_tokens: int) -> Completion
         use_cache=False,
     )
     run = await chat_completion_start(
-        caller=Caller(principal=principal, channel=Channel.REST), inp=inp
+        caller=Caller(principal=principal, entry_point=EntryPoint.REST),
+        inp=inp,
+        request_id=new_request_id(),
     )
     items = [item async for item in run.events()]
-    assert isinstance(items[-1], CompletionOutcome)
+    assert isinstance(items[-1], Answer)
     return items[-1]
 
 

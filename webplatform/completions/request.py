@@ -1,19 +1,41 @@
-"""What a chat completion asks for, independent of the wire it came over.
+"""What a chat completion asks for, and who asks, whatever the wire it came over.
 
-The REST API, the websocket chat and the playground each translate their own format into a
-``ChatCompletionInput``; the completion service only ever sees this type.
+The REST API, the websocket chat and the playground each turn their own format into a
+``ChatCompletionInput`` with the one request schema (``webplatform.completions.serializers``);
+the request path (``webplatform.completions.pipeline``) only ever sees these types.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from tenants.principals import ApiPrincipal
+
+if TYPE_CHECKING:
+    from tenants.models import Tenant
 
 
-class Channel(enum.StrEnum):
+class EntryPoint(enum.StrEnum):
+    """Where a request came in. Its value is what the usage record stores in ``channel`` and
+    what the metrics label ``channel`` says (the same three values)."""
+
     REST = "rest"
     WEBSOCKET = "websocket"
     PLAYGROUND = "playground"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, as the entry point's authentication resolved it, and through what."""
+
+    principal: ApiPrincipal
+    entry_point: EntryPoint
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.principal.tenant
 
 
 @dataclass(frozen=True)
@@ -38,9 +60,12 @@ class StoredImage:
     height: int
 
 
+Role = Literal["system", "user", "assistant"]
+
+
 @dataclass(frozen=True)
 class ChatTurn:
-    role: str  # "system" | "user" | "assistant"
+    role: Role
     parts: tuple[str | ImageSource | StoredImage, ...]
 
     @property
@@ -62,7 +87,6 @@ class ChatCompletionInput:
     user: str | None = None
     thinking: bool = False
     use_cache: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def image_count(self) -> int:

@@ -1,0 +1,86 @@
+"""Step 1, admit: may this caller ask this, and is there quota left for it.
+
+The checks (``check_*``) raise ``ApplicationError`` and change nothing. Then one action,
+``completion_admit``, takes the quota in one atomic step (``tenants.services.quotas.quota_admit``,
+a Lua script: requests per minute, tokens per day reserving ``max_tokens`` plus a prompt
+estimate, a concurrency lease). From there the admission must be given back exactly once:
+``completion_admission_release`` when the request fails before it streams, settlement
+(``webplatform.completions.settlement``) otherwise.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from tenants.errors import ApplicationError
+from tenants.principals import ApiPrincipal, EffectiveLimits
+from tenants.services.quotas import Admission, quota_admit, quota_release
+from webplatform.completions.request import ChatCompletionInput
+from webplatform.uploads.services import UploadLimits
+
+# The answer length of a request that names none, unless the plan allows less.
+DEFAULT_MAX_TOKENS = 1024
+
+
+def max_tokens_for(*, inp: ChatCompletionInput, limits: EffectiveLimits) -> int:
+    """The request's ``max_tokens``, or the default its plan allows."""
+    return inp.max_tokens or min(limits.max_output_tokens, DEFAULT_MAX_TOKENS)
+
+
+def upload_limits_for(*, limits: EffectiveLimits) -> UploadLimits:
+    return UploadLimits(
+        max_bytes=limits.max_image_bytes,
+        max_pixels=settings.IMAGE_MAX_PIXELS,
+        max_images=settings.IMAGE_MAX_PER_REQUEST,
+    )
+
+
+def check_model_allowed(*, principal: ApiPrincipal, model: str) -> None:
+    """404 ``model_not_found`` for a model the plan or the key's scope does not allow."""
+    if model not in principal.allowed_models:
+        raise ApplicationError(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            code="model_not_found",
+            status=404,
+            param="model",
+        )
+
+
+def check_max_tokens(*, limits: EffectiveLimits, max_tokens: int) -> None:
+    """400 ``max_tokens_too_large`` beyond the plan's answer length."""
+    if max_tokens > limits.max_output_tokens:
+        raise ApplicationError(
+            f"max_tokens is too large: {max_tokens}. This plan allows at most "
+            f"{limits.max_output_tokens} completion tokens.",
+            code="max_tokens_too_large",
+            param="max_tokens",
+        )
+
+
+def check_image_count(*, inp: ChatCompletionInput, upload_limits: UploadLimits) -> None:
+    """400 ``too_many_images`` before any image is decoded."""
+    upload_limits.check_count(inp.image_count)
+
+
+def prompt_token_estimate(inp: ChatCompletionInput) -> int:
+    """A cheap upper-side guess of the prompt's tokens for the daily-token reservation.
+
+    Images are not counted: their token count is known only after validation, and settlement
+    charges the real figure anyway.
+    """
+    chars = sum(len(p) for turn in inp.turns for p in turn.parts if isinstance(p, str))
+    return chars // 3 + 16 * len(inp.turns)
+
+
+async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:
+    """Take a request, ``reserve_tokens`` and a concurrency lease from the tenant's quota;
+    429 with the limit's own code (and ``retry-after``) when one is used up."""
+    return await sync_to_async(quota_admit, thread_sensitive=False)(
+        tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens
+    )
+
+
+async def completion_admission_release(*, admission: Admission) -> None:
+    """Give an admission back untouched: the request failed before it streamed."""
+    await sync_to_async(quota_release, thread_sensitive=False)(admission=admission)

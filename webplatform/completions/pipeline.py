@@ -1,0 +1,125 @@
+"""The one request path of DESIGN.md, steps 2-7, shared by REST, websocket and playground.
+
+Read it top to bottom: each step is a module of this package.
+
+1. admit       ``admission``   checks (model, max_tokens, image count), then the quota
+2. validate    ``validation``  every image, through ``webplatform.uploads``
+3. cache       ``cache``       a deterministic request's answer, if one is stored
+4. route       ``routing``     the model, its plan's fallback, or a 503
+5. submit      ``submission``  images stored by reference, the ``InferenceRequest`` built
+6. stream      ``streaming``   ``CompletionRun.events()``: the worker's events as the answer
+7. settle      ``settlement``  quota, usage record, content log, cache store; exactly once
+
+``chat_completion_start`` runs steps 1-5 and returns the ``CompletionRun`` for steps 6-7.
+Any failure after admission gives the admission back before the error reaches the client.
+Entry points only translate wire formats.
+"""
+
+from __future__ import annotations
+
+import time
+
+from inference.client import get_inference_client
+from webplatform.completions.admission import (
+    check_image_count,
+    check_max_tokens,
+    check_model_allowed,
+    completion_admission_release,
+    completion_admit,
+    max_tokens_for,
+    prompt_token_estimate,
+    upload_limits_for,
+)
+from webplatform.completions.cache import answer_cache_key, answer_cache_lookup
+from webplatform.completions.request import Caller, ChatCompletionInput
+from webplatform.completions.routing import model_route
+from webplatform.completions.settlement import Settlement
+from webplatform.completions.streaming import CompletionRun
+from webplatform.completions.submission import completion_submit, inference_prompt
+from webplatform.completions.validation import images_validate
+
+
+async def chat_completion_start(
+    *, caller: Caller, inp: ChatCompletionInput, request_id: str
+) -> CompletionRun:
+    """Steps 1-5. Raises ``ApplicationError`` for anything refused.
+
+    ``request_id``: the id the entry point shows the client (REST: the ``x-request-id`` of
+    the HTTP request); the usage record and the worker know the request by it.
+    """
+    principal = caller.principal
+    limits = principal.limits
+
+    # 1. Admit.
+    max_tokens = max_tokens_for(inp=inp, limits=limits)
+    upload_limits = upload_limits_for(limits=limits)
+    check_model_allowed(principal=principal, model=inp.model)
+    check_max_tokens(limits=limits, max_tokens=max_tokens)
+    check_image_count(inp=inp, upload_limits=upload_limits)
+    admission = await completion_admit(
+        principal=principal, reserve_tokens=max_tokens + prompt_token_estimate(inp)
+    )
+    try:
+        # 2. Validate.
+        images = await images_validate(inp=inp, limits=upload_limits)
+        prompt = inference_prompt(inp=inp, images=images, max_tokens=max_tokens)
+        tenant_id = str(principal.tenant_id)
+
+        # 3. Cache.
+        cache_key = None
+        if inp.deterministic and inp.use_cache:
+            cache_key = answer_cache_key(
+                tenant_id=tenant_id,
+                model=inp.model,
+                messages=prompt.messages,
+                sampling=prompt.sampling,
+            )
+        cached = await answer_cache_lookup(key=cache_key) if cache_key else None
+
+        client = get_inference_client()
+        model = inp.model
+        inference_request = None
+        if cached is None:
+            # 4. Route.
+            model = await model_route(
+                client=client, model=inp.model, fallback=limits.fallback_model
+            )
+            # 5. Submit.
+            inference_request = await completion_submit(
+                client=client,
+                request_id=request_id,
+                tenant_id=tenant_id,
+                model=model,
+                prompt=prompt,
+                images=images,
+                stream=inp.stream,
+            )
+    except BaseException:
+        await completion_admission_release(admission=admission)
+        raise
+
+    # 6 and 7: the run streams and settles.
+    settlement = Settlement(
+        request_id=request_id,
+        caller=caller,
+        admission=admission,
+        model=model,
+        images=list(images.values()),
+        prompt_text="\n".join(p for p in inp.turns[-1].parts if isinstance(p, str)),
+        # Stored only for the model asked for (a fallback's answer must not stand in for
+        # the model's), and never again when it came from the cache.
+        cache_key=cache_key if cached is None and model == inp.model else None,
+        cache_hit=cached is not None,
+    )
+    return CompletionRun(
+        request_id=request_id,
+        model=model,
+        requested_model=inp.model,
+        created=int(time.time()),
+        input=inp,
+        images=settlement.images,
+        client=client,
+        inference_request=inference_request,
+        cached=cached,
+        settlement=settlement,
+    )

@@ -1,0 +1,154 @@
+"""Step 7, settle: what an admitted request owes, paid exactly once however it ends.
+
+A ``Settlement`` is made with the run (``webplatform.completions.pipeline``); the stream
+records on it what the worker reported (``record_start``, ``record_delta``), and ``settle``
+pays, once, whether the stream finished, failed, was cancelled or was abandoned by a client
+that went away (a second call does nothing):
+
+- quota: settled with the tokens used (prompt + completion; a cache hit costs none), or
+  released untouched when the failure was ours;
+- the usage record (``tenants.services.usage.usage_record_create``);
+- the content log (``tenants.services.content_logging.content_log_record``), which keeps
+  nothing unless the organisation turned it on;
+- the answer cache, for a finished deterministic answer of the model asked for;
+- the metrics.
+
+Settling never raises: a served answer must not turn into an error because its bookkeeping
+failed (the failure is logged).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+
+from inference.protocol import DeltaEvent, StartEvent, Usage
+from tenants.services.content_logging import content_log_record
+from tenants.services.quotas import Admission, quota_release, quota_settle
+from tenants.services.usage import usage_record_create
+from webplatform.completions.answer import Answer
+from webplatform.completions.cache import answer_cache_store
+from webplatform.completions.request import Caller
+from webplatform.metrics import completion_observe
+from webplatform.uploads.services import ValidatedImage
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended: the usage record's ``status``."""
+
+    OK = "ok"
+    ERROR = "error"  # our failure (or the model's): the tenant is charged nothing
+    CANCELLED = "cancelled"  # the client stopped it or went away: charged what it consumed
+
+
+@dataclass
+class Settlement:
+    request_id: str
+    caller: Caller
+    admission: Admission
+    model: str  # the model that answered (a fallback's name when one did)
+    images: Sequence[ValidatedImage]
+    prompt_text: str  # the user's newest question as text, for the content log
+    # Where a finished answer is stored; None when the request is not deterministic, opted
+    # out, was answered by a fallback, or was itself served from the cache.
+    cache_key: str | None
+    cache_hit: bool
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    prompt_tokens_seen: int = 0
+    image_tokens_seen: int = 0
+    tokens_streamed: int = 0
+    settled: bool = False
+
+    def record_start(self, event: StartEvent) -> None:
+        self.prompt_tokens_seen = event.prompt_tokens
+        self.image_tokens_seen = event.image_tokens
+
+    def record_delta(self, event: DeltaEvent) -> None:
+        self.tokens_streamed += event.tokens
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+    def _usage(self, answer: Answer | None) -> Usage:
+        # A stream that ended early is recorded with what it consumed: its prompt and the
+        # tokens already streamed. A client that hangs up is charged that, or reading an
+        # answer and hanging up just before its end would cost nothing.
+        if answer is not None:
+            return answer.usage
+        return Usage(
+            prompt_tokens=self.prompt_tokens_seen,
+            completion_tokens=self.tokens_streamed,
+            image_tokens=self.image_tokens_seen,
+        )
+
+    async def settle(self, *, outcome: Outcome, error_code: str, answer: Answer | None) -> None:
+        """Pay what the request owes; only the first call does anything."""
+        if self.settled:
+            return
+        self.settled = True
+        now = time.monotonic()
+        usage = self._usage(answer)
+        ttft_ms = (
+            None
+            if self.first_token_at is None
+            else int((self.first_token_at - self.started_at) * 1000)
+        )
+        try:
+            # Our failure costs the tenant nothing; a request the client abandoned is charged
+            # what it consumed (see _usage).
+            if outcome is Outcome.ERROR:
+                await sync_to_async(quota_release, thread_sensitive=False)(admission=self.admission)
+            else:
+                # Cache hits cost no model tokens; they still count as requests.
+                used = 0 if self.cache_hit else usage.prompt_tokens + usage.completion_tokens
+                await sync_to_async(quota_settle, thread_sensitive=False)(
+                    admission=self.admission, used_tokens=used
+                )
+            principal = self.caller.principal
+            await sync_to_async(usage_record_create, thread_sensitive=False)(
+                tenant=principal.tenant,
+                api_key=principal.api_key,
+                user=principal.user,
+                request_id=self.request_id,
+                channel=self.caller.entry_point.value,
+                model=self.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                image_tokens=usage.image_tokens,
+                image_count=len(self.images),
+                image_bytes=sum(img.original_size for img in self.images),
+                time_to_first_token_ms=ttft_ms,
+                total_latency_ms=int((now - self.started_at) * 1000),
+                status=outcome.value,
+                error_code=error_code,
+                cache_hit=self.cache_hit,
+            )
+            if answer is not None:
+                # Kept only when the organisation turned content logging on (checked there).
+                await sync_to_async(content_log_record, thread_sensitive=False)(
+                    tenant=principal.tenant,
+                    request_id=self.request_id,
+                    prompt=self.prompt_text,
+                    answer=answer.text,
+                )
+        except Exception:  # settlement must never turn a served answer into an error
+            logger.exception("settling request %s failed", self.request_id)
+        if outcome is Outcome.OK and answer is not None and self.cache_key is not None:
+            await answer_cache_store(key=self.cache_key, answer=answer)  # never raises
+        completion_observe(
+            model=self.model,
+            channel=self.caller.entry_point.value,
+            status=outcome.value,
+            cache_hit=self.cache_hit,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            ttft_s=None if ttft_ms is None else ttft_ms / 1000,
+            latency_s=now - self.started_at,
+        )

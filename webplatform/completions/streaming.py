@@ -1,0 +1,159 @@
+"""Step 6, stream: the worker's events become the answer, and the run settles when it ends.
+
+``CompletionRun.events()`` yields the worker's ``DeltaEvent`` items as they come and then one
+``Answer`` (``webplatform.completions.answer``), and in its ``finally`` settles the request
+(``webplatform.completions.settlement``) whatever way the stream ends: finished, failed,
+cancelled, or abandoned by a client that went away. An inference error becomes the
+``ApplicationError`` with the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from inference.client import InferenceClient
+from inference.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinishReason,
+    InferenceRequest,
+    StartEvent,
+)
+from tenants.errors import ApplicationError
+from webplatform.completions.answer import Answer, AnswerEvent
+from webplatform.completions.request import ChatCompletionInput
+from webplatform.completions.settlement import Outcome, Settlement
+from webplatform.uploads.services import ValidatedImage
+
+logger = logging.getLogger(__name__)
+
+# Inference errors a client caused (4xx) versus ours (5xx).
+_CLIENT_ERRORS = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.MODEL_NOT_FOUND: 404,
+}
+
+
+def inference_error(event: ErrorEvent) -> ApplicationError:
+    """The client's error for an inference ``ErrorEvent``: same code and message; 503 when
+    nothing was streamed yet and a retry may succeed."""
+    client_status = _CLIENT_ERRORS.get(event.code)
+    return ApplicationError(
+        event.message,
+        code=event.code.value,
+        status=client_status or (503 if event.retryable else 500),
+        type="invalid_request_error" if client_status else "server_error",
+    )
+
+
+@dataclass
+class CompletionRun:
+    """An admitted request, submitted or answered from the cache. Iterate ``events()`` once;
+    ``cancel()`` may be called any time; call ``abandon()`` when done with it."""
+
+    request_id: str
+    model: str  # the model that answers
+    requested_model: str
+    created: int
+    input: ChatCompletionInput
+    images: Sequence[ValidatedImage]
+    client: InferenceClient
+    inference_request: InferenceRequest | None  # None when answered from the cache
+    cached: Answer | None
+    settlement: Settlement
+    answer: Answer | None = None
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.cached is not None
+
+    @property
+    def fallback(self) -> bool:
+        return self.model != self.requested_model
+
+    @property
+    def rate_limit_headers(self) -> dict[str, str]:
+        return self.settlement.admission.headers
+
+    async def cancel(self) -> None:
+        if self.inference_request is not None and self.answer is None:
+            await self.client.cancel(self.request_id)
+
+    async def events(self) -> AsyncGenerator[AnswerEvent, None]:
+        """Stream the answer: ``DeltaEvent`` items, then one ``Answer``.
+
+        Raises ``ApplicationError`` when inference fails before any text was sent; after
+        text was sent, a failure ends the stream with that error too (the entry point
+        reports it in-band). Settles the request exactly once, whatever happens.
+        """
+        outcome, error_code = Outcome.ERROR, "internal_error"
+        try:
+            if self.cached is not None:
+                delta = DeltaEvent(text=self.cached.text, reasoning=self.cached.reasoning)
+                self.settlement.record_delta(delta)
+                yield delta
+                self.answer = self.cached
+                outcome, error_code = Outcome.OK, ""
+                yield self.cached
+                return
+            assert self.inference_request is not None
+            text: list[str] = []
+            reasoning: list[str] = []
+            async for event in self.client.submit(self.inference_request):
+                if isinstance(event, StartEvent):
+                    self.settlement.record_start(event)
+                elif isinstance(event, DeltaEvent):
+                    self.settlement.record_delta(event)
+                    text.append(event.text)
+                    reasoning.append(event.reasoning)
+                    yield event
+                elif isinstance(event, DoneEvent):
+                    self.answer = Answer(
+                        text="".join(text),
+                        reasoning="".join(reasoning),
+                        finish_reason=event.finish_reason,
+                        usage=event.usage,
+                    )
+                    cancelled = event.finish_reason is FinishReason.CANCELLED
+                    outcome = Outcome.CANCELLED if cancelled else Outcome.OK
+                    error_code = ""
+                    yield self.answer
+                    return
+                elif isinstance(event, ErrorEvent):
+                    error_code = event.code.value
+                    raise inference_error(event)
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer went away (client disconnected, task cancelled): stop the work in
+            # the worker so its batch slot frees at the next step. Once the answer is out
+            # it was served whole: closing the stream then cancels nothing.
+            if self.answer is None:
+                outcome, error_code = Outcome.CANCELLED, ""
+                await asyncio.shield(self.cancel())
+            raise
+        except ApplicationError as exc:
+            error_code = exc.code
+            raise
+        finally:
+            # Shielded: the task may be cancelled again while settling (a server closing the
+            # connection cancels the handler, and that reaches the task it awaits); the
+            # lease and the usage record must still be written.
+            await asyncio.shield(
+                self.settlement.settle(outcome=outcome, error_code=error_code, answer=self.answer)
+            )
+
+    async def abandon(self) -> None:
+        """Settle a run whose ``events()`` never ran to its end or was never started (the
+        client went away before the first byte of the body): release its admission and
+        record it as cancelled. Harmless after a normal settlement; call it when done."""
+        if self.settlement.settled:
+            return
+        await asyncio.shield(self.cancel())
+        await asyncio.shield(
+            self.settlement.settle(outcome=Outcome.CANCELLED, error_code="", answer=None)
+        )

@@ -1,8 +1,9 @@
 """The one application error type that services raise.
 
 It lives in ``tenants`` because that is the lowest layer every other Django app may import.
-A single DRF exception handler and one websocket helper render it in the OpenAI error
-format ``{"error": {"message", "type", "param", "code"}}``; views never catch it.
+The web side renders it: the REST exception handler and the SSE stream in the OpenAI error
+format ``{"error": {"message", "type", "param", "code"}}`` (``webplatform.api.openai_wire``
+builds that body), the websocket chat as an ``error`` frame; views never catch it.
 """
 
 from __future__ import annotations
@@ -30,16 +31,6 @@ class ApplicationError(Exception):
         self.type = type
         self.param = param
         self.headers: dict[str, str] = dict(headers or {})
-
-    def as_openai(self) -> dict[str, dict[str, str | None]]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
     def __repr__(self) -> str:
         return (

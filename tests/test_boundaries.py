@@ -36,6 +36,17 @@ def test_the_websocket_code_reads_tenancy_through_selectors(graph, module) -> No
     assert models == []
 
 
+def test_the_websocket_chat_does_not_import_the_rest_api(graph) -> None:
+    """Both entry points share the request path and its schema (``webplatform.completions``);
+    neither reaches into the other."""
+    for importer, imported in (
+        ("webplatform.chat", "webplatform.api"),
+        ("webplatform.api", "webplatform.chat.consumers"),
+    ):
+        chain = graph.find_shortest_chain(importer=importer, imported=imported, as_packages=True)
+        assert chain is None, " -> ".join(chain)
+
+
 def test_the_request_path_has_no_import_cycle(graph) -> None:
     """Each step of ``webplatform.completions`` imports only the steps before it."""
     modules = sorted(graph.find_children("webplatform.completions"))

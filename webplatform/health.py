@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -39,7 +41,10 @@ def _redis_ok() -> bool:
     return bool(get_redis_connection("default").ping())
 
 
-async def _check(name: str, coro) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+Detail = dict[str, Any]
+
+
+async def _check(name: str, coro: Awaitable[Detail]) -> tuple[str, Detail]:
     try:
         detail = await asyncio.wait_for(coro, timeout=_CHECK_TIMEOUT_SECONDS)
         return name, detail
@@ -48,11 +53,11 @@ async def _check(name: str, coro) -> tuple[str, dict]:  # type: ignore[no-untype
         return name, {"ok": False, "error": type(exc).__name__}
 
 
-async def _bool_check(fn) -> dict:  # type: ignore[no-untyped-def]
+async def _bool_check(fn: Callable[[], bool]) -> Detail:
     return {"ok": bool(await sync_to_async(fn, thread_sensitive=False)())}
 
 
-async def _model_check(model: str) -> dict:
+async def _model_check(model: str) -> Detail:
     health = await get_inference_client().model_health(model)
     return {
         "ok": health.live_workers > 0,

@@ -231,6 +231,8 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
+    # The assistant's role is one enum of the request's messages and of the answer.
+    "ENUM_NAME_OVERRIDES": {"AssistantRoleEnum": ["assistant"]},
 }
 
 # --- Tenancy --------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""The base of every authenticated API view: one place that adds the rate-limit headers."""
+"""The base of every authenticated API view, and the one typed way to its caller.
+
+DRF's ``request.user`` is typed as Django's user; on the API it is the ``ApiPrincipal`` that
+``tenants.authentication.ApiKeyAuthentication`` put there. ``principal_of(request)`` says so,
+checked, so views, permissions and the request path read the caller with its type.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rest_framework import exceptions
-from rest_framework.permissions import IsAuthenticated
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -16,11 +22,7 @@ from webplatform.api.permissions import KeyAccessAllowsMethod
 
 
 def principal_of(request: Request) -> ApiPrincipal:
-    """The authenticated caller of an API request (401 ``invalid_api_key`` without one).
-
-    DRF's ``request.user`` is typed as Django's user; on the API it is the ``ApiPrincipal``
-    that ``tenants.authentication.ApiKeyAuthentication`` put there. This says so, checked.
-    """
+    """The authenticated caller of an API request (401 ``invalid_api_key`` without one)."""
     principal = request.user
     if not isinstance(principal, ApiPrincipal):
         raise exceptions.NotAuthenticated()
@@ -28,15 +30,17 @@ def principal_of(request: Request) -> ApiPrincipal:
 
 
 class AuthenticatedApiView(APIView):
-    """An API view for a tenant's principal (API key), with the ``x-ratelimit-*`` headers on
-    every response it gives to an authenticated caller, errors included.
+    # An API view for a tenant's principal (API key), with the x-ratelimit-* headers on every
+    # response it gives to an authenticated caller, errors included. (Comments, not a
+    # docstring: the OpenAPI schema would show a docstring to customers as the description
+    # of every view that has none of its own.)
+    #
+    # A view that admitted its request (quota_admit) puts admission.headers on its response
+    # (Response(body, headers=admission.headers); a 429 from quota_admit carries them
+    # already); for every other response the headers come from quota_status, which reads
+    # and consumes nothing.
 
-    A view that admitted its request (``quota_admit``) puts ``admission.headers`` on its
-    response (``Response(body, headers=admission.headers)``) (a 429 from ``quota_admit`` carries them already); for every other response
-    the headers come from ``quota_status``, which reads and consumes nothing.
-    """
-
-    permission_classes = [IsAuthenticated, KeyAccessAllowsMethod]
+    permission_classes: Sequence[type[BasePermission]] = (IsAuthenticated, KeyAccessAllowsMethod)
 
     @property
     def principal(self) -> ApiPrincipal:

@@ -1,7 +1,10 @@
 """``POST /v1/chat/completions``: OpenAI-compatible, plain JSON or Server-Sent Events.
 
-An async view (adrf): a completion may take seconds, and a sync view under ASGI would hold
-Django's single sync thread for all of it.
+The view parses the body with the one request schema
+(``webplatform.completions.serializers``), hands it to the request path
+(``webplatform.completions.pipeline``) and renders the answer with ``openai_wire``. An async
+view (adrf): a completion may take seconds, and a sync view under ASGI would hold Django's
+single sync thread for all of it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import io
 import logging
 import math
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
@@ -28,15 +30,26 @@ from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from webplatform.api import openai_wire
 from webplatform.api.base import AuthenticatedApiView, principal_of
-from webplatform.api.chat_serializers import ChatCompletionRequestSerializer
-from webplatform.api.schema import ChatCompletionSerializer, error_responses
+from webplatform.api.schema import error_responses
 from webplatform.completions.answer import Answer
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, EntryPoint
+from webplatform.completions.serializers import (
+    ChatCompletionRequestSerializer,
+    chat_request_error,
+)
 from webplatform.completions.streaming import CompletionRun
 from webplatform.middleware import request_id_of
 
 logger = logging.getLogger(__name__)
+
+# Told in-band when a stream fails on our side after its headers were sent.
+STREAM_ERROR = ApplicationError(
+    "The server had an error while processing your request. Sorry about that!",
+    code="internal_error",
+    status=500,
+    type="server_error",
+)
 
 
 def _body_limit(principal: ApiPrincipal) -> int:
@@ -77,21 +90,23 @@ def _request_body(request: Request, *, limit: int) -> Any:
     return JSONParser().parse(io.BytesIO(raw), media_type)
 
 
-def _parse_input(request: Request) -> ChatCompletionInput:
-    principal = principal_of(request)
-    body = _request_body(request, limit=_body_limit(principal))
-    serializer = ChatCompletionRequestSerializer(data=body)
-    serializer.is_valid(raise_exception=True)
-    inp = serializer.to_input(default_model=principal.default_model or "")
-    if _no_store(request.headers.get("cache-control", "")):
-        inp = replace(inp, use_cache=False)
-    return inp
-
-
 def _no_store(cache_control: str) -> bool:
     """Whether a ``Cache-Control`` request header asks not to use the answer cache."""
     directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
     return bool(directives & {"no-store", "no-cache"})
+
+
+def _parse_input(request: Request) -> ChatCompletionInput:
+    principal = principal_of(request)
+    serializer = ChatCompletionRequestSerializer(
+        data=_request_body(request, limit=_body_limit(principal))
+    )
+    if not serializer.is_valid():
+        raise chat_request_error(serializer.errors)
+    return serializer.to_input(
+        default_model=principal.default_model or "",
+        use_cache=not _no_store(request.headers.get("cache-control", "")),
+    )
 
 
 def _response_headers(run: CompletionRun) -> dict[str, str]:
@@ -105,55 +120,32 @@ def _response_headers(run: CompletionRun) -> dict[str, str]:
 
 
 async def _sse_stream(run: CompletionRun) -> AsyncIterator[bytes]:
-    common = {"request_id": run.request_id, "model": run.model, "created": run.created}
-    include_usage = run.input.include_usage
-    yield openai_wire.sse(
-        openai_wire.chunk_object(
-            **common, delta={"role": "assistant", "content": ""}, with_usage_field=include_usage
-        )
+    chunks = openai_wire.ChunkStream(
+        request_id=run.request_id,
+        model=run.model,
+        created=run.created,
+        include_usage=run.input.include_usage,
     )
+    yield openai_wire.sse(chunks.first())
     events = run.events()
     try:
         async for event in events:
             if isinstance(event, Answer):
-                yield openai_wire.sse(
-                    openai_wire.chunk_object(
-                        **common,
-                        delta={},
-                        finish_reason=event.finish_reason,
-                        with_usage_field=include_usage,
-                    )
-                )
-                if include_usage:
-                    yield openai_wire.sse(
-                        openai_wire.chunk_object(
-                            **common,
-                            usage=openai_wire.usage_object(event.usage),
-                            with_usage_field=True,
-                        )
-                    )
-            else:
-                delta: dict[str, str] = {}
-                if event.reasoning:
-                    delta["reasoning_content"] = event.reasoning
-                if event.text:
-                    delta["content"] = event.text
-                if delta:
-                    yield openai_wire.sse(
-                        openai_wire.chunk_object(
-                            **common, delta=delta, with_usage_field=include_usage
-                        )
-                    )
+                yield openai_wire.sse(chunks.last(event))
+                if chunks.include_usage:
+                    yield openai_wire.sse(chunks.usage(event))
+            elif (chunk := chunks.delta(event)) is not None:
+                yield openai_wire.sse(chunk)
     except ApplicationError as exc:
         # Headers are gone; OpenAI reports a mid-stream failure as an error event.
-        yield openai_wire.sse(exc.as_openai())
+        yield openai_wire.sse(openai_wire.error_object(exc))
     except asyncio.CancelledError:
         logger.info("client went away during %s; cancelled", run.request_id)
         raise
     except Exception:
         # Not ours to swallow silently, but the client must not see a torn stream either.
         logger.exception("streaming %s failed", run.request_id)
-        yield openai_wire.sse(openai_wire.stream_error_object())
+        yield openai_wire.sse(openai_wire.error_object(STREAM_ERROR))
     finally:
         await events.aclose()
         await run.abandon()  # a no-op when events() settled, as it does unless never started
@@ -175,22 +167,29 @@ class CompletionStreamResponse(StreamingHttpResponse):
 
 
 class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
-    """Async dispatch from adrf; rate-limit headers on every response from the base view,
-    and the middleware's ``x-request-id`` on every response, errors included (the id of the
-    usage record when the request was admitted)."""
+    # Every response carries the x-request-id the middleware gives the HTTP request; when
+    # the request was admitted, it is also the id of its usage record.
 
     @extend_schema(
         operation_id="createChatCompletion",
         request=ChatCompletionRequestSerializer,
         responses={
-            200: OpenApiResponse(
-                response=ChatCompletionSerializer,
-                description="A chat.completion; with stream=true, Server-Sent Events of "
-                "chat.completion.chunk objects ending with `data: [DONE]`",
+            (200, "application/json"): OpenApiResponse(
+                response=openai_wire.ChatCompletion,
+                description="A `chat.completion`; with `stream: true`, Server-Sent Events "
+                "(`text/event-stream`): `data: ` and a `chat.completion.chunk` each, ending "
+                "with `data: [DONE]`. An error after the stream started is sent as one more "
+                "event, an error object.",
             ),
+            (200, "text/event-stream"): openai_wire.ChatCompletionChunk,
             **error_responses(400, 401, 403, 404, 413, 429, 503),
         },
         summary="Create a chat completion (OpenAI-compatible; images as data URIs)",
+        description="Answers the last user message of `messages` (or the simple form's "
+        "`prompt`), with the images it carries. Every response has an `x-request-id` "
+        "header and the `x-ratelimit-*` headers; `x-cache` says whether the answer came "
+        "from the answer cache, and `x-model-fallback` names the model that answered "
+        "when the plan's fallback did.",
     )
     async def post(self, request: Request) -> Response | StreamingHttpResponse:
         # Parsing and validating a body of several MB of base64 takes tens of ms of CPU:
@@ -217,4 +216,4 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         body = openai_wire.completion_object(
             request_id=run.request_id, model=run.model, created=run.created, answer=answer
         )
-        return Response(body, headers=headers)
+        return Response(openai_wire.as_json_data(body), headers=headers)

@@ -1,22 +1,46 @@
-"""OpenAPI description of the public API (drf-spectacular): the API-key security scheme and
-the response shapes the views return, so ``/v1/openapi.json`` documents what clients get
-and ``manage.py spectacular --validate --fail-on-warn`` passes.
+"""OpenAPI description of the public API (drf-spectacular), so ``/v1/openapi.json`` documents
+what clients get and ``manage.py spectacular --validate --fail-on-warn`` passes.
 
-Importing this module registers ``ApiKeyAuthenticationScheme``; the API views import their
-response serializers from here, so it is loaded whenever the URLs are.
+The schema is generated from the definitions the code uses, never restated: requests from
+their serializers (the chat request from ``webplatform.completions.serializers``), the chat
+responses and the error object from the msgspec structs ``webplatform.api.openai_wire``
+builds them with. Three extensions teach drf-spectacular what it cannot read by itself:
+
+- ``ApiKeyAuthenticationScheme``: the API-key authentication as HTTP Bearer;
+- ``DescribedFieldExtension``: the chat request's fields of several shapes (``content``,
+  ``stop``, ...), each stating its own schema (``DescribedField.openapi``);
+- ``MsgspecStructExtension``: a msgspec struct as a response (``msgspec``'s own JSON Schema,
+  written in OpenAPI 3.0's dialect).
+
+Docstrings and ``help_text`` of what is documented are shown to customers on ``/v1/docs``:
+write them for API users, and keep notes for maintainers in comments.
+
+Importing this module registers the extensions; the API views import ``error_responses``
+from here, so it is loaded whenever the URLs are.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
-from typing import Any
+import inspect
+from typing import Annotated, Any, Literal
 
+import msgspec
 from django.http import HttpResponse
 from django.template import Context, Template
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.extensions import (
+    OpenApiAuthenticationExtension,
+    OpenApiSerializerExtension,
+    OpenApiSerializerFieldExtension,
+)
+from drf_spectacular.plumbing import ResolvedComponent
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularRedocView
+from msgspec import Meta
 from rest_framework import serializers
+
+from webplatform.api.openai_wire import ErrorResponse
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -34,20 +58,113 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
         }
 
 
+class DescribedFieldExtension(OpenApiSerializerFieldExtension):
+    """A ``DescribedField`` of the chat request: the schema it states, with the serializers
+    it names resolved to components."""
+
+    target_class = "webplatform.completions.serializers.DescribedField"
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        def ref(serializer_class: type[serializers.Serializer]) -> dict[str, Any]:
+            component = auto_schema.resolve_serializer(serializer_class, direction)
+            return dict(component.ref)
+
+        schema: dict[str, Any] = self.target.openapi(ref)
+        return schema
+
+
+class MsgspecStructExtension(OpenApiSerializerExtension):
+    """A msgspec struct as a request or response: msgspec's JSON Schema of it, each struct
+    it holds a component of its own."""
+
+    target_class = "msgspec.Struct"
+    match_subclasses = True
+
+    def get_name(self, auto_schema: Any, direction: Any) -> str:
+        name: str = self.target.__name__
+        return name
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        _, components = msgspec.json.schema_components(
+            [self.target], ref_template="#/components/schemas/{name}"
+        )
+        for struct in _structs_within(self.target):
+            auto_schema.registry.register_on_missing(
+                ResolvedComponent(
+                    name=struct.__name__,
+                    type=ResolvedComponent.SCHEMA,
+                    object=struct,
+                    schema=openapi_30(components[struct.__name__]),
+                )
+            )
+        # The struct's own component is registered by drf-spectacular with this schema.
+        schema: dict[str, Any] = openapi_30(components[self.target.__name__])
+        return schema
+
+
+def _structs_within(struct: type[msgspec.Struct]) -> list[type[msgspec.Struct]]:
+    """The structs ``struct``'s fields hold, at any depth (``struct`` itself not included)."""
+    found: dict[type[msgspec.Struct], None] = {}
+
+    def visit(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls in found or info.cls is struct:
+                return
+            found[info.cls] = None
+            for field in info.fields:
+                visit(field.type)
+        elif isinstance(info, msgspec.inspect.UnionType):
+            for member in info.types:
+                visit(member)
+        elif isinstance(info, msgspec.inspect.Metadata):
+            visit(info.type)
+        elif isinstance(info, msgspec.inspect.ListType):
+            visit(info.item_type)
+
+    top = msgspec.inspect.type_info(struct)
+    assert isinstance(top, msgspec.inspect.StructType)
+    for field in top.fields:
+        visit(field.type)
+    return list(found)
+
+
+def openapi_30(schema: Any) -> Any:
+    """JSON Schema 2020-12 (msgspec's dialect) as OpenAPI 3.0 writes it: ``null`` as
+    ``nullable``, no sibling of a ``$ref``, no empty ``required``, docstrings dedented."""
+    if isinstance(schema, list):
+        return [openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    schema.pop("title", None)
+    nullable = schema.get("type") == "null"
+    if nullable:
+        del schema["type"]
+    any_of = schema.pop("anyOf", None)
+    if any_of is not None:
+        nullable = nullable or {"type": "null"} in any_of
+        rest = [s for s in any_of if s != {"type": "null"}]
+        if len(rest) == 1 and "$ref" in rest[0]:
+            schema["allOf"] = rest
+        elif len(rest) == 1:
+            schema = {**rest[0], **schema}
+        else:
+            schema["anyOf"] = rest
+    schema = {key: openapi_30(value) for key, value in schema.items()}
+    if nullable:
+        schema["nullable"] = True
+    if "enum" in schema and "type" not in schema:
+        if all(isinstance(value, str) for value in schema["enum"]):
+            schema["type"] = "string"
+    if schema.get("required") == []:
+        del schema["required"]
+    if isinstance(schema.get("description"), str):
+        schema["description"] = inspect.cleandoc(schema["description"])
+    return schema
+
+
 # --- errors -----------------------------------------------------------------------------
-
-
-class ErrorDetailSerializer(serializers.Serializer):
-    message = serializers.CharField()
-    type = serializers.CharField()
-    param = serializers.CharField(allow_null=True)
-    code = serializers.CharField(allow_null=True)
-
-
-class ErrorSerializer(serializers.Serializer):
-    """OpenAI's error object."""
-
-    error = ErrorDetailSerializer()
 
 
 def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
@@ -61,117 +178,69 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
         503: "Model unavailable or overloaded, or scanner unavailable; retry after `retry-after`",
     }
     return {
-        status: OpenApiResponse(response=ErrorSerializer, description=descriptions[status])
+        status: OpenApiResponse(response=ErrorResponse, description=descriptions[status])
         for status in statuses
     }
 
 
-# --- models -----------------------------------------------------------------------------
+# --- models and usage: the shapes of GET /v1/models and GET /v1/usage ----------------------
 
 
-class ModelSchemaSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    object = serializers.ChoiceField(choices=["model"])
-    created = serializers.IntegerField()
-    owned_by = serializers.CharField()
+class ModelSchema(msgspec.Struct):
+    """A model (OpenAI's `model` object)."""
+
+    id: str
+    object: Literal["model"]
+    created: Annotated[int, Meta(description="Unix time (seconds).")]
+    owned_by: str
 
 
-class ModelListSchemaSerializer(serializers.Serializer):
-    object = serializers.ChoiceField(choices=["list"])
-    data = ModelSchemaSerializer(many=True)
+class ModelListSchema(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ModelSchema]
 
 
-# --- usage ------------------------------------------------------------------------------
+class UsageTotalsSchema(msgspec.Struct):
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    image_count: int
 
 
-class UsageTotalsSchemaSerializer(serializers.Serializer):
-    requests = serializers.IntegerField()
-    errors = serializers.IntegerField()
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    image_count = serializers.IntegerField()
+class KeyUsageSchema(msgspec.Struct):
+    key_id: Annotated[
+        str | None, Meta(description="The key's public id; null for the dashboard's playground.")
+    ]
+    name: str | None
+    usage: UsageTotalsSchema
 
 
-class KeyUsageSchemaSerializer(serializers.Serializer):
-    key_id = serializers.CharField(allow_null=True)
-    name = serializers.CharField(allow_null=True)
-    usage = UsageTotalsSchemaSerializer()
+class WindowLimitSchema(msgspec.Struct):
+    limit: int
+    remaining: int
+    reset: Annotated[str, Meta(description="Duration until the window is full again: '1m0s'")]
+    window: str
 
 
-class WindowLimitSchemaSerializer(serializers.Serializer):
-    limit = serializers.IntegerField()
-    remaining = serializers.IntegerField()
-    reset = serializers.CharField(help_text="Duration until the window is full again: '1m0s'")
-    window = serializers.CharField()
+class ConcurrencyLimitSchema(msgspec.Struct):
+    limit: int
+    in_flight: int
 
 
-class ConcurrencyLimitSchemaSerializer(serializers.Serializer):
-    limit = serializers.IntegerField()
-    in_flight = serializers.IntegerField()
+class RateLimitsSchema(msgspec.Struct):
+    requests: WindowLimitSchema
+    tokens: WindowLimitSchema
+    concurrent_requests: ConcurrencyLimitSchema
 
 
-class RateLimitsSchemaSerializer(serializers.Serializer):
-    requests = WindowLimitSchemaSerializer()
-    tokens = WindowLimitSchemaSerializer()
-    concurrent_requests = ConcurrencyLimitSchemaSerializer()
-
-
-class UsageSchemaSerializer(serializers.Serializer):
-    object = serializers.ChoiceField(choices=["usage"])
-    date = serializers.DateField()
-    usage = UsageTotalsSchemaSerializer()
-    keys = KeyUsageSchemaSerializer(many=True)
-    rate_limits = RateLimitsSchemaSerializer()
-
-
-# --- chat completions -------------------------------------------------------------------
-
-
-class PromptTokensDetailsSerializer(serializers.Serializer):
-    cached_tokens = serializers.IntegerField()
-    image_tokens = serializers.IntegerField()
-
-
-class CompletionTokensDetailsSerializer(serializers.Serializer):
-    reasoning_tokens = serializers.IntegerField()
-
-
-class CompletionUsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    prompt_tokens_details = PromptTokensDetailsSerializer()
-    completion_tokens_details = CompletionTokensDetailsSerializer()
-
-
-class AssistantMessageSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=["assistant"])
-    content = serializers.CharField(allow_blank=True)
-    refusal = serializers.CharField(allow_null=True)
-    reasoning_content = serializers.CharField(
-        required=False, help_text="The model's reasoning, when thinking was enabled"
-    )
-
-
-class ChoiceSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
-    message = AssistantMessageSerializer()
-    logprobs = serializers.JSONField(allow_null=True)
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
-
-
-class ChatCompletionSerializer(serializers.Serializer):
-    """``chat.completion``; with ``stream: true`` the body is instead a stream of Server-Sent
-    Events, each a ``chat.completion.chunk``, ending with ``data: [DONE]``."""
-
-    id = serializers.CharField()
-    object = serializers.ChoiceField(choices=["chat.completion"])
-    created = serializers.IntegerField()
-    model = serializers.CharField(help_text="The model that answered (a fallback says so)")
-    system_fingerprint = serializers.CharField(allow_null=True)
-    choices = ChoiceSerializer(many=True)
-    usage = CompletionUsageSerializer()
+class UsageSchema(msgspec.Struct):
+    object: Literal["usage"]
+    date: datetime.date
+    usage: UsageTotalsSchema
+    keys: list[KeyUsageSchema]
+    rate_limits: RateLimitsSchema
 
 
 # --- serving the schema and the docs ----------------------------------------------------

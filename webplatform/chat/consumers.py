@@ -24,7 +24,6 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from rest_framework import serializers
 
 from inference.protocol import FinishReason, new_request_id
 from tenants.errors import ApplicationError
@@ -32,7 +31,6 @@ from tenants.principals import ApiPrincipal
 from tenants.selectors.accounts import user_get
 from tenants.selectors.tenants import member_principal_get, tenant_get
 from tenants.services.api_keys import api_key_authenticate, api_key_principal_by_id
-from webplatform.api.chat_serializers import parse_content
 from webplatform.chat import selectors as chat_selectors
 from webplatform.chat import services as chat_services
 from webplatform.chat.frames import (
@@ -46,6 +44,7 @@ from webplatform.chat.tickets import chat_ticket_redeem
 from webplatform.completions.answer import Answer
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
+from webplatform.completions.serializers import MessageFrameSerializer, frame_error
 from webplatform.completions.streaming import CompletionRun
 
 logger = logging.getLogger(__name__)
@@ -53,6 +52,12 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    """The first value of a query-string parameter, if it has one."""
+    values = query.get(name)
+    return values[0] if values else None
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -87,18 +92,6 @@ def _member_principal_refresh(*, tenant_id: int, user_id: Any) -> ApiPrincipal:
             status=403,
         )
     return _member_principal(tenant_ref=str(tenant_id), user=user)
-
-
-class MessageOptionsSerializer(serializers.Serializer):
-    """The sampling options of a ``message`` frame, with the REST API's limits."""
-
-    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    temperature = serializers.FloatField(
-        required=False, allow_null=True, min_value=0.0, max_value=2.0
-    )
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
-    seed = serializers.IntegerField(required=False, allow_null=True)
-    thinking = serializers.BooleanField(required=False, allow_null=True)
 
 
 def _invalid_frame(message: str) -> ApplicationError:
@@ -136,7 +129,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
             return
         self.principal, self.entry_point = principal, entry_point
-        conversation_id = (query.get("conversation") or [None])[0]
+        conversation_id = _first(query, "conversation")
         try:
             if conversation_id:
                 self.conversation = await database_sync_to_async(
@@ -173,7 +166,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # lets it authenticate.
         if self.scope.get("browser_origin"):
             principal = await database_sync_to_async(_session_principal)(
-                self.scope, (query.get("tenant") or [None])[0]
+                self.scope, _first(query, "tenant")
             )
             if principal is not None:
                 return principal, EntryPoint.PLAYGROUND
@@ -235,27 +228,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     def _input(self, frame: dict[str, Any], history: tuple[ChatTurn, ...]) -> ChatCompletionInput:
-        parts = parse_content(frame.get("content"), role="user", index=len(history))
-        model = frame.get("model") or (
+        serializer = MessageFrameSerializer(data=frame)
+        if not serializer.is_valid():
+            raise frame_error(serializer.errors, message_index=len(history))
+        default_model = (
             self.conversation.model if self.conversation else self.principal.default_model
         )
-        options = MessageOptionsSerializer(data=frame)
-        if not options.is_valid():
-            name, errors = next(iter(options.errors.items()))
-            raise ApplicationError(f"{name}: {errors[0]}", code="invalid_request", param=name)
-        data = options.validated_data
-        temperature, top_p = data.get("temperature"), data.get("top_p")
-        return ChatCompletionInput(
-            model=model or "",
-            turns=(*history, ChatTurn(role="user", parts=parts)),
-            max_tokens=data.get("max_tokens"),
-            temperature=1.0 if temperature is None else temperature,
-            # As the REST API: top_p 0 means 'only the likeliest token'.
-            top_p=1.0 if top_p is None else max(top_p, 1e-6),
-            seed=data.get("seed"),
-            stream=True,
-            thinking=bool(data.get("thinking")),
-        )
+        return serializer.to_input(history=history, default_model=default_model or "")
 
     async def _principal_still_valid(self) -> None:
         """Credentials that stop being valid while the socket is open stop working at once:

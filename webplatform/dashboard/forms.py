@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib.auth import get_user_model, password_validation
 from django.utils import timezone
+from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 
 from tenants.models import ApiKey, Membership, Plan
 from tenants.services.content_logging import MAX_RETENTION_DAYS
+
+
+def _choice_field(form: forms.Form, name: str) -> forms.ChoiceField:
+    """A choice field of ``form`` whose choices are known only when the form is made."""
+    field = form.fields[name]
+    assert isinstance(field, forms.ChoiceField)
+    return field
 
 
 class SignUpForm(forms.Form):
@@ -49,7 +57,7 @@ class OrganisationForm(forms.Form):
     name = forms.CharField(label=_("Organisation name"), max_length=200)
 
 
-def role_choices(actor_role: str) -> list[tuple[str, str]]:
+def role_choices(actor_role: str) -> list[tuple[str, str | Promise]]:
     """The roles an actor may grant: an owner any, an admin admin or member."""
     labels = {
         Membership.Role.MEMBER: _("Member"),
@@ -68,7 +76,7 @@ class InviteForm(forms.Form):
 
     def __init__(self, *args: Any, actor_role: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["role"].choices = role_choices(actor_role)
+        _choice_field(self, "role").choices = role_choices(actor_role)
 
 
 class RoleForm(forms.Form):
@@ -76,7 +84,7 @@ class RoleForm(forms.Form):
 
     def __init__(self, *args: Any, actor_role: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["role"].choices = role_choices(actor_role)
+        _choice_field(self, "role").choices = role_choices(actor_role)
 
 
 EXPIRY_CHOICES = [
@@ -105,7 +113,7 @@ class ApiKeyForm(forms.Form):
 
     def __init__(self, *args: Any, models: tuple[str, ...], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["models"].choices = [(name, name) for name in models]
+        _choice_field(self, "models").choices = [(name, name) for name in models]
 
     def expires_at(self) -> Any:
         days = self.cleaned_data.get("expires_in_days")
@@ -117,7 +125,7 @@ class PlanForm(forms.Form):
 
     def __init__(self, *args: Any, plans: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["plan"].queryset = plans  # type: ignore[attr-defined]
+        cast(forms.ModelChoiceField, self.fields["plan"]).queryset = plans
 
 
 class ContentLoggingForm(forms.Form):
@@ -153,5 +161,5 @@ class UsageFilterForm(forms.Form):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["key"].choices = [("", _("All keys")), *keys]
-        self.fields["model"].choices = [("", _("All models"))] + [(m, m) for m in models]
+        _choice_field(self, "key").choices = [("", _("All keys")), *keys]
+        _choice_field(self, "model").choices = [("", _("All models"))] + [(m, m) for m in models]

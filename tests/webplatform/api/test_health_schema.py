@@ -81,3 +81,22 @@ def test_the_schema_validates_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "s.yml"))
 
     assert "/v1/chat/completions" in (tmp_path / "s.yml").read_text()
+
+
+def test_the_docs_describe_the_chat_request_and_answer_for_customers(live_asgi_server):
+    schema = json.loads(httpx.get(live_asgi_server.url + "/v1/openapi.json").content)
+    components = schema["components"]["schemas"]
+
+    messages = components["ChatCompletionRequest"]["properties"]["messages"]
+    assert messages["type"] == "array"
+    assert messages["items"]["discriminator"]["propertyName"] == "role"
+    user_content = components["UserMessage"]["properties"]["content"]["oneOf"]
+    assert {"type": "string"} in user_content
+    parts = next(alt for alt in user_content if alt.get("type") == "array")["items"]["oneOf"]
+    assert {"$ref": "#/components/schemas/ImageUrlPart"} in parts
+    ok = schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert ok["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    # Written for API users: no maintainer's notes, module paths or class names.
+    text = json.dumps(schema)
+    for internal in ("adrf", "``", "tenants.", "webplatform", "Serializer"):
+        assert internal not in text, internal

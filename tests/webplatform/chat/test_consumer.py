@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import replace
 
 import pytest
 from channels.db import database_sync_to_async
@@ -28,10 +29,10 @@ from tests.webplatform.chat.support import (
     settled_usage_record,
     wait_for,
 )
-from webplatform.api.chat_serializers import parse_content
 from webplatform.completions.answer import Answer
 from webplatform.completions.pipeline import chat_completion_start
-from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
+from webplatform.completions.request import Caller, EntryPoint
+from webplatform.completions.serializers import MessageFrameSerializer
 from webplatform.models import Conversation, ConversationTurn
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("chat_inference")]
@@ -48,14 +49,11 @@ def engines(chat_inference):
 async def greedy_answer(raw_key: str, content, *, max_tokens: int) -> Answer:
     """The same question answered without streaming, greedy, bypassing the answer cache."""
     principal = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
-    inp = ChatCompletionInput(
-        model=MODEL,
-        turns=(ChatTurn(role="user", parts=parse_content(content, role="user", index=0)),),
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=False,
-        use_cache=False,
+    frame = MessageFrameSerializer(
+        data={"type": "message", "content": content, "max_tokens": max_tokens, "temperature": 0}
     )
+    assert frame.is_valid(), frame.errors
+    inp = replace(frame.to_input(history=(), default_model=MODEL), stream=False, use_cache=False)
     run = await chat_completion_start(
         caller=Caller(principal=principal, entry_point=EntryPoint.REST),
         inp=inp,

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 
 from tenants.selectors.served_models import model_get_for_principal, model_list_for_principal
 from webplatform.api.base import AuthenticatedApiView
-from webplatform.api.schema import ModelListSchemaSerializer, ModelSchemaSerializer, error_responses
+from webplatform.api.schema import ModelListSchema, ModelSchema, error_responses
 
 
 class ModelOutputSerializer(serializers.Serializer):
@@ -23,12 +23,12 @@ class ModelOutputSerializer(serializers.Serializer):
 
 
 class ModelListApi(AuthenticatedApiView):
-    """The models this key may use: served, allowed by the plan, within the key's scope."""
-
     @extend_schema(
         operation_id="listModels",
-        responses={200: ModelListSchemaSerializer, **error_responses(401)},
+        responses={200: ModelListSchema, **error_responses(401)},
         summary="List the models this key may use",
+        description="The models this key may use: those served, allowed by your plan, and "
+        "within the key's own model scope.",
     )
     def get(self, request: Request) -> Response:
         models = model_list_for_principal(principal=self.principal)
@@ -36,12 +36,11 @@ class ModelListApi(AuthenticatedApiView):
 
 
 class ModelDetailApi(AuthenticatedApiView):
-    """One model; 404 ``model_not_found`` when this key may not use it."""
-
     @extend_schema(
         operation_id="retrieveModel",
-        responses={200: ModelSchemaSerializer, **error_responses(401, 404)},
+        responses={200: ModelSchema, **error_responses(401, 404)},
         summary="Retrieve one model",
+        description="One model; `404 model_not_found` when this key may not use it.",
     )
     def get(self, request: Request, model_id: str) -> Response:
         model = model_get_for_principal(principal=self.principal, model_id=model_id)

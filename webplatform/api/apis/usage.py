@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from tenants.selectors.usage import usage_today_for_tenant
 from tenants.services.quotas import duration_format, quota_status
 from webplatform.api.base import AuthenticatedApiView
-from webplatform.api.schema import UsageSchemaSerializer, error_responses
+from webplatform.api.schema import UsageSchema, error_responses
 
 
 class UsageTotalsSerializer(serializers.Serializer):
@@ -29,15 +29,14 @@ class KeyUsageSerializer(serializers.Serializer):
 
 
 class UsageApi(AuthenticatedApiView):
-    """Today's (UTC) usage of the whole tenant, per key, and its rate-limit position.
-
-    Reading it consumes no quota (see ``tenants.services.quotas``).
-    """
+    # Reading it consumes no quota (see tenants.services.quotas).
 
     @extend_schema(
         operation_id="getUsage",
-        responses={200: UsageSchemaSerializer, **error_responses(401)},
+        responses={200: UsageSchema, **error_responses(401)},
         summary="Today's usage and rate-limit position of your organisation",
+        description="Today's (UTC) usage of the whole organisation and of each of its keys, "
+        "and what is left of its rate limits. Calling it uses no quota.",
     )
     def get(self, request: Request) -> Response:
         principal = self.principal

@@ -20,12 +20,13 @@ def render_page(
     *,
     status: int = 200,
 ) -> HttpResponse:
-    membership = getattr(request, "membership", None)
+    # Set on an organisation's pages (``org_view``); absent on the others.
+    membership: Membership | None = getattr(request, "membership", None)
     role = membership.role if membership else None
     page = {
         "tenant": getattr(request, "tenant", None),
         "membership": membership,
-        "is_admin": bool(role) and role_at_least(role, Membership.Role.ADMIN),
+        "is_admin": role is not None and role_at_least(role, Membership.Role.ADMIN),
         "is_owner": role == Membership.Role.OWNER,
         "my_memberships": (
             list(memberships_of_user(user=request.user)) if request.user.is_authenticated else []

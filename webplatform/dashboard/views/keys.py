@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.utils.translation import gettext as _
 
@@ -13,7 +13,7 @@ from tenants.models import ApiKey, Membership
 from tenants.selectors.api_keys import api_key_get_for_tenant, api_key_list_for_tenant
 from tenants.selectors.tenants import tenant_limits_get
 from tenants.services.api_keys import api_key_create_audited, api_key_revoke_audited
-from webplatform.dashboard.access import org_view
+from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.forms import ApiKeyForm
 from webplatform.dashboard.views.common import form_error, render_page
 
@@ -23,8 +23,8 @@ def redacted(api_key: ApiKey) -> str:
 
 
 @org_view(Membership.Role.ADMIN)
-def keys(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def keys(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     models = tenant_limits_get(tenant=tenant).allowed_models
     form = ApiKeyForm(request.POST or None, models=models)
     created = None
@@ -61,8 +61,8 @@ def keys(request: HttpRequest) -> HttpResponse:
 
 
 @org_view(Membership.Role.ADMIN)
-def key_revoke(request: HttpRequest, public_id: str) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def key_revoke(request: OrgRequest, public_id: str) -> HttpResponse:
+    tenant = request.tenant
     try:
         api_key = api_key_get_for_tenant(tenant=tenant, public_id=public_id)
     except ApplicationError as error:

@@ -19,16 +19,16 @@ from tenants.selectors.invitations import (
 from tenants.selectors.tenants import membership_get_for_tenant, membership_list_for_tenant
 from tenants.services.invitations import invitation_accept, invitation_cancel, invitation_create
 from tenants.services.members import membership_remove, membership_role_change
-from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, OrgRequest, org_view
 from webplatform.dashboard.forms import InviteForm, RoleForm
 from webplatform.dashboard.views.common import form_error, render_page
 
 
 def _members_page(
-    request: HttpRequest, *, invite_form: InviteForm | None = None, status: int = 200
+    request: OrgRequest, *, invite_form: InviteForm | None = None, status: int = 200
 ) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
-    actor_role = request.membership.role  # type: ignore[attr-defined]
+    tenant = request.tenant
+    actor_role = request.membership.role
     memberships = list(membership_list_for_tenant(tenant=tenant).order_by("created_at"))
     owners = sum(1 for m in memberships if m.role == Membership.Role.OWNER)
     rows = [
@@ -55,15 +55,15 @@ def _members_page(
 
 
 @org_view(Membership.Role.ADMIN)
-def members(request: HttpRequest) -> HttpResponse:
+def members(request: OrgRequest) -> HttpResponse:
     if request.method != "POST":
         return _members_page(request)
-    actor_role = request.membership.role  # type: ignore[attr-defined]
+    actor_role = request.membership.role
     form = InviteForm(request.POST, actor_role=actor_role)
     if form.is_valid():
         try:
             created = invitation_create(
-                tenant=request.tenant,  # type: ignore[attr-defined]
+                tenant=request.tenant,
                 email=form.cleaned_data["email"],
                 role=form.cleaned_data["role"],
                 invited_by=request.user,
@@ -79,14 +79,14 @@ def members(request: HttpRequest) -> HttpResponse:
                 request,
                 _("Invitation sent to %(email)s.") % {"email": created.invitation.email},
             )
-            return redirect("dashboard:members", request.tenant.pk)  # type: ignore[attr-defined]
+            return redirect("dashboard:members", request.tenant.pk)
     return _members_page(request, invite_form=form, status=400)
 
 
-def _membership_or_404(request: HttpRequest, membership_id: int) -> Membership:
+def _membership_or_404(request: OrgRequest, membership_id: int) -> Membership:
     try:
         return membership_get_for_tenant(
-            tenant=request.tenant,  # type: ignore[attr-defined]
+            tenant=request.tenant,
             membership_id=membership_id,
         )
     except ApplicationError as error:
@@ -95,9 +95,9 @@ def _membership_or_404(request: HttpRequest, membership_id: int) -> Membership:
 
 @org_view(Membership.Role.ADMIN)
 @require_POST
-def member_role(request: HttpRequest, membership_id: int) -> HttpResponse:
+def member_role(request: OrgRequest, membership_id: int) -> HttpResponse:
     membership = _membership_or_404(request, membership_id)
-    actor_role = request.membership.role  # type: ignore[attr-defined]
+    actor_role = request.membership.role
     form = RoleForm(request.POST, actor_role=actor_role)
     if not form.is_valid():
         messages.error(request, _("Choose a valid role."))
@@ -113,18 +113,18 @@ def member_role(request: HttpRequest, membership_id: int) -> HttpResponse:
             messages.error(request, error.message)
         else:
             messages.success(request, _("Role changed."))
-    return redirect("dashboard:members", request.tenant.pk)  # type: ignore[attr-defined]
+    return redirect("dashboard:members", request.tenant.pk)
 
 
 @org_view(Membership.Role.ADMIN)
-def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
+def member_remove(request: OrgRequest, membership_id: int) -> HttpResponse:
     membership = _membership_or_404(request, membership_id)
     if request.method == "POST":
         try:
             membership_remove(
                 membership=membership,
                 actor=request.user,
-                actor_role=request.membership.role,  # type: ignore[attr-defined]
+                actor_role=request.membership.role,
             )
         except ApplicationError as error:
             messages.error(request, error.message)
@@ -133,23 +133,23 @@ def member_remove(request: HttpRequest, membership_id: int) -> HttpResponse:
             if membership.user_id == request.user.pk:
                 request.session.pop(CURRENT_TENANT_SESSION_KEY, None)
                 return redirect("dashboard:home")
-        return redirect("dashboard:members", request.tenant.pk)  # type: ignore[attr-defined]
+        return redirect("dashboard:members", request.tenant.pk)
     return render_page(request, "dashboard/member_remove.html", {"target": membership})
 
 
 @org_view(Membership.Role.ADMIN)
 @require_POST
-def invitation_cancel_view(request: HttpRequest, invitation_id: int) -> HttpResponse:
+def invitation_cancel_view(request: OrgRequest, invitation_id: int) -> HttpResponse:
     try:
         invitation = invitation_get_for_tenant(
-            tenant=request.tenant,  # type: ignore[attr-defined]
+            tenant=request.tenant,
             invitation_id=invitation_id,
         )
     except ApplicationError as error:
         raise Http404(error.message) from error
     invitation_cancel(invitation=invitation, actor=request.user)
     messages.success(request, _("Invitation cancelled."))
-    return redirect("dashboard:members", request.tenant.pk)  # type: ignore[attr-defined]
+    return redirect("dashboard:members", request.tenant.pk)
 
 
 def invitation_accept_view(request: HttpRequest, token: str) -> HttpResponse:

@@ -26,7 +26,12 @@ from tenants.services.organisations import (
     organisation_plan_change,
 )
 from tenants.services.quotas import duration_format, quota_status
-from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, org_view
+from webplatform.dashboard.access import (
+    CURRENT_TENANT_SESSION_KEY,
+    OrgRequest,
+    SignedInRequest,
+    org_view,
+)
 from webplatform.dashboard.forms import (
     ContentLoggingForm,
     DeleteOrganisationForm,
@@ -50,7 +55,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 @login_required
-def org_create(request: HttpRequest) -> HttpResponse:
+def org_create(request: SignedInRequest) -> HttpResponse:
     form = OrganisationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -76,9 +81,9 @@ def org_switch(request: HttpRequest) -> HttpResponse:
     return redirect("dashboard:overview", int(tenant_id))
 
 
-def quota_rows(request: HttpRequest) -> list[dict[str, object]]:
+def quota_rows(request: OrgRequest) -> list[dict[str, object]]:
     """Each quota against its limit, as the overview and usage pages show it."""
-    tenant = request.tenant  # type: ignore[attr-defined]
+    tenant = request.tenant
     limits = tenant_limits_get(tenant=tenant)
     status = quota_status(tenant_id=tenant.pk, limits=limits)
 
@@ -109,8 +114,8 @@ def quota_rows(request: HttpRequest) -> list[dict[str, object]]:
 
 
 @org_view()
-def overview(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def overview(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     return render_page(
         request,
         "dashboard/overview.html",
@@ -123,13 +128,13 @@ def overview(request: HttpRequest) -> HttpResponse:
 
 
 def _settings_page(
-    request: HttpRequest,
+    request: OrgRequest,
     *,
     plan_form: PlanForm | None = None,
     content_form: ContentLoggingForm | None = None,
     status: int = 200,
 ) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+    tenant = request.tenant
     plans = plan_list()
     return render_page(
         request,
@@ -150,44 +155,44 @@ def _settings_page(
 
 
 @org_view(Membership.Role.ADMIN)
-def org_settings(request: HttpRequest) -> HttpResponse:
+def org_settings(request: OrgRequest) -> HttpResponse:
     return _settings_page(request)
 
 
 @org_view(Membership.Role.OWNER)
 @require_POST
-def plan_change(request: HttpRequest) -> HttpResponse:
+def plan_change(request: OrgRequest) -> HttpResponse:
     form = PlanForm(request.POST, plans=plan_list())
     if not form.is_valid():
         return _settings_page(request, plan_form=form, status=400)
     organisation_plan_change(
-        tenant=request.tenant,  # type: ignore[attr-defined]
+        tenant=request.tenant,
         plan=form.cleaned_data["plan"],
         actor=request.user,
     )
     messages.success(request, _("Plan changed."))
-    return redirect("dashboard:settings", request.tenant.pk)  # type: ignore[attr-defined]
+    return redirect("dashboard:settings", request.tenant.pk)
 
 
 @org_view(Membership.Role.ADMIN)
 @require_POST
-def content_logging(request: HttpRequest) -> HttpResponse:
+def content_logging(request: OrgRequest) -> HttpResponse:
     form = ContentLoggingForm(request.POST)
     if not form.is_valid():
         return _settings_page(request, content_form=form, status=400)
     content_logging_update(
-        tenant=request.tenant,  # type: ignore[attr-defined]
+        tenant=request.tenant,
         enabled=form.cleaned_data["enabled"],
         retention_days=form.cleaned_data["retention_days"],
         actor=request.user,
     )
     messages.success(request, _("Content logging saved."))
-    return redirect("dashboard:settings", request.tenant.pk)  # type: ignore[attr-defined]
+    return redirect("dashboard:settings", request.tenant.pk)
 
 
 @org_view(Membership.Role.OWNER)
-def org_delete(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def org_delete(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     form = DeleteOrganisationForm(request.POST or None, expected_name=tenant.name)
     if request.method == "POST" and form.is_valid():
         organisation_delete(tenant=tenant, actor=request.user)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.utils.translation import gettext as _
 
 from tenants.selectors.tenants import tenant_limits_get
-from webplatform.dashboard.access import org_view
+from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.views.common import render_page
 from webplatform.uploads.errors import UploadErrorCode
 
@@ -44,8 +44,8 @@ def error_explanations() -> dict[str, str]:
 
 
 @org_view()
-def playground(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def playground(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     limits = tenant_limits_get(tenant=tenant)
     config = {
         "tenant_id": tenant.pk,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -20,7 +20,7 @@ from tenants.selectors.usage import (
     usage_models_for_tenant,
 )
 from tenants.services.members import role_at_least
-from webplatform.dashboard.access import org_view
+from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.forms import UsageFilterForm
 from webplatform.dashboard.views.common import render_page
 from webplatform.dashboard.views.organisations import quota_rows
@@ -28,8 +28,8 @@ from webplatform.dashboard.views.organisations import quota_rows
 DAYS = 30
 
 
-def _filter_form(request: HttpRequest) -> tuple[UsageFilterForm, UsageFilter]:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def _filter_form(request: OrgRequest) -> tuple[UsageFilterForm, UsageFilter]:
+    tenant = request.tenant
     keys = [
         (k.public_id, f"{k.name} ({k.public_id})") for k in api_key_list_for_tenant(tenant=tenant)
     ]
@@ -45,10 +45,10 @@ def _filter_form(request: HttpRequest) -> tuple[UsageFilterForm, UsageFilter]:
 
 
 @org_view()
-def usage(request: HttpRequest) -> HttpResponse:
+def usage(request: OrgRequest) -> HttpResponse:
     form, usage_filter = _filter_form(request)
     series = usage_daily_series(
-        tenant=request.tenant,  # type: ignore[attr-defined]
+        tenant=request.tenant,
         usage_filter=usage_filter,
         days=DAYS,
     )
@@ -93,8 +93,8 @@ def usage(request: HttpRequest) -> HttpResponse:
 
 
 @org_view()
-def usage_csv(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def usage_csv(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     _form, usage_filter = _filter_form(request)
     series = usage_daily_series(tenant=tenant, usage_filter=usage_filter, days=DAYS)
     response = HttpResponse(content_type="text/csv; charset=utf-8")
@@ -134,8 +134,8 @@ def usage_csv(request: HttpRequest) -> HttpResponse:
 
 
 @org_view()
-def request_log(request: HttpRequest) -> HttpResponse:
-    tenant = request.tenant  # type: ignore[attr-defined]
+def request_log(request: OrgRequest) -> HttpResponse:
+    tenant = request.tenant
     form, usage_filter = _filter_form(request)
     status = request.GET.get("status")
     records = list(
@@ -147,7 +147,7 @@ def request_log(request: HttpRequest) -> HttpResponse:
     )
     # Stored prompts and answers are for admins only, and only while logging is on.
     show_content = tenant.log_content and role_at_least(
-        request.membership.role,  # type: ignore[attr-defined]
+        request.membership.role,
         Membership.Role.ADMIN,
     )
     content = (
@@ -164,9 +164,9 @@ def request_log(request: HttpRequest) -> HttpResponse:
 
 
 @org_view(Membership.Role.ADMIN)
-def audit_log(request: HttpRequest) -> HttpResponse:
+def audit_log(request: OrgRequest) -> HttpResponse:
     return render_page(
         request,
         "dashboard/audit.html",
-        {"entries": audit_log_for_tenant(tenant=request.tenant)},  # type: ignore[attr-defined]
+        {"entries": audit_log_for_tenant(tenant=request.tenant)},
     )

@@ -1,13 +1,23 @@
-"""The worker loop: the IO loop around one engine, the same code for both transports.
+"""The worker loop: one engine, its broker IO beside it, the same code for both transports.
 
-``Worker.run`` repeats one iteration until stopped:
+Two threads by default (``WorkerConfig.io_thread``). ``WorkerIO`` (``inference.worker.io``)
+makes every broker call on its own thread: it takes new requests (as many as there are free
+batch slots; reclaims dead workers' ones when due), reads their images and cancel marks,
+reads the running requests' cancel marks, sends heartbeats and publishes events, one
+``publish`` (one Redis pipeline) for whatever was handed to it since the last one. The
+thread that runs ``Worker.run`` drives the engine and makes no broker call; each iteration:
 
-1. publish what the last iteration could not (the broker was down) before stepping again;
-2. heartbeat when due; reclaim requests of dead workers when due;
-3. take as many new requests as there are free batch slots (non-blocking while the engine
-   has work, blocking briefly when idle), fetch their image blobs, ``engine.add_request``;
-4. abort running requests whose cancel mark is set;
-5. ``engine.step()`` and publish its events, one batch (one Redis pipeline) per step.
+1. heartbeat when due (built here from ``engine.stats()``, sent by the IO thread);
+2. take what the IO thread handed over: admit new requests (``engine.add_request``), abort
+   the running ones whose cancel mark it saw (the engine frees their slot in the next step);
+3. ``engine.step()`` (only while at most ``max_unpublished_steps`` hand-overs wait to be
+   published: when the broker is down the engine stops, as it did when this was one
+   thread), route its events and hand them over; when the engine has nothing to do, wait
+   for the IO thread's hand-over instead.
+
+``Worker.run_once`` is one synchronous iteration of both (IO, step, publish) on the
+caller's thread: the path the tests drive step by step, and with ``io_thread=False`` the
+loop ``run`` runs (one thread, IO between the steps, as before).
 
 Invariants:
 
@@ -16,8 +26,10 @@ Invariants:
   re-run after a crash is invisible; a streamed one that already sent text is never re-run;
 - anything that goes wrong for one request becomes an ``ErrorEvent`` for that request,
   with its code's fixed message when the failure is ours (``inference.protocol``'s error
-  policy: exception text goes to the log only); the loop keeps going. Only repeated whole-step failures end the process (a supervisor
-  restarts it and its requests are reclaimed), because by then the engine is not trusted.
+  policy: exception text goes to the log only); the loop keeps going. Only repeated
+  whole-step failures end the process (a supervisor restarts it and its requests are
+  reclaimed), because by then the engine is not trusted; so does a failure of the IO
+  thread other than the broker being unreachable.
 
 Stopping (SIGTERM): take no new requests, finish everything already taken, then return;
 after ``drain_timeout_s`` what is left is abandoned: reclaimable requests that sent nothing
@@ -32,9 +44,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from inference.engine.config import EngineStats
 from inference.protocol import (
@@ -52,6 +64,7 @@ from inference.protocol import (
     Usage,
     WorkerHeartbeat,
 )
+from inference.worker.io import Admission, WorkerIO
 from inference.worker.observer import LoopObserver
 from inference.worker.transport import (
     Delivery,
@@ -62,7 +75,6 @@ from inference.worker.transport import (
 )
 
 logger = logging.getLogger("inference.worker")
-_T = TypeVar("_T")
 
 
 class EngineLike(Protocol):
@@ -95,6 +107,13 @@ class WorkerConfig:
     max_request_age_s: float | None = None
     # Consecutive failed engine steps after which the engine is not trusted any more.
     max_step_failures: int = 5
+    # The broker IO on its own thread (False: between the steps, on the engine's thread).
+    io_thread: bool = True
+    # How often the IO thread reads cancel marks and new requests while requests run but
+    # the engine hands it nothing (a long step); otherwise it does at every hand-over.
+    io_poll_ms: int = 10
+    # The engine does not step while more hand-overs than this wait to be published.
+    max_unpublished_steps: int = 4
 
 
 @dataclass
@@ -106,7 +125,12 @@ class _InFlight:
 
 
 class Worker:
-    """Serves one model's engine through one transport. Use from a single thread."""
+    """Serves one model's engine through one transport.
+
+    ``run`` uses two threads (the caller's drives the engine, ``WorkerIO``'s makes the
+    broker calls); ``run_once`` is one synchronous iteration on the caller's thread. Use
+    one or the other, from one thread.
+    """
 
     def __init__(
         self,
@@ -121,91 +145,127 @@ class Worker:
         self.transport = transport
         self.config = config
         self.max_batch_size = config.max_batch_size or int(engine.stats().max_batch_size)
+        self.io = WorkerIO(
+            transport=transport,
+            max_batch_size=self.max_batch_size,
+            claim_interval_s=config.claim_interval_s,
+            idle_block_ms=config.idle_block_ms,
+            poll_s=config.io_poll_ms / 1000,
+        )
         self._inflight: dict[str, _InFlight] = {}
-        self._backlog: list[Delivery] = []  # taken from the transport, not yet admitted
         self._abort_sent: set[str] = set()
-        self._outbox: list[Outgoing] = []
+        self._outbox: list[Outgoing] = []  # routed this iteration, not yet handed over
         self._started_at = time.time()
         self._next_heartbeat = 0.0
-        self._next_claim = 0.0
         self._step_failures = 0
-        self._stop: threading.Event | None = None
 
     # --- lifecycle ------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set, then drain (bounded) and unregister."""
         cfg = self.config
-        self._stop = stop
         logger.info(
-            "worker start model=%s worker_id=%s max_batch_size=%d",
+            "worker start model=%s worker_id=%s max_batch_size=%d io_thread=%s",
             cfg.model,
             cfg.worker_id,
             self.max_batch_size,
+            cfg.io_thread,
         )
+        if cfg.io_thread:
+            self._run_threaded(stop)
+        else:
+            self._run_inline(stop)
 
-        def set_up() -> bool:  # True when done: _retrying answers None only when stopped
-            self.transport.setup()
-            return True
+    def _run_threaded(self, stop: threading.Event) -> None:
+        self.io.start(stop)
+        ready = False
+        try:
+            ready = self.io.wait_ready(stop)
+            if ready:
+                self._serve(stop, threaded=True)
+        except BaseException:
+            self.io.close(unregister=False)  # publishes what was handed over, if it can
+            raise
+        self.io.close(unregister=ready)
+        if ready:
+            self._stopped()
 
-        if self._retrying(stop, set_up) is None:
+    def _run_inline(self, stop: threading.Event) -> None:
+        if not self.io.prepare(stop):
             return
-        # Our own pending entries can only exist if a previous process used this worker id.
-        own = self._retrying(stop, lambda: self.transport.claim_stale(include_own=True))
-        self._backlog.extend(own or [])
+        self._serve(stop, threaded=False)
+        try:
+            self.transport.unregister()
+        except TransportUnavailable:
+            logger.warning("could not unregister worker %s", self.config.worker_id)
+        self._stopped()
+
+    def _serve(self, stop: threading.Event, *, threaded: bool) -> None:
+        cfg = self.config
         logger.info("worker ready model=%s worker_id=%s", cfg.model, cfg.worker_id)
         self.observer.ready()
         drain_deadline: float | None = None
         while True:
             if stop.is_set() and drain_deadline is None:
                 drain_deadline = time.monotonic() + cfg.drain_timeout_s
+                self.io.stop_accepting()
                 self.observer.draining()
                 logger.info(
                     "worker stopping worker_id=%s in_flight=%d", cfg.worker_id, len(self._inflight)
                 )
             if drain_deadline is not None:
-                if not self._inflight and not self._outbox and not self._backlog:
+                if not self._inflight and not self._outbox and self.io.settled():
                     break
                 if time.monotonic() > drain_deadline:
                     self._abandon_all()
                     break
+            if threaded:
+                self.io.check()
+                self._heartbeat_if_due()
+                self.step_once(wait_s=self._idle_wait_s(), max_lag=cfg.max_unpublished_steps)
+                continue
             try:
                 self.run_once(accept_new=drain_deadline is None)
             except TransportUnavailable as exc:
                 logger.warning("broker unavailable, backing off: %s", exc)
                 time.sleep(0.5)
-        try:
-            self.transport.unregister()
-        except TransportUnavailable:
-            logger.warning("could not unregister worker %s", cfg.worker_id)
-        logger.info("worker stop model=%s worker_id=%s", cfg.model, cfg.worker_id)
+
+    def _stopped(self) -> None:
+        logger.info("worker stop model=%s worker_id=%s", self.config.model, self.config.worker_id)
         self.observer.stopped()
 
     def run_once(self, *, accept_new: bool = True) -> None:
-        """One iteration of the loop (see the module docstring)."""
-        if self._outbox:
-            self._flush()  # never step ahead of what clients have been sent
-        now = time.monotonic()
-        if now >= self._next_heartbeat:
-            self._heartbeat()
-            self._next_heartbeat = now + self.config.heartbeat_s
-        # Checked here, not only at the top of ``run``: a SIGTERM handled during this
-        # iteration's Redis calls must already keep the fetch below from taking more work.
-        accept_new = accept_new and not (self._stop is not None and self._stop.is_set())
-        if accept_new:
-            if now >= self._next_claim:
-                self._next_claim = now + self.config.claim_interval_s
-                self._backlog.extend(self.transport.claim_stale())
-            free = self.max_batch_size - len(self._inflight) - len(self._backlog)
-            if free > 0:
-                busy = bool(self._inflight) or self.engine.has_unfinished()
-                block_ms = 0 if busy else self.config.idle_block_ms
-                self._backlog.extend(self.transport.fetch(free, block_ms))
-        self._admit_backlog()
-        self._apply_cancels()
+        """One synchronous iteration on this thread: heartbeat when due; publish what is
+        left, take new requests and cancel marks (``WorkerIO.io_once``); admit, abort, step
+        (``step_once``); publish the step's events. Raises ``TransportUnavailable``."""
+        self._heartbeat_if_due()
+        self.io.io_once(accept_new=accept_new)
+        self.step_once()
+        self.io.publish_pending()
+
+    def step_once(self, *, wait_s: float = 0.0, max_lag: int | None = None) -> bool:
+        """The engine's side of one iteration, without a broker call: admit what the IO
+        handed over, abort the cancelled, step (only while at most ``max_lag`` hand-overs
+        are unpublished, when given), hand the events over. When the engine has nothing to
+        do, waits up to ``wait_s`` for the IO's hand-over first. True when it stepped."""
+        idle = not self._inflight and not self.engine.has_unfinished()
+        admissions, cancels = self.io.take(wait_s if idle else 0.0)
+        self._admit_all(admissions)
+        self._apply_cancels(cancels)
+        stepped = False
         if self.engine.has_unfinished():
-            self._step()
-        self._flush()
+            # Bounded, so that a broker outage during a drain still lets the loop see its
+            # deadline; the engine does not step ahead of what clients were sent.
+            if max_lag is None or self.io.wait_published(max_lag, timeout_s=0.1):
+                self._step()
+                stepped = True
+        self._hand_over()
+        return stepped
+
+    def _idle_wait_s(self) -> float:
+        """How long an idle engine thread waits for the IO thread: until the next heartbeat
+        is due, and short enough to see a stop soon."""
+        return max(0.0, min(0.05, self._next_heartbeat - time.monotonic()))
 
     @property
     def in_flight(self) -> int:
@@ -213,28 +273,18 @@ class Worker:
 
     # --- admission ------------------------------------------------------------------
 
-    def _admit_backlog(self) -> None:
-        """Admit every delivery taken but not yet admitted.
-
-        A delivery leaves the backlog only once admitted or answered: if the broker fails
-        half-way it stays for the next iteration (it is pending to us in the broker, and no
-        other worker reclaims the entries of a live worker).
-        """
-        if not self._backlog:
-            return
-        cancelled = self.transport.cancelled([d.request.request_id for d in self._backlog])
-        while self._backlog:
-            delivery = self._backlog[0]
+    def _admit_all(self, admissions: list[Admission]) -> None:
+        """Admit (or answer at once) every delivery the IO handed over."""
+        for admission in admissions:
+            delivery = admission.delivery
             try:
-                self._admit(delivery, cancelled=delivery.request.request_id in cancelled)
-            except TransportUnavailable:
-                raise
+                self._admit(admission)
             except Exception as exc:  # one request's problem, not the worker's
                 logger.exception("admitting %s failed", delivery.request.request_id)
                 self._finish_early(delivery, ErrorEvent.fixed(_error_code_for(exc)))
-            self._backlog.pop(0)
 
-    def _admit(self, delivery: Delivery, *, cancelled: bool) -> None:
+    def _admit(self, admission: Admission) -> None:
+        delivery = admission.delivery
         request = delivery.request
         rid = request.request_id
         if rid in self._inflight:
@@ -252,7 +302,7 @@ class Worker:
             message = f"The request failed on {delivery.attempt - 1} workers; giving up."
             self._finish_early(delivery, ErrorEvent(ErrorCode.INTERNAL_ERROR, message))
             return
-        if cancelled:
+        if admission.cancelled:
             done = DoneEvent(finish_reason=FinishReason.CANCELLED, usage=Usage())
             self._finish_early(delivery, done)
             return
@@ -267,7 +317,7 @@ class Worker:
         images: dict[str, bytes] = {}
         if refs:
             wanted = sorted({ref.sha256 for ref in refs})
-            images = self.transport.fetch_images(request.tenant_id, wanted)
+            images = admission.images  # read by the IO (those that still exist)
             missing = [sha for sha in wanted if sha not in images]
             if missing:
                 message = f"Image {missing[0]} expired or was never stored; send it again."
@@ -287,11 +337,10 @@ class Worker:
 
     # --- running --------------------------------------------------------------------
 
-    def _apply_cancels(self) -> None:
-        candidates = [rid for rid in self._inflight if rid not in self._abort_sent]
-        if not candidates:
-            return
-        for rid in self.transport.cancelled(candidates):
+    def _apply_cancels(self, cancelled: set[str]) -> None:
+        for rid in cancelled:
+            if rid not in self._inflight or rid in self._abort_sent:
+                continue  # finished meanwhile, or aborted already
             # The engine frees the slot at its next step and reports DoneEvent(CANCELLED).
             self.engine.abort(rid)
             self._abort_sent.add(rid)
@@ -361,11 +410,10 @@ class Worker:
             del self._inflight[rid]
             self._abort_sent.discard(rid)
 
-    def _flush(self) -> None:
-        if not self._outbox:
-            return
-        self.transport.publish(self._outbox)
-        self._outbox = []
+    def _hand_over(self) -> None:
+        if self._outbox:
+            self.io.hand_over(self._outbox)
+            self._outbox = []
 
     def _abandon_all(self) -> None:
         """The drain bound passed: hand back or fail what is still in flight."""
@@ -379,15 +427,18 @@ class Worker:
             error = ErrorEvent.fixed(ErrorCode.WORKER_LOST, retryable=not streamed)
             self._outbox.append(Outgoing(rid, [error], ack_token=flight.delivery.token))
             self.observer.finished_early(flight.delivery.request, error)
-        try:
-            self._flush()
-        except TransportUnavailable:
+        self._hand_over()
+        if not self.io.flush(timeout_s=5.0):
             logger.warning("could not publish the abandoned requests' errors")
 
-    def _heartbeat(self) -> None:
+    def _heartbeat_if_due(self) -> None:
+        """Build the heartbeat here (the engine's statistics), send it from the IO."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.heartbeat_s
         stats = self.engine.stats()
-        self.observer.engine_stats(stats, backlog=len(self._backlog))
-        now = time.time()
+        self.observer.engine_stats(stats, backlog=self.io.backlog())
         beat = WorkerHeartbeat(
             worker_id=self.config.worker_id,
             model=self.config.model,
@@ -400,7 +451,7 @@ class Worker:
             memory_bytes=int(stats.memory_bytes),
             device=str(stats.device),
             started_at=self._started_at,
-            updated_at=now,
+            updated_at=time.time(),
             # Only the GPU engine has these (ocr-lite's stats do not).
             prefilling=int(getattr(stats, "prefilling", 0)),
             decoding=int(getattr(stats, "decoding", 0)),
@@ -410,18 +461,7 @@ class Worker:
             compiled_batch_sizes=tuple(getattr(stats, "compiled_batch_sizes", ())),
             compile_error=getattr(stats, "compile_error", None),
         )
-        self.transport.heartbeat(beat)
-
-    @staticmethod
-    def _retrying(stop: threading.Event, fn: Callable[[], _T]) -> _T | None:
-        """Call ``fn`` until the broker answers or ``stop`` is set (then None)."""
-        while not stop.is_set():
-            try:
-                return fn()
-            except TransportUnavailable as exc:
-                logger.warning("broker unavailable at start-up, retrying: %s", exc)
-                stop.wait(1.0)
-        return None
+        self.io.queue_heartbeat(beat)
 
 
 def _error_code_for(exc: BaseException) -> ErrorCode:

@@ -17,10 +17,12 @@ def test_create_a_key_and_see_it_exactly_once(client_for, org_admin, api_client_
         url,
         {"name": "CI", "models": ["glm-4.6v-flash"], "access": "read", "expires_in_days": "30"},
     )
-    assert response.status_code == 200
-    assert response["Cache-Control"] == "no-store"
-    raw_key = response.context["created"].raw_key
-    assert raw_key in response.content.decode()
+    # Post/redirect/get: the secret is shown on the page the redirect leads to, once.
+    assert response.status_code == 302 and response["Location"] == url
+    shown = client.get(url)
+    assert shown["Cache-Control"] == "no-store"
+    raw_key = shown.context["created"]["raw_key"]
+    assert raw_key in shown.content.decode()
     key = ApiKey.objects.get(tenant=org_admin.tenant)
     assert (key.name, key.access, key.allowed_models) == ("CI", "read", ["glm-4.6v-flash"])
     assert key.created_by == org_admin.user and key.expires_at is not None
@@ -64,3 +66,17 @@ def test_another_organisations_key_cannot_be_revoked(client_for, owner, outsider
     assert client_for(owner).post(url).status_code == 404
     theirs.refresh_from_db()
     assert theirs.revoked_at is None
+
+
+@pytest.mark.django_db
+def test_reloading_after_creating_a_key_creates_no_second_key(client_for, owner) -> None:
+    """A reload of the page after a create repeats a GET, not the POST (post/redirect/get)."""
+    client = client_for(owner)
+    url = reverse("dashboard:keys", args=[owner.tenant.pk])
+    response = client.post(url, {"name": "once", "access": "full"}, follow=True)
+    raw_key = response.context["created"]["raw_key"]
+    assert response.redirect_chain == [(url, 302)]
+    reloaded = client.get(url)
+    assert ApiKey.objects.filter(tenant=owner.tenant).count() == 1
+    assert reloaded.context["created"] is None
+    assert raw_key not in reloaded.content.decode()

@@ -18,16 +18,20 @@ from webplatform.dashboard.forms import ApiKeyForm
 from webplatform.dashboard.views.common import form_error, render_page
 
 
+NEW_KEY_SESSION_KEY = "dashboard_new_key"
+
+
 def redacted(api_key: ApiKey) -> str:
     return f"{settings.API_KEY_PREFIX}_{api_key.public_id}_…"
 
 
 @org_view(Membership.Role.ADMIN)
 def keys(request: OrgRequest) -> HttpResponse:
+    """Post/redirect/get: a created key's secret travels to the next GET in the session and
+    is removed from it there, so a reload shows the list and creates nothing."""
     tenant = request.tenant
     models = tenant_limits_get(tenant=tenant).allowed_models
     form = ApiKeyForm(request.POST or None, models=models)
-    created = None
     status = 200
     if request.method == "POST":
         if form.is_valid():
@@ -44,17 +48,25 @@ def keys(request: OrgRequest) -> HttpResponse:
                 form_error(form, error)
                 status = 400
             else:
-                form = ApiKeyForm(models=models)
+                request.session[NEW_KEY_SESSION_KEY] = {
+                    "tenant_id": tenant.pk,
+                    "public_id": created.api_key.public_id,
+                    "name": created.api_key.name,
+                    "raw_key": created.raw_key,
+                }
+                return redirect("dashboard:keys", tenant.pk)
         else:
             status = 400
+    flashed = request.session.pop(NEW_KEY_SESSION_KEY, None)
+    created_key = flashed if flashed and flashed.get("tenant_id") == tenant.pk else None
     rows = [{"key": k, "redacted": redacted(k)} for k in api_key_list_for_tenant(tenant=tenant)]
     response = render_page(
         request,
         "dashboard/keys.html",
-        {"form": form, "created": created, "rows": rows, "models": models},
+        {"form": form, "created": created_key, "rows": rows, "models": models},
         status=status,
     )
-    if created is not None:
+    if created_key is not None:
         # The one response that carries the full key: keep it out of every cache.
         response["Cache-Control"] = "no-store"
     return response

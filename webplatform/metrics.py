@@ -240,10 +240,12 @@ class _QueueAges:
                 last = group["last-delivered-id"]
                 after = "(" + (last.decode() if isinstance(last, bytes) else last)
                 summary = await self.redis.xpending(stream, GROUP)
-                if summary["pending"]:
-                    oldest_pending_ms = _entry_ms(summary["min"])
+                oldest = summary["min"]
+                if summary["pending"] and oldest is not None:
+                    oldest_pending_ms = _entry_ms(oldest)
         first = await self.redis.xrange(stream, min=after, max="+", count=1)
-        lag = (now_ms - _entry_ms(first[0][0])) / 1000 if first else 0.0
+        first_id = first[0][0] if first else None
+        lag = (now_ms - _entry_ms(first_id)) / 1000 if first_id is not None else 0.0
         pending = (now_ms - oldest_pending_ms) / 1000 if oldest_pending_ms is not None else 0.0
         return max(0.0, lag), max(0.0, pending)
 

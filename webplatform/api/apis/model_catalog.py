@@ -7,7 +7,11 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from tenants.selectors.served_models import model_get_for_principal, model_list_for_principal
+from tenants.selectors.served_models import (
+    ServedModel,
+    model_get_for_principal,
+    model_list_for_principal,
+)
 from webplatform.api.base import AuthenticatedApiView
 from webplatform.api.schema import ModelListSchema, ModelSchema, error_responses
 
@@ -18,7 +22,7 @@ class ModelOutputSerializer(serializers.Serializer):
     created = serializers.IntegerField()
     owned_by = serializers.CharField()
 
-    def get_object(self, model: object) -> str:
+    def get_object(self, model: ServedModel) -> str:
         return "model"
 
 

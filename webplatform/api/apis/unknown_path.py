@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
+from django.http import HttpRequest
 from drf_spectacular.utils import extend_schema
 from rest_framework.request import Request
 
@@ -18,7 +19,7 @@ class UnknownPathApi(AuthenticatedApiView):
 
     permission_classes: list[type] = []
 
-    def not_found(self, request: Request, *args: Any, **kwargs: Any) -> None:
+    def not_found(self, request: Request | HttpRequest, *args: Any, **kwargs: Any) -> NoReturn:
         raise ApplicationError(
             f"Invalid URL ({request.method} {request.path})", code="not_found", status=404
         )

@@ -15,7 +15,9 @@ from webplatform.api.schema import UsageSchema, error_responses
 
 class UsageTotalsSerializer(serializers.Serializer):
     requests = serializers.IntegerField()
-    errors = serializers.IntegerField()
+    # The wire name is ``errors``; it shadows Serializer.errors, which this output-only
+    # serializer never validates and so never reads.
+    errors = serializers.IntegerField()  # type: ignore[assignment]
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()

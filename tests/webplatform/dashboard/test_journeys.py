@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures imported from test_browser are parameters here)
 """Journeys of a real business user in the browser (issue 17): each test failed before its
 fix. The fixtures (Chromium, the live ASGI server) are those of ``test_browser``."""
 

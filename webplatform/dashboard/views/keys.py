@@ -17,7 +17,6 @@ from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.forms import ApiKeyForm
 from webplatform.dashboard.views.common import form_error, render_page
 
-
 NEW_KEY_SESSION_KEY = "dashboard_new_key"
 
 

@@ -9,8 +9,9 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from tenants.errors import ApplicationError
-from tenants.models import Tenant
+from tenants.models import Membership, Tenant
 from tenants.selectors.accounts import user_email_taken
+from tenants.services.invitations import invitation_accept
 from tenants.services.organisations import organisation_create
 
 
@@ -20,13 +21,7 @@ class SignedUp:
     tenant: Tenant
 
 
-@transaction.atomic
-def account_sign_up(*, email: str, password: str, organisation_name: str) -> SignedUp:
-    """Create the user (username = e-mail) and their organisation, which they own.
-
-    The password must already have passed the validators (the form runs them, with the
-    user's attributes); this hashes it.
-    """
+def _user_create(*, email: str, password: str) -> User:
     user_model = get_user_model()
     email = user_model.objects.normalize_email(email.strip())
     if user_email_taken(email=email):
@@ -38,5 +33,25 @@ def account_sign_up(*, email: str, password: str, organisation_name: str) -> Sig
     user = user_model(username=email, email=email)
     user.set_password(password)
     user.save()
+    return user
+
+
+@transaction.atomic
+def account_sign_up_invited(*, token: str, email: str, password: str) -> Membership:
+    """Create the user and accept the invitation ``token`` as them: they join the inviting
+    organisation and own none of their own. The address must be the invited one (the
+    invitation's check; 403 ``invitation_email_mismatch``), else nothing is created."""
+    user = _user_create(email=email, password=password)
+    return invitation_accept(token=token, user=user)
+
+
+@transaction.atomic
+def account_sign_up(*, email: str, password: str, organisation_name: str) -> SignedUp:
+    """Create the user (username = e-mail) and their organisation, which they own.
+
+    The password must already have passed the validators (the form runs them, with the
+    user's attributes); this hashes it.
+    """
+    user = _user_create(email=email, password=password)
     tenant = organisation_create(name=organisation_name, owner=user)
     return SignedUp(user=user, tenant=tenant)

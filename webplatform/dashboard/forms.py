@@ -23,7 +23,11 @@ def _choice_field(form: forms.Form, name: str) -> forms.ChoiceField:
 
 
 class SignUpForm(forms.Form):
-    email = forms.EmailField(label=_("E-mail"), max_length=150)
+    email = forms.EmailField(
+        label=_("E-mail"),
+        max_length=150,
+        widget=forms.EmailInput(attrs={"autocomplete": "email"}),
+    )
     organisation = forms.CharField(
         label=_("Organisation name"), max_length=200, help_text=_("Your company or team.")
     )
@@ -38,6 +42,16 @@ class SignUpForm(forms.Form):
         strip=False,
         widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
     )
+
+    def __init__(self, *args: Any, invited_email: str | None = None, **kwargs: Any) -> None:
+        """``invited_email``: signing up to accept an invitation. The person joins the
+        inviting organisation, so no organisation name is asked, and the address is the
+        invited one (prefilled, read-only)."""
+        super().__init__(*args, **kwargs)
+        if invited_email is not None:
+            del self.fields["organisation"]
+            self.fields["email"].initial = invited_email
+            self.fields["email"].widget.attrs["readonly"] = True
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

@@ -38,3 +38,37 @@ def test_reloading_the_keys_page_after_a_create_makes_no_second_key(page: Any, s
     assert page.locator("[data-testid=new-key]").count() == 0
     assert ApiKey.objects.filter(tenant_id=tenant_id).count() == 1
     assert re.search(r"/orgs/\d+/keys/$", page.url)
+
+
+def _invite(tenant: Any, inviter: Any, email: str, role: str = "member") -> str:
+    """Invite ``email`` to ``tenant`` through the service; the accept link's path."""
+    from tenants.services.invitations import invitation_create
+
+    created = invitation_create(
+        tenant=tenant,
+        email=email,
+        role=role,
+        invited_by=inviter,
+        actor_role="owner",
+        accept_url_for=lambda token: f"/invitations/{token}/",
+    )
+    return f"/invitations/{created.token}/"
+
+
+def test_an_invited_person_joins_without_an_organisation_of_their_own(page: Any, server) -> None:
+    from tenants.models import Membership
+    from tenants.services.accounts import account_sign_up
+
+    acme = account_sign_up(email="boss@acme.test", password=PASSWORD, organisation_name="Acme")
+    link = _invite(acme.tenant, acme.user, "new.hire@acme.test")
+    page.goto(link)
+    page.click("text=Sign up to accept")
+    assert page.input_value("#id_email") == "new.hire@acme.test"
+    assert page.locator("#id_organisation").count() == 0
+    page.fill("#id_password1", PASSWORD)
+    page.fill("#id_password2", PASSWORD)
+    page.click("main form button[type=submit]")
+    page.wait_for_url(f"**/orgs/{acme.tenant.pk}/")
+    joined = Membership.objects.filter(user__email="new.hire@acme.test")
+    assert [(m.tenant_id, m.role) for m in joined] == [(acme.tenant.pk, "member")]
+    assert "Acme" in page.inner_text(".sidenav")

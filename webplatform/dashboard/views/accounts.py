@@ -15,7 +15,9 @@ from django.utils.translation import gettext as _
 from django.views.decorators.debug import sensitive_post_parameters
 
 from tenants.errors import ApplicationError
-from tenants.services.accounts import account_sign_up
+from tenants.models import Invitation
+from tenants.selectors.invitations import invitation_get_by_token
+from tenants.services.accounts import account_sign_up, account_sign_up_invited
 from tenants.services.login_throttle import (
     login_attempt_check,
     login_failure_record,
@@ -37,29 +39,62 @@ def _safe_next(request: HttpRequest) -> str | None:
     return None
 
 
+def _invitation(request: HttpRequest) -> tuple[str, Invitation] | None:
+    """The pending invitation a sign-up accepts (``?invitation=<token>``), if any."""
+    token = request.POST.get("invitation") or request.GET.get("invitation") or ""
+    if not token:
+        return None
+    try:
+        return token, invitation_get_by_token(token=token)
+    except ApplicationError:
+        return None
+
+
 @sensitive_post_parameters("password1", "password2")
 def sign_up(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect("dashboard:home")
-    form = SignUpForm(request.POST or None)
+    invited = _invitation(request)
+    form = SignUpForm(request.POST or None, invited_email=invited[1].email if invited else None)
     if request.method == "POST" and form.is_valid():
         try:
-            signed_up = account_sign_up(
-                email=form.cleaned_data["email"],
-                password=form.cleaned_data["password1"],
-                organisation_name=form.cleaned_data["organisation"],
-            )
+            if invited is not None:
+                membership = account_sign_up_invited(
+                    token=invited[0],
+                    email=form.cleaned_data["email"],
+                    password=form.cleaned_data["password1"],
+                )
+                user, tenant = membership.user, membership.tenant
+            else:
+                signed_up = account_sign_up(
+                    email=form.cleaned_data["email"],
+                    password=form.cleaned_data["password1"],
+                    organisation_name=form.cleaned_data["organisation"],
+                )
+                user, tenant = signed_up.user, signed_up.tenant
         except ApplicationError as error:
             form_error(form, error)
         else:
-            login(request, signed_up.user, backend=AUTH_BACKEND)
-            request.session[CURRENT_TENANT_SESSION_KEY] = signed_up.tenant.pk
+            login(request, user, backend=AUTH_BACKEND)
+            request.session[CURRENT_TENANT_SESSION_KEY] = tenant.pk
+            if invited is not None:
+                messages.success(
+                    request, _("You joined %(organisation)s.") % {"organisation": tenant.name}
+                )
+                return redirect("dashboard:overview", tenant.pk)
             messages.success(request, _("Welcome! Your organisation is ready."))
             return HttpResponseRedirect(
-                _safe_next(request) or reverse("dashboard:overview", args=[signed_up.tenant.pk])
+                _safe_next(request) or reverse("dashboard:overview", args=[tenant.pk])
             )
     return render_page(
-        request, "accounts/signup.html", {"form": form, "next": _safe_next(request) or ""}
+        request,
+        "accounts/signup.html",
+        {
+            "form": form,
+            "next": _safe_next(request) or "",
+            "invitation": invited[1] if invited else None,
+            "invitation_token": invited[0] if invited else "",
+        },
     )
 
 

@@ -177,4 +177,6 @@ def invitation_accept_view(request: HttpRequest, token: str) -> HttpResponse:
             request, _("You joined %(organisation)s.") % {"organisation": membership.tenant.name}
         )
         return redirect("dashboard:overview", membership.tenant_id)
-    return render_page(request, "dashboard/invitation.html", {"invitation": invitation})
+    return render_page(
+        request, "dashboard/invitation.html", {"invitation": invitation, "token": token}
+    )

@@ -157,6 +157,10 @@ class DeltaEvent(msgspec.Struct, frozen=True, tag="delta"):
 class DoneEvent(msgspec.Struct, frozen=True, tag="done"):
     finish_reason: FinishReason
     usage: Usage
+    # Mean log-probability of the answer's tokens, when the engine reports one (an
+    # ``openai-upstream`` model that returns logprobs); None otherwise. Routing's escalation
+    # reads it (``webplatform.completions.model_choice``).
+    mean_logprob: float | None = None
 
 
 class ErrorEvent(msgspec.Struct, frozen=True, tag="error"):

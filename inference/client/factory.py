@@ -16,6 +16,7 @@ from typing import Any
 from inference.client.base import InferenceClient
 from inference.client.inprocess import InProcessClient
 from inference.client.redis_streams import RedisStreamsClient
+from inference.client.upstream import ModelDispatchClient, UpstreamClient, split_upstream_models
 from inference.settings import InferenceSettings
 
 
@@ -38,12 +39,25 @@ def inference_settings() -> InferenceSettings:
 
 
 def build_inference_client(settings: InferenceSettings, **kwargs: Any) -> InferenceClient:
-    """A new client for ``settings`` (``kwargs`` go to the in-process client)."""
+    """A new client for ``settings`` (``kwargs`` go to the in-process client).
+
+    Models of kind ``openai-upstream`` are served by an ``UpstreamClient`` each
+    (``inference.client.upstream``), the others by the transport.
+    """
+    local, upstreams = split_upstream_models(settings)
+    client: InferenceClient
     if settings.transport == "redis":
-        return RedisStreamsClient(settings=settings)
-    if settings.transport == "inprocess":
-        return InProcessClient(settings=settings, **kwargs)
-    raise ValueError(f"unknown INFERENCE_TRANSPORT {settings.transport!r}")
+        client = RedisStreamsClient(settings=local)
+    elif settings.transport == "inprocess":
+        client = InProcessClient(settings=local, **kwargs)
+    else:
+        raise ValueError(f"unknown INFERENCE_TRANSPORT {settings.transport!r}")
+    if not upstreams:
+        return client
+    return ModelDispatchClient(
+        default=client,
+        upstreams={n: UpstreamClient(settings=settings, spec=s) for n, s in upstreams.items()},
+    )
 
 
 _lock = threading.Lock()

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.mail import send_mail
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -32,6 +33,15 @@ INVITATION_DAYS = 7
 class CreatedInvitation:
     invitation: Invitation
     token: str  # only in the e-mailed link; the database keeps its hash
+
+
+def _pending_for(*, tenant: Tenant, email: str) -> QuerySet[Invitation]:
+    return Invitation.objects.filter(
+        tenant=tenant,
+        email__iexact=email.strip(),
+        accepted_at__isnull=True,
+        cancelled_at__isnull=True,
+    )
 
 
 @transaction.atomic
@@ -54,6 +64,9 @@ def invitation_create(
         raise ApplicationError(
             _("This person is already a member."), code="already_member", param="email"
         )
+    # A new invitation supersedes the pending ones to the same address: only the newest
+    # link works, and the page lists the address once.
+    _pending_for(tenant=tenant, email=email).update(cancelled_at=timezone.now())
     token = secrets.token_urlsafe(32)
     invitation = Invitation.objects.create(
         tenant=tenant,
@@ -117,6 +130,10 @@ def invitation_accept(*, token: str, user: User) -> Membership:
         role = existing.role
     membership = membership_create(tenant=invitation.tenant, user=user, role=role)
     Invitation.objects.filter(pk=invitation.pk).update(accepted_at=timezone.now(), accepted_by=user)
+    # Any other link to the same address is void now: they are a member.
+    _pending_for(tenant=invitation.tenant, email=invitation.email).exclude(pk=invitation.pk).update(
+        cancelled_at=timezone.now()
+    )
     audit_log_record(
         tenant=invitation.tenant,
         actor=user,

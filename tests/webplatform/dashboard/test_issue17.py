@@ -40,3 +40,29 @@ def test_an_invited_sign_up_with_another_address_creates_nothing(owner) -> None:
     assert response.status_code == 200
     assert "another e-mail address" in response.content.decode()
     assert not User.objects.filter(email="mallory@example.com").exists()
+
+
+@pytest.mark.django_db
+def test_a_new_invitation_supersedes_the_old_and_accepting_clears_the_address(
+    owner, client_for
+) -> None:
+    from tenants.models import Invitation
+    from tenants.selectors.invitations import invitation_list_pending
+
+    first = invite(owner, "grace@example.com")
+    second = invite(owner, "Grace@example.com", role="admin")
+    # Only the newest invitation is pending; the first link is void.
+    assert [i.role for i in invitation_list_pending(tenant=owner.tenant)] == ["admin"]
+    assert Client().get(f"/invitations/{first}/").status_code == 404
+
+    grace = User.objects.create_user("grace@example.com", "grace@example.com", PASSWORD)
+    # An older invitation that was never superseded (made before this rule) is voided too.
+    third = invite(owner, "other@example.com")
+    Invitation.objects.filter(email="other@example.com").update(email="grace@example.com")
+    client = Client()
+    client.force_login(grace)
+    assert client.post(f"/invitations/{second}/").status_code == 302
+    assert list(invitation_list_pending(tenant=owner.tenant)) == []
+    members_page = client_for(owner).get(reverse("dashboard:members", args=[owner.tenant.pk]))
+    assert "Pending invitations" not in members_page.content.decode()
+    assert Client().get(f"/invitations/{third}/").status_code == 404

@@ -39,6 +39,7 @@ class PlanAdmin(PlanModelAdmin):
         "max_image_bytes",
         "max_output_tokens",
         "fallback_model",
+        "default_model",
     )
     search_fields = ("name",)
 

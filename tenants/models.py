@@ -28,6 +28,10 @@ class Plan(models.Model):
     allowed_models = models.JSONField(default=list, blank=True)
     # Served model to degrade to under load (the chat completions service); empty: none.
     fallback_model = models.CharField(max_length=200, blank=True, default="")
+    # The model a request that names none gets: a served model, or "auto" (routing picks
+    # the fast or the slow model, webplatform/completions/model_choice.py); empty: the
+    # first allowed model.
+    default_model = models.CharField(max_length=200, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -166,6 +170,13 @@ class UsageRecord(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices)
     error_code = models.CharField(max_length=64, blank=True, default="")
     cache_hit = models.BooleanField(default=False)
+    # Routing (model "auto"): the rule that picked ``model`` (empty when the request named
+    # its model), and, when a fast answer was escalated, the fast model and its tokens
+    # (charged too; ``prompt_tokens``/``completion_tokens`` are the answering model's).
+    route_rule = models.CharField(max_length=64, blank=True, default="")
+    escalated_from = models.CharField(max_length=200, blank=True, default="")
+    escalated_prompt_tokens = models.PositiveIntegerField(default=0)
+    escalated_completion_tokens = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
 
     class Meta:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from tenants.models import ApiKey, Tenant
 
 
+# The model name that lets routing choose (webplatform/completions/model_choice.py).
+AUTO_MODEL = "auto"
+
+
 @dataclass(frozen=True, slots=True)
 class EffectiveLimits:
     """A tenant's plan with the tenant's overrides applied (see ``tenant_limits_get``).
@@ -30,6 +34,9 @@ class EffectiveLimits:
     max_output_tokens: int
     allowed_models: tuple[str, ...]
     fallback_model: str | None
+    # The plan's model for a request that names none ("auto" lets routing pick); None: the
+    # first allowed model.
+    default_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +69,12 @@ class ApiPrincipal:
 
     @property
     def default_model(self) -> str | None:
-        """The model a request that names none gets: the first one allowed."""
+        """The model a request that names none gets: the plan's default model when it is
+        ``auto`` or allowed here, else the first one allowed."""
         allowed = self.allowed_models
+        planned = self.limits.default_model
+        if planned and (planned == AUTO_MODEL or planned in allowed):
+            return planned
         return allowed[0] if allowed else None
 
     @property

@@ -33,6 +33,7 @@ def tenant_limits_get(*, tenant: Tenant) -> EffectiveLimits:
         max_output_tokens=pick(tenant.max_output_tokens_override, plan.max_output_tokens),
         allowed_models=tuple(name for name in served if name in plan_models),
         fallback_model=plan.fallback_model or None,
+        default_model=plan.default_model or None,
     )
 
 

@@ -34,6 +34,10 @@ def usage_record_create(
     total_latency_ms: int = 0,
     error_code: str = "",
     cache_hit: bool = False,
+    route_rule: str = "",
+    escalated_from: str = "",
+    escalated_prompt_tokens: int = 0,
+    escalated_completion_tokens: int = 0,
     created_at: datetime | None = None,
 ) -> UsageRecord:
     """Record one finished request (ok, error or cancelled).
@@ -68,6 +72,10 @@ def usage_record_create(
                 status=status,
                 error_code=error_code,
                 cache_hit=cache_hit,
+                route_rule=route_rule,
+                escalated_from=escalated_from,
+                escalated_prompt_tokens=escalated_prompt_tokens,
+                escalated_completion_tokens=escalated_completion_tokens,
                 created_at=created_at or timezone.now(),
             )
     except IntegrityError:

@@ -1,15 +1,19 @@
 """Step 2, validate: every image of the request, through ``webplatform.uploads``.
 
-Size cap, magic bytes, pixel cap, ClamAV on the original bytes, full decode and a clean
-re-encode, image by image in the order the client sent them; the first refusal is the
+Size cap, magic bytes, pixel cap, ClamAV on the original bytes, then the image scaled down
+to its pixel budget (the model's, for the image's OpenAI ``detail``: ``uploads.budget``)
+and handed on as raw pixels, image by image in the order the client sent them; the first refusal is the
 request's error (an ``ApplicationError`` naming the image's field in ``param``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from asgiref.sync import sync_to_async
 
 from webplatform.completions.request import ChatCompletionInput, ImageSource
+from webplatform.uploads.budget import image_pixel_budget
 from webplatform.uploads.services import UploadLimits, ValidatedImage, upload_validate_image
 
 
@@ -21,8 +25,10 @@ async def images_validate(
     images: dict[ImageSource, ValidatedImage] = {}
     for turn in inp.turns:
         for source in turn.images:
+            budget = image_pixel_budget(model=inp.model, detail=source.detail or "auto")
+            image_limits = dataclasses.replace(limits, pixel_budget=budget)
             # Decoding and scanning are CPU and IO bound: keep them off the event loop.
             images[source] = await sync_to_async(upload_validate_image, thread_sensitive=False)(
-                source=source.url, limits=limits, param=source.param
+                source=source.url, limits=image_limits, param=source.param
             )
     return images

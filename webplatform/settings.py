@@ -18,6 +18,8 @@ from pathlib import Path
 import environ
 from celery.schedules import crontab
 
+from tenants.redis_options import redis_options
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.FileAwareEnv()
@@ -120,14 +122,38 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis: cache, quotas, channel layer, queue ---------------------------------------
 REDIS_URL = env.str("REDIS_URL", default="")
 EMBEDDED = not REDIS_URL
+# Every web-side Redis connection (cache, quotas, inference client; tenants/redis_options.py,
+# docs/reliability.md): a down or hung Redis fails a call within these timeouts and the
+# request gets 503 service_unavailable with this retry-after; a pooled connection idle longer
+# than the health-check interval is PINGed before reuse (dropped when dead, as after a
+# restart); connection errors are retried this many times with backoff (never timeouts).
+REDIS_SOCKET_TIMEOUT_SECONDS = env.float("REDIS_SOCKET_TIMEOUT_SECONDS", default=0.5)
+REDIS_CONNECT_TIMEOUT_SECONDS = env.float("REDIS_CONNECT_TIMEOUT_SECONDS", default=0.5)
+REDIS_HEALTH_CHECK_SECONDS = env.float("REDIS_HEALTH_CHECK_SECONDS", default=1.0)
+REDIS_RETRIES = env.int("REDIS_RETRIES", default=3)
+REDIS_UNAVAILABLE_RETRY_AFTER = env.int("REDIS_UNAVAILABLE_RETRY_AFTER", default=1)
 
 if REDIS_URL:
+    _redis_pool_options = redis_options(
+        socket_timeout_s=REDIS_SOCKET_TIMEOUT_SECONDS,
+        connect_timeout_s=REDIS_CONNECT_TIMEOUT_SECONDS,
+        health_check_s=REDIS_HEALTH_CHECK_SECONDS,
+        retries=REDIS_RETRIES,
+    )
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="wp"),
-            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+            "OPTIONS": {
+                "CLIENT_CLASS": "django_redis.client.DefaultClient",
+                "SOCKET_TIMEOUT": REDIS_SOCKET_TIMEOUT_SECONDS,
+                "SOCKET_CONNECT_TIMEOUT": REDIS_CONNECT_TIMEOUT_SECONDS,
+                "CONNECTION_POOL_KWARGS": {
+                    "health_check_interval": _redis_pool_options["health_check_interval"],
+                    "retry": _redis_pool_options["retry"],
+                },
+            },
         }
     }
     CHANNEL_LAYERS = {
@@ -136,7 +162,14 @@ if REDIS_URL:
             # redis-py 8 defaults to a 5 s socket timeout, as long as channels-redis's
             # blocking read: every receive would time out (channels_redis#422).
             "CONFIG": {
-                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": None,
+                        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+                        "health_check_interval": REDIS_HEALTH_CHECK_SECONDS,
+                    }
+                ],
                 "prefix": env.str("CHANNEL_PREFIX", default="asgi"),
             },
         }
@@ -266,8 +299,11 @@ INFERENCE_PRELOAD = env.bool("INFERENCE_PRELOAD", default=not TESTING)
 INFERENCE_REDIS_URL = env.str("INFERENCE_REDIS_URL", default=REDIS_URL)
 INFERENCE_BLOB_TTL_SECONDS = env.int("INFERENCE_BLOB_TTL_SECONDS", default=900)
 INFERENCE_REPLY_TTL_SECONDS = env.int("INFERENCE_REPLY_TTL_SECONDS", default=300)
-INFERENCE_CLAIM_IDLE_MS = env.int("INFERENCE_CLAIM_IDLE_MS", default=15000)
-INFERENCE_HEARTBEAT_SECONDS = env.float("INFERENCE_HEARTBEAT_SECONDS", default=2.0)
+# Liveness (docs/reliability.md): a worker renews its heartbeat key this often, with a TTL
+# of three beats (at least 1 s); a worker whose key expired is dead for routing at once, and
+# its requests are taken over by another once idle this long.
+INFERENCE_CLAIM_IDLE_MS = env.int("INFERENCE_CLAIM_IDLE_MS", default=2000)
+INFERENCE_HEARTBEAT_SECONDS = env.float("INFERENCE_HEARTBEAT_SECONDS", default=0.25)
 INFERENCE_KEY_PREFIX = env.str("INFERENCE_KEY_PREFIX", default="inference")
 # How long a client waits for a whole answer; workers skip requests queued longer than this.
 INFERENCE_REQUEST_TIMEOUT_SECONDS = env.float("INFERENCE_REQUEST_TIMEOUT_SECONDS", default=600.0)
@@ -298,6 +334,24 @@ IMAGE_MAX_PER_REQUEST = env.int("IMAGE_MAX_PER_REQUEST", default=4)
 IMAGE_PIXEL_BUDGET = env.int("IMAGE_PIXEL_BUDGET", default=1_254_400)
 IMAGE_PIXEL_BUDGET_LOW = env.int("IMAGE_PIXEL_BUDGET_LOW", default=200_704)
 IMAGE_BUDGET_TEXT_RESERVE = env.int("IMAGE_BUDGET_TEXT_RESERVE", default=2048)
+
+# --- Hostile input (docs/reliability.md, "Hostile input") -----------------------------
+# Checked before any work: the characters of text in one request (history included),
+# refused before tokenizing (more than a 128k-token context holds at ~3 characters a token);
+# the nesting of a JSON body; the bytes of any HTTP body, cut by the ASGI layer
+# (webplatform/asgi_limits.py) before Django buffers them: at least the largest plan's
+# chat body (its images at their largest in base64 plus the text), which the view checks.
+CHAT_MAX_TEXT_CHARS = env.int("CHAT_MAX_TEXT_CHARS", default=400_000)
+REQUEST_JSON_MAX_DEPTH = env.int("REQUEST_JSON_MAX_DEPTH", default=32)
+REQUEST_BODY_MAX_BYTES = env.int("REQUEST_BODY_MAX_BYTES", default=128 * 1024 * 1024)
+# A slow client: the body must arrive within this many seconds of the headers, with no
+# gap between two of its chunks longer than the idle limit (408, connection closed). The
+# header deadline is the server's (webplatform/server.py, HTTP_HEADER_TIMEOUT_SECONDS).
+REQUEST_BODY_TIMEOUT_SECONDS = env.float("REQUEST_BODY_TIMEOUT_SECONDS", default=120.0)
+REQUEST_BODY_IDLE_SECONDS = env.float("REQUEST_BODY_IDLE_SECONDS", default=15.0)
+# How long an unknown API key id is remembered as unknown (no database query meanwhile);
+# creating a key with that id forgets it at once.
+API_KEY_UNKNOWN_CACHE_SECONDS = env.int("API_KEY_UNKNOWN_CACHE_SECONDS", default=60)
 REMOTE_IMAGE_HOST_ALLOWLIST = env.list("REMOTE_IMAGE_HOST_ALLOWLIST", default=[])
 
 # LOG_FORMAT=json: one JSON object per line (structlog renders the standard logging records),

@@ -10,10 +10,9 @@ single sync thread for all of it.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
@@ -22,7 +21,6 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -30,8 +28,9 @@ from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from webplatform.api import openai_wire
 from webplatform.api.base import AuthenticatedApiView, principal_of
+from webplatform.api.request_body import json_body_read
 from webplatform.api.schema import error_responses
-from webplatform.completions.answer import Answer
+from webplatform.completions.answer import Answer, AnswerEvent
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, EntryPoint
 from webplatform.completions.serializers import (
@@ -53,41 +52,27 @@ STREAM_ERROR = ApplicationError(
 
 
 def _body_limit(principal: ApiPrincipal) -> int:
-    """The largest request body this caller may send: its plan's images at their largest,
-    base64-encoded, plus room for text. Django's global ``DATA_UPLOAD_MAX_MEMORY_SIZE``
-    (2.5 MB by default) is far below one allowed image, so this view applies its own."""
+    """The largest request body this caller may send, text and images counted apart: the
+    text at its cap (``CHAT_MAX_TEXT_CHARS``, each character at its longest JSON escape,
+    plus room for the JSON around it) and the plan's images at their largest, base64-encoded.
+    Django's global ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default) is far below one
+    allowed image, so this view applies its own; the ASGI layer's ``REQUEST_BODY_MAX_BYTES``
+    bounds what is buffered before any view runs."""
     per_image = math.ceil(principal.limits.max_image_bytes / 3) * 4 + 1024
-    text_room = 2 * 1024 * 1024
+    text_bytes = 6 * settings.CHAT_MAX_TEXT_CHARS + 64 * 1024
     return max(
-        settings.IMAGE_MAX_PER_REQUEST * per_image + text_room,
+        settings.IMAGE_MAX_PER_REQUEST * per_image + text_bytes,
         settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0,
     )
 
 
 def _request_body(request: Request, *, limit: int) -> Any:
-    """The JSON body, read with the caller's own size limit (413 ``request_too_large``)."""
+    """The JSON body, read with the caller's own size limit (413 ``request_too_large``),
+    parsed strictly (``webplatform.api.request_body``)."""
     media_type = request.content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise exceptions.UnsupportedMediaType(media_type or "(none)")
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > limit:
-        raise ApplicationError(
-            f"The request body is {length} bytes; this plan accepts at most {limit} bytes "
-            "(its images at their largest size, base64-encoded, and the text).",
-            code="request_too_large",
-            status=413,
-        )
-    raw = request.stream.read(limit + 1) if request.stream is not None else b""
-    if len(raw) > limit:
-        raise ApplicationError(
-            f"The request body is larger than {limit} bytes.", code="request_too_large", status=413
-        )
-    if not raw:
-        return {}
-    return JSONParser().parse(io.BytesIO(raw), media_type)
+    return json_body_read(request._request, limit=limit, max_depth=settings.REQUEST_JSON_MAX_DEPTH)
 
 
 def _no_store(cache_control: str) -> bool:
@@ -119,23 +104,33 @@ def _response_headers(run: CompletionRun) -> dict[str, str]:
     return headers
 
 
-async def _sse_stream(run: CompletionRun) -> AsyncIterator[bytes]:
+async def _sse_stream(
+    run: CompletionRun, events: AsyncGenerator[AnswerEvent, None], first: AnswerEvent
+) -> AsyncIterator[bytes]:
+    """The SSE body: ``first``, the event the view awaited before sending headers, then the
+    rest of ``events``."""
     chunks = openai_wire.ChunkStream(
         request_id=run.request_id,
         model=run.model,
         created=run.created,
         include_usage=run.input.include_usage,
     )
+
+    def rendered(event: AnswerEvent) -> Iterator[bytes]:
+        if isinstance(event, Answer):
+            yield openai_wire.sse(chunks.last(event))
+            if chunks.include_usage:
+                yield openai_wire.sse(chunks.usage(event))
+        elif (chunk := chunks.delta(event)) is not None:
+            yield openai_wire.sse(chunk)
+
     yield openai_wire.sse(chunks.first())
-    events = run.events()
     try:
+        for data in rendered(first):
+            yield data
         async for event in events:
-            if isinstance(event, Answer):
-                yield openai_wire.sse(chunks.last(event))
-                if chunks.include_usage:
-                    yield openai_wire.sse(chunks.usage(event))
-            elif (chunk := chunks.delta(event)) is not None:
-                yield openai_wire.sse(chunk)
+            for data in rendered(event):
+                yield data
     except ApplicationError as exc:
         # Headers are gone; OpenAI reports a mid-stream failure as an error event.
         yield openai_wire.sse(openai_wire.error_object(exc))
@@ -157,12 +152,24 @@ class CompletionStreamResponse(StreamingHttpResponse):
     client went away before the body started (then ``_sse_stream`` never ran and could not
     settle): closing settles the run in that case, so its admission is never leaked."""
 
-    def __init__(self, run: CompletionRun) -> None:
-        super().__init__(_sse_stream(run), content_type="text/event-stream")
+    def __init__(
+        self, run: CompletionRun, events: AsyncGenerator[AnswerEvent, None], first: AnswerEvent
+    ) -> None:
+        super().__init__(_sse_stream(run, events, first), content_type="text/event-stream")
         self.run = run
+        self.events = events
+
+    async def _close_events(self) -> None:
+        await self.events.aclose()
 
     def close(self) -> None:
         super().close()
+        try:
+            # Never started: the stream waits after its first event; closing it cancels
+            # the request in the worker and settles it. A no-op once the body closed it.
+            async_to_sync(self._close_events)()
+        except RuntimeError:  # still running in the body's task, which closes it itself
+            pass
         async_to_sync(self.run.abandon)()
 
 
@@ -178,8 +185,9 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
                 response=openai_wire.ChatCompletion,
                 description="A `chat.completion`; with `stream: true`, Server-Sent Events "
                 "(`text/event-stream`): `data: ` and a `chat.completion.chunk` each, ending "
-                "with `data: [DONE]`. An error after the stream started is sent as one more "
-                "event, an error object.",
+                "with `data: [DONE]`. An error known before the first token is a plain "
+                "error response, as without `stream`; one after the stream started is "
+                "sent as one more event, an error object.",
             ),
             (200, "text/event-stream"): openai_wire.ChatCompletionChunk,
             **error_responses(400, 401, 403, 404, 413, 429, 503),
@@ -202,7 +210,15 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         )
         headers = _response_headers(run)
         if inp.stream:
-            response = CompletionStreamResponse(run)
+            # Headers wait for the first event: an error known before the first token
+            # (context_length_exceeded, an image the model cannot read, no worker) is a
+            # plain 4xx/5xx, as without stream, not a 200 with an in-band error.
+            events = run.events()
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:  # events() always ends with an Answer or raises
+                raise STREAM_ERROR from None
+            response = CompletionStreamResponse(run, events, first)
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
             for name, value in headers.items():

@@ -4,8 +4,8 @@ The checks (``check_*``) raise ``ApplicationError`` and change nothing. Then one
 ``completion_admit``, takes the quota in one atomic step (``tenants.services.quotas.quota_admit``,
 a Lua script: requests per minute, tokens per day reserving ``max_tokens`` plus a prompt
 estimate, a concurrency lease). From there the admission must be given back exactly once:
-``completion_admission_release`` when the request fails before it streams, settlement
-(``webplatform.completions.settlement``) otherwise.
+settlement (``webplatform.completions.settlement``), also when the request fails before it
+streams (``Settlement.settle_refused``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from django.conf import settings
 
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal, EffectiveLimits
-from tenants.services.quotas import Admission, quota_admit, quota_release
+from tenants.services.quotas import Admission, quota_admit
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.uploads.services import UploadLimits
 
@@ -63,14 +63,31 @@ def check_image_count(*, inp: ChatCompletionInput, upload_limits: UploadLimits) 
     upload_limits.check_count(inp.image_count)
 
 
+def text_chars(inp: ChatCompletionInput) -> int:
+    """The characters of every text part of the conversation (history included)."""
+    return sum(len(p) for turn in inp.turns for p in turn.parts if isinstance(p, str))
+
+
+def check_text_size(*, inp: ChatCompletionInput) -> None:
+    """413 ``request_too_large`` for more text than ``CHAT_MAX_TEXT_CHARS``: refused before
+    the quota is touched or a tokenizer sees it (tokenizing 2 M characters takes seconds)."""
+    chars, cap = text_chars(inp), settings.CHAT_MAX_TEXT_CHARS
+    if chars > cap:
+        raise ApplicationError(
+            f"The request's text is {chars} characters; at most {cap} are accepted.",
+            code="request_too_large",
+            status=413,
+            param="messages",
+        )
+
+
 def prompt_token_estimate(inp: ChatCompletionInput) -> int:
     """A cheap upper-side guess of the prompt's tokens for the daily-token reservation.
 
     Images are not counted: their token count is known only after validation, and settlement
     charges the real figure anyway.
     """
-    chars = sum(len(p) for turn in inp.turns for p in turn.parts if isinstance(p, str))
-    return chars // 3 + 16 * len(inp.turns)
+    return text_chars(inp) // 3 + 16 * len(inp.turns)
 
 
 async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:
@@ -79,8 +96,3 @@ async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> A
     return await sync_to_async(quota_admit, thread_sensitive=False)(
         tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens
     )
-
-
-async def completion_admission_release(*, admission: Admission) -> None:
-    """Give an admission back untouched: the request failed before it streamed."""
-    await sync_to_async(quota_release, thread_sensitive=False)(admission=admission)

@@ -11,12 +11,15 @@ Read it top to bottom: each step is a module of this package.
 7. settle      ``settlement``  quota, usage record, content log, cache store; exactly once
 
 ``chat_completion_start`` runs steps 1-5 and returns the ``CompletionRun`` for steps 6-7.
-Any failure after admission gives the admission back before the error reaches the client.
-Entry points only translate wire formats.
+Any failure after admission gives the admission back and leaves a usage record (status
+``error``, or ``cancelled`` when the client went away) before the error reaches the client:
+every request that reached admission has one, whatever its outcome. Entry points only
+translate wire formats.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from inference.client import get_inference_client
@@ -24,7 +27,7 @@ from webplatform.completions.admission import (
     check_image_count,
     check_max_tokens,
     check_model_allowed,
-    completion_admission_release,
+    check_text_size,
     completion_admit,
     max_tokens_for,
     prompt_token_estimate,
@@ -56,8 +59,20 @@ async def chat_completion_start(
     check_model_allowed(principal=principal, model=inp.model)
     check_max_tokens(limits=limits, max_tokens=max_tokens)
     check_image_count(inp=inp, upload_limits=upload_limits)
+    check_text_size(inp=inp)
     admission = await completion_admit(
         principal=principal, reserve_tokens=max_tokens + prompt_token_estimate(inp)
+    )
+    # From here the request owes a settlement, whatever happens: made now, completed below.
+    settlement = Settlement(
+        request_id=request_id,
+        caller=caller,
+        admission=admission,
+        model=inp.model,
+        images=[],
+        prompt_text="\n".join(p for p in inp.turns[-1].parts if isinstance(p, str)),
+        cache_key=None,
+        cache_hit=False,
     )
     try:
         # 2. Validate.
@@ -94,23 +109,19 @@ async def chat_completion_start(
                 images=images,
                 stream=inp.stream,
             )
-    except BaseException:
-        await completion_admission_release(admission=admission)
+    except BaseException as exc:
+        # Nothing was generated: the admission goes back untouched (settling an error or a
+        # cancellation with no tokens seen charges nothing) and the usage record says why.
+        await asyncio.shield(settlement.settle_refused(exc))
         raise
 
     # 6 and 7: the run streams and settles.
-    settlement = Settlement(
-        request_id=request_id,
-        caller=caller,
-        admission=admission,
-        model=model,
-        images=list(images.values()),
-        prompt_text="\n".join(p for p in inp.turns[-1].parts if isinstance(p, str)),
-        # Stored only for the model asked for (a fallback's answer must not stand in for
-        # the model's), and never again when it came from the cache.
-        cache_key=cache_key if cached is None and model == inp.model else None,
-        cache_hit=cached is not None,
-    )
+    settlement.model = model
+    settlement.images = list(images.values())
+    # Stored only for the model asked for (a fallback's answer must not stand in for the
+    # model's), and never again when it came from the cache.
+    settlement.cache_key = cache_key if cached is None and model == inp.model else None
+    settlement.cache_hit = cached is not None
     return CompletionRun(
         request_id=request_id,
         model=model,

@@ -19,6 +19,7 @@ failed (the failure is logged).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from asgiref.sync import sync_to_async
 
 from inference.protocol import DeltaEvent, StartEvent, Usage
+from tenants.errors import ApplicationError
 from tenants.services.content_logging import content_log_record
 from tenants.services.quotas import Admission, quota_release, quota_settle
 from tenants.services.usage import usage_record_create
@@ -87,6 +89,16 @@ class Settlement:
             completion_tokens=self.tokens_streamed,
             image_tokens=self.image_tokens_seen,
         )
+
+    async def settle_refused(self, exc: BaseException) -> None:
+        """Settle a request that failed after admission and before it was submitted (an
+        image refused, no worker, ...): quota given back untouched, a usage record with
+        the error's code (``cancelled`` when the client went away meanwhile)."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            await self.settle(outcome=Outcome.CANCELLED, error_code="", answer=None)
+        else:
+            code = exc.code if isinstance(exc, ApplicationError) else "internal_error"
+            await self.settle(outcome=Outcome.ERROR, error_code=code, answer=None)
 
     async def settle(self, *, outcome: Outcome, error_code: str, answer: Answer | None) -> None:
         """Pay what the request owes; only the first call does anything."""

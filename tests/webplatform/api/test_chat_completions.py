@@ -145,16 +145,20 @@ def test_a_model_failure_before_any_text_is_a_json_error(http, engine_failing_at
     _assert_nothing_held(http)
 
 
-def test_a_streamed_request_whose_model_fails_at_once_still_gets_a_clean_stream(
+def test_a_streamed_request_whose_model_fails_before_any_text_gets_a_plain_error(
     http, engine_failing_at
 ):
+    # Headers wait for the first event: nothing was streamed, so the client gets the same
+    # plain error (and retry advice) as without stream, not a 200 with an in-band error.
     engine_failing_at(1)
 
-    with http.stream("POST", "/v1/chat/completions", json=_body(stream=True)) as response:
-        events = _sse_events(response)
+    response = http.post("/v1/chat/completions", json=_body(stream=True))
 
-    assert events[-2]["error"]["code"] == "internal_error"
-    assert events[-1] == "[DONE]"
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "internal_error"
+    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    assert (record.status, record.error_code) == ("error", "internal_error")
     _assert_nothing_held(http)
 
 

@@ -66,3 +66,59 @@ def test_a_new_invitation_supersedes_the_old_and_accepting_clears_the_address(
     members_page = client_for(owner).get(reverse("dashboard:members", args=[owner.tenant.pk]))
     assert "Pending invitations" not in members_page.content.decode()
     assert Client().get(f"/invitations/{third}/").status_code == 404
+
+
+def _bad_png_uri() -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode()
+
+
+@pytest.mark.django_db
+def test_refused_api_calls_show_in_usage_errors_and_the_error_filter(
+    owner, client_for, api_client_for
+) -> None:
+    from tenants.models import ApiKey, UsageRecord
+    from tests.factories import api_key_for
+
+    full = api_key_for(owner.tenant).raw_key
+    read = api_key_for(owner.tenant)
+    ApiKey.objects.filter(pk=read.api_key.pk).update(access="read")
+    url = "/v1/chat/completions"
+    text = [{"role": "user", "content": "hi"}]
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": _bad_png_uri()}},
+            ],
+        }
+    ]
+    calls = [
+        (full, {"model": "glm-4.6v-flash", "messages": image}, 400),
+        (full, {"model": "glm-4.6v-flash", "messages": text, "max_tokens": 10**7}, 400),
+        (read.raw_key, {"model": "glm-4.6v-flash", "messages": text}, 403),
+        (full, {"model": "no-such-model", "messages": text}, 404),
+    ]
+    codes = []
+    for key, body, status in calls:
+        response = api_client_for(key).post(url, body, format="json")
+        assert response.status_code == status, response.content
+        codes.append(response.json()["error"]["code"])
+        request_id = response["x-request-id"]
+        record = UsageRecord.objects.get(request_id=request_id)
+        assert (record.tenant_id, record.status) == (owner.tenant.pk, "error")
+        assert record.error_code == codes[-1]
+    # An unauthenticated call belongs to nobody and is not recorded.
+    assert api_client_for("sk_nope_nope").post(url, calls[1][1], format="json").status_code == 401
+    assert UsageRecord.objects.count() == 4
+
+    client = client_for(owner)
+    usage = client.get(reverse("dashboard:usage", args=[owner.tenant.pk]))
+    assert usage.context["totals"]["errors"] == 4
+    log = client.get(reverse("dashboard:requests", args=[owner.tenant.pk]), {"status": "error"})
+    page = log.content.decode()
+    for code in codes:
+        assert code in page
+    assert "No requests yet." not in page

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -29,7 +29,8 @@ from webplatform.middleware import request_id_of
 
 logger = logging.getLogger(__name__)
 
-AsyncView = Callable[..., Awaitable[HttpResponse]]
+# An async view (adrf's ``as_view()``); typed loosely, as Django's URL patterns take it.
+AsyncView = Callable[..., Any]
 
 
 def _error_code(response: HttpResponse) -> str:
@@ -66,7 +67,7 @@ def rejections_recorded(view: AsyncView) -> AsyncView:
     @functools.wraps(view)
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         started = time.monotonic()
-        response = await view(request, *args, **kwargs)
+        response: HttpResponse = await view(request, *args, **kwargs)
         if response.status_code >= 400:
             await sync_to_async(rejection_record)(
                 request=request,

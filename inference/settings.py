@@ -22,8 +22,8 @@ class InferenceSettings:
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     blob_ttl_s: int = 900
     reply_ttl_s: int = 300
-    claim_idle_ms: int = 15_000
-    heartbeat_s: float = 2.0
+    claim_idle_ms: int = 2_000
+    heartbeat_s: float = 0.25
     # The client gives up on a request after this long and reports TIMEOUT.
     request_timeout_s: float = 600.0
     # A request delivered this many times without finishing is a poison request.
@@ -31,6 +31,12 @@ class InferenceSettings:
     # Cap on entries per reply stream (approximate trim); a reply longer than this loses
     # its oldest entries for a reader that joins very late.
     reply_maxlen: int = 10_000
+    # Redis connections (docs/reliability.md): socket and connect timeouts, the idle time
+    # after which a pooled connection is PINGed before reuse, retries on connection errors.
+    redis_socket_timeout_s: float = 0.5
+    redis_connect_timeout_s: float = 0.5
+    redis_health_check_s: float = 1.0
+    redis_retries: int = 3
 
     @property
     def heartbeat_ttl_s(self) -> float:

@@ -35,6 +35,10 @@ def inference_settings() -> InferenceSettings:
         heartbeat_s=settings.INFERENCE_HEARTBEAT_SECONDS,
         request_timeout_s=settings.INFERENCE_REQUEST_TIMEOUT_SECONDS,
         max_deliveries=settings.INFERENCE_MAX_DELIVERIES,
+        redis_socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+        redis_connect_timeout_s=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+        redis_health_check_s=settings.REDIS_HEALTH_CHECK_SECONDS,
+        redis_retries=settings.REDIS_RETRIES,
     )
 
 

@@ -52,10 +52,14 @@ def worker_settings(environ_: Mapping[str, str] | None = None) -> InferenceSetti
         models=json.loads(models),
         blob_ttl_s=env.int("INFERENCE_BLOB_TTL_SECONDS", default=900),
         reply_ttl_s=env.int("INFERENCE_REPLY_TTL_SECONDS", default=300),
-        claim_idle_ms=env.int("INFERENCE_CLAIM_IDLE_MS", default=15000),
-        heartbeat_s=env.float("INFERENCE_HEARTBEAT_SECONDS", default=2.0),
+        claim_idle_ms=env.int("INFERENCE_CLAIM_IDLE_MS", default=2000),
+        heartbeat_s=env.float("INFERENCE_HEARTBEAT_SECONDS", default=0.25),
         request_timeout_s=env.float("INFERENCE_REQUEST_TIMEOUT_SECONDS", default=600.0),
         max_deliveries=env.int("INFERENCE_MAX_DELIVERIES", default=3),
+        redis_socket_timeout_s=env.float("REDIS_SOCKET_TIMEOUT_SECONDS", default=0.5),
+        redis_connect_timeout_s=env.float("REDIS_CONNECT_TIMEOUT_SECONDS", default=0.5),
+        redis_health_check_s=env.float("REDIS_HEALTH_CHECK_SECONDS", default=1.0),
+        redis_retries=env.int("REDIS_RETRIES", default=3),
     )
 
 

@@ -9,8 +9,24 @@
 - ``model_health`` reads the worker registry (a ZSET) and each worker's heartbeat key, and
   the group's lag / pending counts from ``XINFO GROUPS``.
 
-One ``redis.asyncio.Redis`` per event loop: a connection belongs to the loop that opened
-it, and Django runs sync views' async calls in short-lived loops of their own.
+Faults (docs/reliability.md):
+
+- Connections recover by themselves: short socket and connect timeouts, a PING before
+  reusing a connection idle longer than ``redis_health_check_s``, and retries with backoff
+  on connection errors (never on timeouts). Every command may be repeated: reads, ``SET``,
+  and the enqueue, a script that adds the entry only once per request id (a marker key
+  ``{prefix}:submitted:{request_id}``), so a retry after a lost reply never runs a request
+  twice. A broker outage raises ``redis.ConnectionError`` / ``redis.TimeoutError``.
+- A request whose model has no live worker left while it waits (every worker crashed; a
+  worker is live while its heartbeat key, renewed every ``heartbeat_s`` with a TTL of
+  ``heartbeat_ttl_s``, exists) ends with a retryable ``worker_lost`` error as soon as the
+  wait notices, instead of waiting out the request timeout. While another worker is live it
+  waits: that worker takes a dead one's requests over.
+
+Two ``redis.asyncio.Redis`` per event loop (a connection belongs to the loop that opened
+it, and Django runs sync views' async calls in short-lived loops of their own): one for
+commands, with the short socket timeout, and one for the blocking ``XREAD``, whose socket
+timeout adds the longest block to it.
 """
 
 from __future__ import annotations
@@ -19,11 +35,15 @@ import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.typing import XReadResponse
 
 from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
@@ -47,10 +67,31 @@ from inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 
-# Longest single XREAD block: short enough to notice the overall timeout promptly and to
-# stay under any socket timeout.
-_READ_BLOCK_MS = 1000
+# Longest single XREAD block: short enough to notice the overall timeout, and a model left
+# without a live worker, promptly.
+_READ_BLOCK_MS = 500
 _READ_COUNT = 256
+# Retries on connection errors: 20 ms, 40 ms... with jitter, at most 250 ms apart.
+_RETRY_BASE_S = 0.02
+_RETRY_CAP_S = 0.25
+
+# Enqueue once per request id: KEYS[1] the model's request stream, KEYS[2] the request's
+# marker; ARGV[1] the encoded request, ARGV[2] the marker's TTL (ms), ARGV[3] the field.
+_SUBMIT_LUA = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[1])
+end
+return false
+"""
+
+
+@dataclass(frozen=True)
+class _LoopClients:
+    """The clients of one event loop."""
+
+    commands: aioredis.Redis
+    blocking: aioredis.Redis  # XREAD with BLOCK
+    submit_script: AsyncScript
 
 
 class RedisStreamsClient(InferenceClient):
@@ -61,17 +102,40 @@ class RedisStreamsClient(InferenceClient):
             raise ValueError("the Redis transport needs INFERENCE_REDIS_URL (or REDIS_URL)")
         self.settings = settings
         self.keys = KeySpace(settings.key_prefix)
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
             weakref.WeakKeyDictionary()
         )
 
-    def _redis(self) -> aioredis.Redis:
+    def _connect(self, *, socket_timeout_s: float) -> aioredis.Redis:
+        s = self.settings
+        return aioredis.Redis.from_url(
+            s.redis_url,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=s.redis_connect_timeout_s,
+            health_check_interval=s.redis_health_check_s,
+            retry=Retry(
+                ExponentialWithJitterBackoff(cap=_RETRY_CAP_S, base=_RETRY_BASE_S),
+                s.redis_retries,
+                supported_errors=(redis.ConnectionError,),
+            ),
+        )
+
+    def _loop_clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = aioredis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
-            self._clients[loop] = client
-        return client
+        clients = self._clients.get(loop)
+        if clients is None:
+            timeout = self.settings.redis_socket_timeout_s
+            commands = self._connect(socket_timeout_s=timeout)
+            clients = _LoopClients(
+                commands=commands,
+                blocking=self._connect(socket_timeout_s=timeout + _READ_BLOCK_MS / 1000),
+                submit_script=commands.register_script(_SUBMIT_LUA),
+            )
+            self._clients[loop] = clients
+        return clients
+
+    def _redis(self) -> aioredis.Redis:
+        return self._loop_clients().commands
 
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
         blob_check_digest(data=data, ref=ref)
@@ -88,13 +152,15 @@ class RedisStreamsClient(InferenceClient):
         if self.settings.models and request.model not in self.settings.models:
             yield ErrorEvent(ErrorCode.MODEL_NOT_FOUND, f"Unknown model '{request.model}'.")
             return
-        await self._redis().xadd(
-            self.keys.requests(request.model), {REQUEST_FIELD: encode(request)}
+        time_limit_s = time_limit_s or self.settings.request_timeout_s
+        await self._loop_clients().submit_script(
+            keys=[self.keys.requests(request.model), self._submitted_key(request.request_id)],
+            args=[encode(request), int(time_limit_s * 1000) + 1, REQUEST_FIELD],
         )
         finished = False
         try:
             async for event in self.events(
-                request.request_id, time_limit_s=time_limit_s or self.settings.request_timeout_s
+                request.request_id, time_limit_s=time_limit_s, model=request.model
             ):
                 finished = isinstance(event, TERMINAL_EVENTS)
                 yield event
@@ -103,19 +169,30 @@ class RedisStreamsClient(InferenceClient):
                 # The caller stopped listening (client gone) or we timed out: free the slot.
                 await self._cancel_quietly(request.request_id)
 
+    def _submitted_key(self, request_id: str) -> str:
+        return f"{self.keys.prefix}:submitted:{request_id}"
+
     async def events(
-        self, request_id: str, *, time_limit_s: float, after: str = "0-0"
+        self,
+        request_id: str,
+        *,
+        time_limit_s: float,
+        after: str = "0-0",
+        model: str | None = None,
     ) -> AsyncIterator[Event]:
         """Read a request's reply stream from ``after`` until its terminal event.
 
         Ends with ``ErrorEvent(TIMEOUT)`` if no terminal event arrives within ``time_limit_s``
-        seconds. Does not cancel anything: ``submit`` does that.
+        seconds; with a retryable ``ErrorEvent(WORKER_LOST)`` when ``model`` is given and a
+        wait with nothing new finds none of its workers live. Does not cancel anything:
+        ``submit`` does that.
         """
         key = self.keys.reply(request_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + time_limit_s
         last_id: bytes | str = after
-        client = self._redis()
+        clients = self._loop_clients()
+        client = clients.blocking
         while True:
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
@@ -128,7 +205,16 @@ class RedisStreamsClient(InferenceClient):
             resp = await client.xread(
                 {key: last_id}, count=_READ_COUNT, block=min(remaining_ms, _READ_BLOCK_MS)
             )
-            for entry_id, fields in _xread_entries(resp):
+            entries = _xread_entries(resp)
+            if not entries and model is not None:
+                if await self._live_workers(clients.commands, model) == 0:
+                    yield ErrorEvent(
+                        ErrorCode.WORKER_LOST,
+                        f"No worker of the model '{model}' is serving any more; retry shortly.",
+                        retryable=True,
+                    )
+                    return
+            for entry_id, fields in entries:
                 last_id = entry_id
                 try:
                     event = decode_event(fields[EVENT_FIELD])
@@ -165,6 +251,14 @@ class RedisStreamsClient(InferenceClient):
         waiting, pending = await self._queue_counts(client, model)
         return model_health_from_heartbeats(model, beats, waiting=waiting, pending=pending)
 
+    async def _live_workers(self, client: aioredis.Redis, model: str) -> int:
+        """How many of ``model``'s registered workers still hold their heartbeat key."""
+        worker_ids = [_text(w) for w in await client.zrange(self.keys.registry(model), 0, -1)]
+        if not worker_ids:
+            return 0
+        raw = await client.mget([self.keys.heartbeat(model, w) for w in worker_ids])
+        return sum(value is not None for value in raw)
+
     async def _queue_counts(self, client: aioredis.Redis, model: str) -> tuple[int, int]:
         stream = self.keys.requests(model)
         try:
@@ -185,11 +279,12 @@ class RedisStreamsClient(InferenceClient):
         return int(await client.xlen(stream)), 0
 
     async def aclose(self) -> None:
-        """Close the connection pool of the current loop (tests; shutdown)."""
+        """Close the connection pools of the current loop (tests; shutdown)."""
         loop = asyncio.get_running_loop()
-        client = self._clients.pop(loop, None)
-        if client is not None:
-            await client.aclose()
+        clients = self._clients.pop(loop, None)
+        if clients is not None:
+            await clients.commands.aclose()
+            await clients.blocking.aclose()
 
 
 # Replies as this client receives them. redis-py declares each reply for every protocol and

@@ -87,6 +87,8 @@ class ChatCompletionInput:
     user: str | None = None
     thinking: bool = False
     use_cache: bool = True
+    # "high" sends a request for model "auto" to the slow model (model_choice.py).
+    quality: str | None = None
 
     @property
     def image_count(self) -> int:

@@ -424,6 +424,13 @@ class ChatOptionsSerializer(serializers.Serializer):
         allow_null=True,
         help_text="Let the model reason before it answers (`reasoning_content`); off by default.",
     )
+    quality = serializers.ChoiceField(
+        choices=["standard", "high"],
+        required=False,
+        allow_null=True,
+        help_text="With model `auto`: `high` always asks the large model; `standard` (the "
+        "default) lets the routing rules choose.",
+    )
 
 
 @dataclass(frozen=True)
@@ -434,6 +441,7 @@ class ChatOptions:
     top_p: float
     seed: int | None
     thinking: bool
+    quality: str | None = None
 
 
 def chat_options(data: Mapping[str, Any], *, default_model: str) -> ChatOptions:
@@ -447,6 +455,7 @@ def chat_options(data: Mapping[str, Any], *, default_model: str) -> ChatOptions:
         top_p=1.0 if top_p is None else max(float(top_p), 1e-6),
         seed=data.get("seed"),
         thinking=bool(data.get("thinking")),
+        quality=data.get("quality"),
     )
 
 
@@ -634,6 +643,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
         "n",
         "logprobs",
         "thinking",
+        "quality",
         "cache",
         "tools",
         "functions",
@@ -688,6 +698,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
             user=data.get("user"),
             thinking=options.thinking,
             use_cache=bool(data.get("cache", True)) and use_cache,
+            quality=options.quality,
         )
 
 
@@ -724,6 +735,7 @@ class MessageFrameSerializer(ChatOptionsSerializer):
             seed=options.seed,
             stream=True,
             thinking=options.thinking,
+            quality=options.quality,
         )
 
 

@@ -235,9 +235,18 @@ def usage_models_for_tenant(*, tenant: Tenant) -> list[str]:
 
 
 def request_log_for_tenant(
-    *, tenant: Tenant, usage_filter: UsageFilter, status: str | None = None, limit: int = 100
+    *,
+    tenant: Tenant,
+    usage_filter: UsageFilter,
+    status: str | None = None,
+    since: datetime | None = None,
+    before: datetime | None = None,
 ) -> QuerySet[UsageRecord]:
-    records = usage_records_for_tenant(tenant=tenant).filter(usage_filter.records())
+    """The tenant's request records, newest first, filtered; ``since`` inclusive, ``before``
+    exclusive. Unsliced: the caller pages it."""
+    records = usage_records_for_tenant(tenant=tenant, since=since).filter(usage_filter.records())
+    if before is not None:
+        records = records.filter(created_at__lt=before)
     if status:
         records = records.filter(status=status)
-    return records.select_related("user")[:limit]
+    return records.select_related("user").order_by("-created_at", "-id")

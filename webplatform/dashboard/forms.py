@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, cast
 
 from django import forms
@@ -177,3 +177,35 @@ class UsageFilterForm(forms.Form):
         super().__init__(*args, **kwargs)
         _choice_field(self, "key").choices = [("", _("All keys")), *keys]
         _choice_field(self, "model").choices = [("", _("All models"))] + [(m, m) for m in models]
+
+
+class DateRangeForm(forms.Form):
+    """The days a log page lists (UTC), both ends included; either may be left empty."""
+
+    start = forms.DateField(
+        label=_("From"), required=False, widget=forms.DateInput(attrs={"type": "date"})
+    )
+    end = forms.DateField(
+        label=_("To"), required=False, widget=forms.DateInput(attrs={"type": "date"})
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        start, end = data.get("start"), data.get("end")
+        if start and end and start > end:
+            self.add_error("end", _("The end date is before the start date."))
+        return data
+
+    def bounds(self) -> tuple[Any, Any]:
+        """``(since, before)``: UTC midnights, ``before`` the day after ``end``."""
+        if not self.is_bound or not self.is_valid():
+            return None, None
+        start, end = self.cleaned_data.get("start"), self.cleaned_data.get("end")
+
+        def midnight(day: Any) -> Any:
+            return datetime.combine(day, time.min, tzinfo=UTC)
+
+        return (
+            midnight(start) if start else None,
+            midnight(end + timedelta(days=1)) if end else None,
+        )

@@ -122,3 +122,65 @@ def test_refused_api_calls_show_in_usage_errors_and_the_error_filter(
     for code in codes:
         assert code in page
     assert "No requests yet." not in page
+
+
+def _records(tenant, days_ago_counts: dict[int, int]) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants.models import UsageRecord
+
+    now = timezone.now()
+    UsageRecord.objects.bulk_create(
+        UsageRecord(
+            tenant=tenant,
+            request_id=f"req-{days}-{i}",
+            channel="rest",
+            model="glm-4.6v-flash",
+            status="ok",
+            created_at=now - timedelta(days=days, seconds=i),
+        )
+        for days, count in days_ago_counts.items()
+        for i in range(count)
+    )
+
+
+@pytest.mark.django_db
+def test_the_request_log_pages_and_takes_a_date_range(owner, client_for) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    _records(owner.tenant, {0: 70, 10: 50})
+    client = client_for(owner)
+    url = reverse("dashboard:requests", args=[owner.tenant.pk])
+    first = client.get(url)
+    assert len(first.context["rows"]) == 50
+    assert "Showing 1–50 of 120, newest first." in first.content.decode()
+    last = client.get(url, {"page": 3, "status": "ok"})
+    assert len(last.context["rows"]) == 20
+    assert "Page 3 of 3" in last.content.decode()
+    assert "status=ok&amp;page=2" in last.content.decode()  # the filters stay on the pager
+    older = (timezone.now() - timedelta(days=10)).date().isoformat()
+    ranged = client.get(url, {"start": older, "end": older})
+    assert {r["record"].request_id[:6] for r in ranged.context["rows"]} == {"req-10"}
+    assert "of 50," in ranged.content.decode()
+    wrong = client.get(url, {"start": "2026-02-02", "end": "2026-01-01"})
+    assert "The end date is before the start date." in wrong.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_audit_log_pages_and_takes_a_date_range(owner, client_for) -> None:
+    from tenants.models import AuditLogEntry
+
+    AuditLogEntry.objects.bulk_create(
+        AuditLogEntry(tenant=owner.tenant, action="plan_changed", target=str(i)) for i in range(230)
+    )
+    client = client_for(owner)
+    url = reverse("dashboard:audit", args=[owner.tenant.pk])
+    total = AuditLogEntry.objects.filter(tenant=owner.tenant).count()
+    page = client.get(url, {"page": 5})
+    assert len(page.context["entries"]) == total - 200
+    assert f"of {total:,}" in page.content.decode() or f"of {total}" in page.content.decode()
+    assert client.get(url, {"start": "2001-01-01", "end": "2001-01-02"}).context["entries"] == []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+from typing import Any
 
+from django.core.paginator import Page, Paginator
+from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from tenants.models import Membership, UsageRecord
 from tenants.selectors.api_keys import api_key_list_for_tenant
-from tenants.selectors.audit_log import audit_log_for_tenant
+from tenants.selectors.audit_log import audit_log_query
 from tenants.selectors.content_logging import content_log_by_request
 from tenants.selectors.usage import (
     NO_KEY,
@@ -21,11 +24,21 @@ from tenants.selectors.usage import (
 )
 from tenants.services.members import role_at_least
 from webplatform.dashboard.access import OrgRequest, org_view
-from webplatform.dashboard.forms import UsageFilterForm
+from webplatform.dashboard.forms import DateRangeForm, UsageFilterForm
 from webplatform.dashboard.views.common import render_page
 from webplatform.dashboard.views.organisations import quota_rows
 
 DAYS = 30
+PAGE_SIZE = 50
+
+
+def paged(request: OrgRequest, rows: QuerySet[Any]) -> dict[str, Any]:
+    """One page of ``rows`` (``?page=``) and what the pager and its notice need: the other
+    query parameters, kept on the pager's links."""
+    page: Page[Any] = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return {"page_obj": page, "page_query": query.urlencode()}
 
 
 def _filter_form(request: OrgRequest) -> tuple[UsageFilterForm, UsageFilter]:
@@ -137,14 +150,20 @@ def usage_csv(request: OrgRequest) -> HttpResponse:
 def request_log(request: OrgRequest) -> HttpResponse:
     tenant = request.tenant
     form, usage_filter = _filter_form(request)
+    dates = DateRangeForm(request.GET or None)
+    since, before = dates.bounds()
     status = request.GET.get("status")
-    records = list(
+    pager = paged(
+        request,
         request_log_for_tenant(
             tenant=tenant,
             usage_filter=usage_filter,
             status=status if status in UsageRecord.Status.values else None,
-        )
+            since=since,
+            before=before,
+        ),
     )
+    records = list(pager["page_obj"])
     # Stored prompts and answers are for admins only, and only while logging is on.
     show_content = tenant.log_content and role_at_least(
         request.membership.role,
@@ -159,14 +178,23 @@ def request_log(request: OrgRequest) -> HttpResponse:
     return render_page(
         request,
         "dashboard/requests.html",
-        {"filter_form": form, "rows": rows, "show_content": show_content},
+        {
+            "filter_form": form,
+            "date_form": dates,
+            "rows": rows,
+            "show_content": show_content,
+            **pager,
+        },
     )
 
 
 @org_view(Membership.Role.ADMIN)
 def audit_log(request: OrgRequest) -> HttpResponse:
+    dates = DateRangeForm(request.GET or None)
+    since, before = dates.bounds()
+    pager = paged(request, audit_log_query(tenant=request.tenant, since=since, before=before))
     return render_page(
         request,
         "dashboard/audit.html",
-        {"entries": audit_log_for_tenant(tenant=request.tenant)},
+        {"entries": list(pager["page_obj"]), "date_form": dates, **pager},
     )

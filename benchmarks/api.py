@@ -24,6 +24,11 @@ or ``CLAMD_URL`` is given), queue, tiny model, response, usage record and quota 
 
     CLAMD_URL=$(bash scripts/clamd-test.sh) .venv/bin/python benchmarks/api.py
 
+``--image standard photo screenshot`` runs each image set in turn on the same servers: the
+standard JPEG, a 12 MP phone photo of a label (4000 x 3000 JPEG, scaled to the model's pixel
+budget at validation) and a 1920 x 1080 PNG screenshot. The ``engine`` mode hands the image
+to the engine whole (no pixel budget): use it with the standard image.
+
 Options: ``--clients 1 16 64``, ``--modes engine embedded redis``, ``--rounds``,
 ``--min-requests`` and ``--requests-per-client`` (a level sends the larger of the minimum
 and per-client count times clients),
@@ -49,7 +54,7 @@ sys.path.insert(0, str(REPO))
 from apibench.load import WARM_UP_REQUESTS, requests_for, run_rounds  # noqa: E402
 from apibench.provision import provision_command  # noqa: E402
 from apibench.report import HEADER, best, print_result, summary  # noqa: E402
-from apibench.request import MAX_TOKENS, distinct_jpegs, request_body  # noqa: E402
+from apibench.request import IMAGE_SETS, MAX_TOKENS, request_body  # noqa: E402
 from apibench.setups import (  # noqa: E402
     BENCH_SETTINGS,
     build_tiny_model,
@@ -73,11 +78,19 @@ async def main(args: argparse.Namespace) -> None:
             build_tiny_model(model_dir)
         per_round = sum(requests_for(c, args) for c in args.clients)
         # Every request of a mode gets an image no request of that mode had before.
-        jpegs = distinct_jpegs(WARM_UP_REQUESTS + args.rounds * per_round)
-        body = request_body(jpegs[0])
+        image_sets = {
+            name: IMAGE_SETS[name](WARM_UP_REQUESTS + args.rounds * per_round)
+            for name in args.image
+        }
+        for name, images in image_sets.items():
+            body = request_body(images[0], args.detail)
+            print(
+                f"request ({name}): {len(images[0]) / 1000:.0f} KB image "
+                f"({len(body) / 1000:.0f} KB body), a different image each time, "
+                f"max_tokens {MAX_TOKENS}, greedy, cache off",
+                flush=True,
+            )
         print(
-            f"request: {len(jpegs[0]) / 1000:.0f} KB JPEG ({len(body) / 1000:.0f} KB body), "
-            f"a different image each time, max_tokens {MAX_TOKENS}, greedy, cache off; "
             f"ClamAV {'on (' + args.clamd_url + ')' if args.clamd_url else 'off'}; "
             f"max({args.min_requests}, {args.requests_per_client} x clients) requests per "
             f"level; {args.rounds} rounds, modes and levels interleaved",
@@ -90,21 +103,25 @@ async def main(args: argparse.Namespace) -> None:
                     targets.append(EngineTarget(model_dir, args.torch_threads))
                 elif mode == "embedded":
                     url, key = stack.enter_context(embedded_target(tmp, model_dir, args))
-                    targets.append(HttpTarget(mode, url, key))
+                    targets.append(HttpTarget(mode, url, key, args.detail))
                 else:
                     url, key = stack.enter_context(redis_target(tmp, model_dir, args))
-                    targets.append(HttpTarget(mode, url, key))
+                    targets.append(HttpTarget(mode, url, key, args.detail))
+            results = {}
             try:
-                results = await run_rounds(targets, jpegs, args)
+                for name, images in image_sets.items():
+                    print(f"\n{name}:")
+                    results[name] = await run_rounds(targets, images, args)
             finally:
                 for target in targets:
                     await target.aclose()
-        print(f"\nbest of {args.rounds} rounds (by requests/s):")
-        print(HEADER)
-        chosen = best(results)
-        for r in chosen:
-            print_result(r)
-        summary(chosen)
+        for name, image_results in results.items():
+            print(f"\n{name}: best of {args.rounds} rounds (by requests/s):")
+            print(HEADER)
+            chosen = best(image_results)
+            for r in chosen:
+                print_result(r)
+            summary(chosen)
 
 
 def parse_args() -> argparse.Namespace:
@@ -115,6 +132,22 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=["engine", "embedded", "redis"],
         choices=["engine", "embedded", "redis"],
+    )
+    parser.add_argument(
+        "--image",
+        nargs="+",
+        default=["standard"],
+        choices=sorted(IMAGE_SETS),
+        help="standard: ~200 KB noise JPEG (520 px); photo: 12 MP phone photo of a label "
+        "(4000 x 3000 JPEG); screenshot: 1920 x 1080 PNG",
+    )
+    parser.add_argument(
+        "--detail",
+        choices=["auto", "low", "high"],
+        default=None,
+        help="image_url.detail of every request (default: not sent, i.e. auto); low scales "
+        "every image set to the same ~256 image tokens, so the model's work is the same and "
+        "what differs between the sets is the platform's",
     )
     parser.add_argument("--requests-per-client", type=int, default=1)
     parser.add_argument("--min-requests", type=int, default=16, help="per client count")

@@ -46,22 +46,78 @@ def distinct_jpegs(count: int) -> list[bytes]:
     return [first] + [noise_jpeg(0, seed=seed, side=side) for seed in range(1, count)]
 
 
+def distinct_photos(count: int) -> list[bytes]:
+    """``count`` different 12 MP phone photos of a label (4000 x 3000 JPEG, ~1-2 MB): small
+    print over the whole frame, each with its own noise patch so no two are alike."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    base = Image.new("RGB", (4000, 3000), (236, 228, 210))
+    draw = ImageDraw.Draw(base)
+    for y in range(0, 3000, 24):
+        for x in range(0, 4000, 200):
+            draw.text((x + (y % 48), y), "BEST BEFORE 03/27", fill=(20 + x % 90, 40, 60 + y % 120))
+    photos = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        photo = base.copy()
+        patch = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        photo.paste(Image.fromarray(patch, "RGB"), (int(rng.integers(0, 3936)), 1500))
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=88)
+        photos.append(buffer.getvalue())
+    return photos
+
+
+def distinct_screenshots(count: int) -> list[bytes]:
+    """``count`` different 1920 x 1080 PNG screenshots (flat colours, text, a table): the
+    image type that compresses well as PNG and is large as pixels."""
+    from PIL import Image, ImageDraw
+
+    shots = []
+    for seed in range(count):
+        shot = Image.new("RGB", (1920, 1080), (250, 250, 252))
+        draw = ImageDraw.Draw(shot)
+        draw.rectangle([0, 0, 1920, 64], fill=(32, 48, 80))
+        draw.rectangle([0, 64, 260, 1080], fill=(236, 239, 244))
+        for row in range(28):
+            y = 100 + row * 34
+            draw.rectangle([300, y, 1880, y + 30], outline=(210, 214, 220))
+            draw.text((312, y + 8), f"INV-{seed:04d}-{row:03d}  Widget {row * 7 % 13}", fill=0)
+            draw.text((1500, y + 8), f"{(seed * 31 + row * 977) % 10000 / 100:.2f} EUR", fill=0)
+        buffer = io.BytesIO()
+        shot.save(buffer, format="PNG")
+        shots.append(buffer.getvalue())
+    return shots
+
+
+IMAGE_SETS = {
+    "standard": distinct_jpegs,
+    "photo": distinct_photos,
+    "screenshot": distinct_screenshots,
+}
+
+
 def _side_of(jpeg: bytes) -> int:
     from PIL import Image
 
     return Image.open(io.BytesIO(jpeg)).width
 
 
-def request_body(jpeg: bytes) -> bytes:
-    """The ``POST /v1/chat/completions`` body carrying ``jpeg``."""
-    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+def request_body(jpeg: bytes, detail: str | None = None) -> bytes:
+    """The ``POST /v1/chat/completions`` body carrying ``jpeg`` (or a PNG), with OpenAI's
+    ``image_url.detail`` when given."""
+    media_type = "image/png" if jpeg.startswith(b"\x89PNG") else "image/jpeg"
+    image_url = {"url": f"data:{media_type};base64," + base64.b64encode(jpeg).decode()}
+    if detail is not None:
+        image_url["detail"] = detail
     body = {
         "model": MODEL,
         "messages": [
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": uri}},
+                    {"type": "image_url", "image_url": image_url},
                     {"type": "text", "text": QUESTION},
                 ],
             }

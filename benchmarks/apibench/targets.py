@@ -34,10 +34,11 @@ class Target(abc.ABC):
 class HttpTarget(Target):
     """``POST /v1/chat/completions`` on a server, with an API key."""
 
-    def __init__(self, mode: str, url: str, key: str) -> None:
+    def __init__(self, mode: str, url: str, key: str, detail: str | None = None) -> None:
         import httpx
 
         self.mode = mode
+        self.detail = detail
         self.http = httpx.AsyncClient(
             base_url=url,
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
@@ -46,7 +47,7 @@ class HttpTarget(Target):
         )
 
     def prepare(self, jpeg: bytes) -> bytes:
-        return request_body(jpeg)
+        return request_body(jpeg, self.detail)
 
     async def call(self, item: bytes) -> str | None:
         import httpx

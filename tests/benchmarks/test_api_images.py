@@ -1,0 +1,44 @@
+"""The image sets of ``benchmarks/api.py``: what each claims to be, all different, and sent
+with the right media type and ``detail``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from apibench.request import distinct_photos, distinct_screenshots, request_body
+
+
+def _image_url(body: bytes) -> dict[str, str]:
+    return json.loads(body)["messages"][0]["content"][0]["image_url"]
+
+
+def test_photos_are_distinct_12_megapixel_jpegs() -> None:
+    photos = distinct_photos(2)
+    assert photos[0] != photos[1]
+    for photo in photos:
+        image = Image.open(io.BytesIO(photo))
+        assert (image.format, image.size) == ("JPEG", (4000, 3000))
+    url = _image_url(request_body(photos[0], "low"))
+    assert url["detail"] == "low"
+    assert url["url"].startswith("data:image/jpeg;base64,")
+
+
+def test_screenshots_are_distinct_full_hd_pngs() -> None:
+    shots = distinct_screenshots(2)
+    assert shots[0] != shots[1]
+    for shot in shots:
+        image = Image.open(io.BytesIO(shot))
+        assert (image.format, image.size) == ("PNG", (1920, 1080))
+    url = _image_url(request_body(shots[0]))
+    assert "detail" not in url
+    prefix = "data:image/png;base64,"
+    assert url["url"].startswith(prefix)
+    assert base64.b64decode(url["url"][len(prefix) :]) == shots[0]

@@ -4,6 +4,9 @@
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
+# Slow and oversized clients (docs/reliability.md, "Hostile input"): a deadline on request
+# headers (webplatform/server.py; uvicorn has none), 5 s idle keep-alive, 16 KiB of headers.
+UVICORN_LIMITS = --http webplatform.server:HeaderDeadlineH11Protocol --timeout-keep-alive 5 --h11-max-incomplete-event-size 16384
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8000
@@ -45,7 +48,7 @@ run: install tiny-model migrate
 	$(PY) manage.py collectstatic --no-input -v 0
 	$(PY) manage.py demo_setup --host $(HOST) --port $(PORT)
 	@echo "Serving on http://$(HOST):$(PORT)/  (OpenAI base_url: http://$(HOST):$(PORT)/v1)"
-	$(VENV)/bin/uvicorn webplatform.asgi:application --host $(HOST) --port $(PORT) --ws websockets-sansio
+	$(VENV)/bin/uvicorn webplatform.asgi:application --host $(HOST) --port $(PORT) --ws websockets-sansio $(UVICORN_LIMITS)
 
 lint: install-test
 	$(VENV)/bin/ruff check .

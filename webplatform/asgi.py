@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from webplatform.asgi_limits import BodyLimits  # noqa: E402
 from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
 from webplatform.chat.security import websocket_stack  # noqa: E402
 
@@ -33,7 +34,8 @@ _preload_embedded_models()
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Bodies bounded in size and time before Django buffers them (asgi_limits.py).
+        "http": BodyLimits(django_asgi_app),
         "websocket": websocket_stack(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.utils.translation import gettext as _
 
+from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, Plan, Tenant
 from tenants.selectors.api_keys import api_key_list_for_tenant
+from tenants.selectors.plans import plan_is_self_serve
 from tenants.selectors.tenants import plan_get_by_name
 from tenants.services.api_keys import api_key_revoke
 from tenants.services.audit_log import audit_log_record
@@ -33,7 +36,19 @@ def organisation_create(*, name: str, owner: User) -> Tenant:
 
 
 @transaction.atomic
-def organisation_plan_change(*, tenant: Tenant, plan: Plan, actor: User) -> Tenant:
+def organisation_plan_change(
+    *, tenant: Tenant, plan: Plan, actor: User, self_serve: bool = True
+) -> Tenant:
+    """Switch ``tenant`` to ``plan``. ``self_serve`` (an owner on the dashboard): only a
+    self-serve plan (``tenants.selectors.plans``), else 403 ``plan_not_self_serve``; an
+    operator (the admin, a script) passes ``self_serve=False``."""
+    if self_serve and not plan_is_self_serve(plan):
+        raise ApplicationError(
+            _("This plan is not self-serve: contact us to switch to it."),
+            code="plan_not_self_serve",
+            status=403,
+            param="plan",
+        )
     previous = tenant.plan.name
     if tenant.plan_id == plan.pk:
         return tenant

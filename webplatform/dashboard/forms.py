@@ -9,6 +9,7 @@ from django import forms
 from django.contrib.auth import get_user_model, password_validation
 from django.utils import timezone
 from django.utils.functional import Promise
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from tenants.models import ApiKey, Membership, Plan
@@ -134,8 +135,13 @@ class ApiKeyForm(forms.Form):
         return timezone.now() + timedelta(days=int(days)) if days else None
 
 
+class PlanChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Any) -> str:
+        return gettext(obj.name)  # plan names are in the catalogue (labels.py)
+
+
 class PlanForm(forms.Form):
-    plan = forms.ModelChoiceField(label=_("Plan"), queryset=Plan.objects.none(), empty_label=None)
+    plan = PlanChoiceField(label=_("Plan"), queryset=Plan.objects.none(), empty_label=None)
 
     def __init__(self, *args: Any, plans: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -13,6 +13,9 @@ MODEL_LABELS = (
     gettext_noop("Owner"),
     gettext_noop("Admin"),
     gettext_noop("Member"),
+    # Plan names (the built-in plans; tenants.services.tenants)
+    gettext_noop("free"),
+    gettext_noop("pro"),
     # UsageRecord.Status and Channel
     gettext_noop("OK"),
     gettext_noop("Error"),

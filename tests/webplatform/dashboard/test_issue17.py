@@ -184,3 +184,59 @@ def test_the_audit_log_pages_and_takes_a_date_range(owner, client_for) -> None:
     assert len(page.context["entries"]) == total - 200
     assert f"of {total:,}" in page.content.decode() or f"of {total}" in page.content.decode()
     assert client.get(url, {"start": "2001-01-01", "end": "2001-01-02"}).context["entries"] == []
+
+
+@pytest.mark.django_db
+def test_only_an_owner_changes_the_plan_and_only_to_a_self_serve_plan(
+    owner, org_admin, client_for
+) -> None:
+    from tenants.models import Plan, Tenant
+    from tenants.services.tenants import plans_ensure_defaults
+
+    plans_ensure_defaults()
+    free = Plan.objects.get(name="free")
+    Tenant.objects.filter(pk=owner.tenant.pk).update(plan=free)
+    pro = Plan.objects.get(name="pro")
+    enterprise = Plan.objects.create(
+        name="enterprise",
+        requests_per_minute=10_000,
+        tokens_per_day=10**9,
+        concurrent_requests=100,
+        max_image_bytes=20 * 2**20,
+        max_output_tokens=4096,
+    )
+    url = reverse("dashboard:plan-change", args=[owner.tenant.pk])
+    settings_url = reverse("dashboard:settings", args=[owner.tenant.pk])
+    # An admin sees the plans but may not switch.
+    assert client_for(org_admin).post(url, {"plan": pro.pk, "confirm": "yes"}).status_code == 403
+    owner_client = client_for(owner)
+    offered = owner_client.get(settings_url).context["plan_form"].fields["plan"].queryset
+    assert set(offered.values_list("name", flat=True)) == {"free", "pro"}
+    refused = owner_client.post(url, {"plan": enterprise.pk, "confirm": "yes"})
+    assert refused.status_code == 400
+    assert owner_client.post(url, {"plan": pro.pk}).status_code == 200  # the confirmation
+    assert Tenant.objects.get(pk=owner.tenant.pk).plan_id == free.pk
+    assert owner_client.post(url, {"plan": pro.pk, "confirm": "yes"}).status_code == 302
+    assert Tenant.objects.get(pk=owner.tenant.pk).plan_id == pro.pk
+
+
+@pytest.mark.django_db
+def test_the_service_refuses_a_plan_that_is_not_self_serve(owner) -> None:
+    from tenants.errors import ApplicationError
+    from tenants.models import Plan
+    from tenants.services.organisations import organisation_plan_change
+
+    enterprise = Plan.objects.create(
+        name="enterprise",
+        requests_per_minute=1,
+        tokens_per_day=1,
+        concurrent_requests=1,
+        max_image_bytes=1,
+        max_output_tokens=1,
+    )
+    with pytest.raises(ApplicationError) as refused:
+        organisation_plan_change(tenant=owner.tenant, plan=enterprise, actor=owner.user)
+    assert refused.value.code == "plan_not_self_serve"
+    organisation_plan_change(
+        tenant=owner.tenant, plan=enterprise, actor=owner.user, self_serve=False
+    )

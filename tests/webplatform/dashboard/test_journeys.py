@@ -72,3 +72,20 @@ def test_an_invited_person_joins_without_an_organisation_of_their_own(page: Any,
     joined = Membership.objects.filter(user__email="new.hire@acme.test")
     assert [(m.tenant_id, m.role) for m in joined] == [(acme.tenant.pk, "member")]
     assert "Acme" in page.inner_text(".sidenav")
+
+
+def test_the_plan_changes_only_after_confirmation(page: Any, server) -> None:
+    from tenants.models import Tenant
+
+    tenant_id = sign_up(page, "planner@example.com", "Planners")
+    page.goto(f"/orgs/{tenant_id}/settings/")
+    page.select_option("#id_plan", label="pro")
+    page.click("text=Change plan…")
+    # Nothing changed yet: the confirmation page compares the limits.
+    assert Tenant.objects.get(pk=tenant_id).plan.name == "free"
+    assert "Switch from free to pro?" in page.inner_text("h1")
+    assert page.locator("#plan-compare tbody tr").count() == 4
+    page.click("#confirm-plan")
+    page.wait_for_url(f"**/orgs/{tenant_id}/settings/")
+    assert Tenant.objects.get(pk=tenant_id).plan.name == "pro"
+    assert "Plan changed to pro." in page.inner_text(".messages")

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 from tenants.errors import ApplicationError
 from tenants.models import Membership
 from tenants.selectors.content_logging import content_retention_days_get
+from tenants.selectors.plans import plan_list_self_serve
 from tenants.selectors.tenants import (
     membership_get,
     memberships_of_user,
@@ -140,7 +141,8 @@ def _settings_page(
         request,
         "dashboard/settings.html",
         {
-            "plan_form": plan_form or PlanForm(plans=plans, initial={"plan": tenant.plan}),
+            "plan_form": plan_form
+            or PlanForm(plans=plan_list_self_serve(), initial={"plan": tenant.plan}),
             "plans": plans,
             "content_form": content_form
             or ContentLoggingForm(
@@ -162,15 +164,27 @@ def org_settings(request: OrgRequest) -> HttpResponse:
 @org_view(Membership.Role.OWNER)
 @require_POST
 def plan_change(request: OrgRequest) -> HttpResponse:
-    form = PlanForm(request.POST, plans=plan_list())
+    """Owner only, self-serve plans only, in two steps: the first post shows what changes
+    (the confirmation page), the second (``confirm``) switches."""
+    form = PlanForm(request.POST, plans=plan_list_self_serve())
     if not form.is_valid():
         return _settings_page(request, plan_form=form, status=400)
-    organisation_plan_change(
-        tenant=request.tenant,
-        plan=form.cleaned_data["plan"],
-        actor=request.user,
-    )
-    messages.success(request, _("Plan changed."))
+    plan = form.cleaned_data["plan"]
+    if plan.pk == request.tenant.plan_id:
+        messages.info(request, _("This is already your plan."))
+        return redirect("dashboard:settings", request.tenant.pk)
+    if request.POST.get("confirm") != "yes":
+        return render_page(
+            request,
+            "dashboard/plan_confirm.html",
+            {"current": request.tenant.plan, "new": plan},
+        )
+    try:
+        organisation_plan_change(tenant=request.tenant, plan=plan, actor=request.user)
+    except ApplicationError as error:
+        form_error(form, error)
+        return _settings_page(request, plan_form=form, status=error.status)
+    messages.success(request, _("Plan changed to %(plan)s.") % {"plan": _(plan.name)})
     return redirect("dashboard:settings", request.tenant.pk)
 
 

@@ -318,6 +318,9 @@ ANSWER_CACHE_KEY_PREFIX = env.str("ANSWER_CACHE_KEY_PREFIX", default="answer")
 MODEL_MAX_QUEUE_PER_SLOT = env.int("MODEL_MAX_QUEUE_PER_SLOT", default=4)
 MODEL_UNAVAILABLE_RETRY_AFTER = env.int("MODEL_UNAVAILABLE_RETRY_AFTER", default=10)
 MODEL_OVERLOADED_RETRY_AFTER = env.int("MODEL_OVERLOADED_RETRY_AFTER", default=2)
+# Fast/slow routing of model "auto" (webplatform/completions/model_choice.py, docs/routing.md):
+# a JSON object whose keys replace those of DEFAULT_ROUTING there ({} keeps the defaults).
+ROUTING: dict[str, object] = json.loads(env.str("ROUTING", default="") or "{}")
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="").strip()
 CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 

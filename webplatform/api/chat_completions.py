@@ -101,6 +101,9 @@ def _response_headers(run: CompletionRun) -> dict[str, str]:
     }
     if run.fallback:
         headers["x-model-fallback"] = f"{run.requested_model} -> {run.model}"
+    if run.route_rule:  # model "auto": what answered, and the rule that decided
+        headers["x-routed-model"] = run.model
+        headers["x-routed-rule"] = run.route_rule
     return headers
 
 
@@ -232,4 +235,5 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         body = openai_wire.completion_object(
             request_id=run.request_id, model=run.model, created=run.created, answer=answer
         )
-        return Response(openai_wire.as_json_data(body), headers=headers)
+        # Headers read after the answer: an escalation changes the model that answered.
+        return Response(openai_wire.as_json_data(body), headers=_response_headers(run))

@@ -34,6 +34,12 @@ from webplatform.completions.admission import (
     upload_limits_for,
 )
 from webplatform.completions.cache import answer_cache_key, answer_cache_lookup
+from webplatform.completions.model_choice import (
+    AUTO_MODEL,
+    check_auto_allowed,
+    escalating_source,
+    model_choose,
+)
 from webplatform.completions.request import Caller, ChatCompletionInput
 from webplatform.completions.routing import model_route
 from webplatform.completions.settlement import Settlement
@@ -56,7 +62,10 @@ async def chat_completion_start(
     # 1. Admit.
     max_tokens = max_tokens_for(inp=inp, limits=limits)
     upload_limits = upload_limits_for(limits=limits)
-    check_model_allowed(principal=principal, model=inp.model)
+    if inp.model == AUTO_MODEL:
+        check_auto_allowed(principal=principal)
+    else:
+        check_model_allowed(principal=principal, model=inp.model)
     check_max_tokens(limits=limits, max_tokens=max_tokens)
     check_image_count(inp=inp, upload_limits=upload_limits)
     check_text_size(inp=inp)
@@ -79,25 +88,27 @@ async def chat_completion_start(
         images = await images_validate(inp=inp, limits=upload_limits)
         prompt = inference_prompt(inp=inp, images=images, max_tokens=max_tokens)
         tenant_id = str(principal.tenant_id)
+        # 2b. Choose: "auto" becomes the fast or the slow model (model_choice).
+        choice = model_choose(principal=principal, inp=inp, images=images)
 
         # 3. Cache.
         cache_key = None
         if inp.deterministic and inp.use_cache:
             cache_key = answer_cache_key(
                 tenant_id=tenant_id,
-                model=inp.model,
+                model=choice.model,
                 messages=prompt.messages,
                 sampling=prompt.sampling,
             )
         cached = await answer_cache_lookup(key=cache_key) if cache_key else None
 
         client = get_inference_client()
-        model = inp.model
+        model = choice.model
         inference_request = None
         if cached is None:
-            # 4. Route.
+            # 4. Route (a routed request's slow model degrades to its fast one).
             model = await model_route(
-                client=client, model=inp.model, fallback=limits.fallback_model
+                client=client, model=choice.model, fallback=choice.fallback or limits.fallback_model
             )
             # 5. Submit.
             inference_request = await completion_submit(
@@ -120,12 +131,13 @@ async def chat_completion_start(
     settlement.images = list(images.values())
     # Stored only for the model asked for (a fallback's answer must not stand in for the
     # model's), and never again when it came from the cache.
-    settlement.cache_key = cache_key if cached is None and model == inp.model else None
+    settlement.cache_key = cache_key if cached is None and model == choice.model else None
     settlement.cache_hit = cached is not None
-    return CompletionRun(
+    settlement.route_rule = choice.rule
+    run = CompletionRun(
         request_id=request_id,
         model=model,
-        requested_model=inp.model,
+        requested_model=choice.model,
         created=int(time.time()),
         input=inp,
         images=settlement.images,
@@ -133,4 +145,8 @@ async def chat_completion_start(
         inference_request=inference_request,
         cached=cached,
         settlement=settlement,
+        route_rule=choice.rule,
     )
+    if inference_request is not None and choice.escalation and model == choice.model:
+        run.events_source = escalating_source(run=run, choice=choice)
+    return run

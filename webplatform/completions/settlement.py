@@ -68,6 +68,11 @@ class Settlement:
     image_tokens_seen: int = 0
     tokens_streamed: int = 0
     settled: bool = False
+    # Routing (webplatform.completions.model_choice): the rule that chose ``model``, and a
+    # fast answer escalated to it (its model and tokens, charged as well).
+    route_rule: str = ""
+    escalated_from: str = ""
+    escalated_usage: Usage | None = None
 
     def record_start(self, event: StartEvent) -> None:
         self.prompt_tokens_seen = event.prompt_tokens
@@ -120,6 +125,8 @@ class Settlement:
             else:
                 # Cache hits cost no model tokens; they still count as requests.
                 used = 0 if self.cache_hit else usage.prompt_tokens + usage.completion_tokens
+                if self.escalated_usage is not None:
+                    used += self.escalated_usage.total_tokens
                 await sync_to_async(quota_settle, thread_sensitive=False)(
                     admission=self.admission, used_tokens=used
                 )
@@ -141,6 +148,10 @@ class Settlement:
                 status=outcome.value,
                 error_code=error_code,
                 cache_hit=self.cache_hit,
+                route_rule=self.route_rule,
+                escalated_from=self.escalated_from,
+                escalated_prompt_tokens=(self.escalated_usage or Usage()).prompt_tokens,
+                escalated_completion_tokens=(self.escalated_usage or Usage()).completion_tokens,
             )
             if answer is not None:
                 # Kept only when the organisation turned content logging on (checked there).

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from inference.client import InferenceClient
@@ -20,6 +20,7 @@ from inference.protocol import (
     DoneEvent,
     ErrorCode,
     ErrorEvent,
+    Event,
     FinishReason,
     InferenceRequest,
     StartEvent,
@@ -68,6 +69,9 @@ class CompletionRun:
     cached: Answer | None
     settlement: Settlement
     answer: Answer | None = None
+    route_rule: str = ""  # the routing rule that chose ``model`` ("" when it was named)
+    # The events to read instead of ``client.submit(inference_request)`` (escalation).
+    events_source: Callable[[], AsyncIterator[Event]] | None = None
 
     @property
     def cache_hit(self) -> bool:
@@ -83,7 +87,7 @@ class CompletionRun:
 
     async def cancel(self) -> None:
         if self.inference_request is not None and self.answer is None:
-            await self.client.cancel(self.request_id)
+            await self.client.cancel(self.inference_request.request_id)
 
     async def events(self) -> AsyncGenerator[AnswerEvent, None]:
         """Stream the answer: ``DeltaEvent`` items, then one ``Answer``.
@@ -105,7 +109,12 @@ class CompletionRun:
             assert self.inference_request is not None
             text: list[str] = []
             reasoning: list[str] = []
-            async for event in self.client.submit(self.inference_request):
+            source = (
+                self.events_source()
+                if self.events_source is not None
+                else self.client.submit(self.inference_request)
+            )
+            async for event in source:
                 if isinstance(event, StartEvent):
                     self.settlement.record_start(event)
                 elif isinstance(event, DeltaEvent):

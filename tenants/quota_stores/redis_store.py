@@ -1,4 +1,9 @@
-"""The Redis quota store: one Lua script, atomic per call (see ``tenants.quota_stores``)."""
+"""The Redis quota store: one Lua script, atomic per call (see ``tenants.quota_stores``).
+
+Every operation may be sent twice (the client retries connection errors,
+``tenants.redis_options``): ``admit`` is idempotent per lease id, ``finish`` per lease,
+``status`` reads only.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import redis
 from redis.typing import EncodableT
 
 from tenants.quota_stores.base import _REFUSALS, AdmitOutcome, QuotaState
+from tenants.redis_options import redis_options_from_settings
 
 # --- Redis ---------------------------------------------------------------------------------
 
@@ -80,6 +86,12 @@ local conc_limit = tonumber(ARGV[5])
 local reserve = tonumber(ARGV[6])
 local lease = ARGV[7]
 local lease_ms = tonumber(ARGV[8])
+
+-- Idempotent per lease id: a client that retries after losing the reply (a connection
+-- error) finds its lease taken and is admitted, without a second reservation.
+if redis.call('HEXISTS', KEYS[4], lease) == 1 then
+  return reply(0, 0)
+end
 
 -- Housekeeping: forget admissions older than the window and leases past their expiry.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - WINDOW))
@@ -199,5 +211,8 @@ class RedisQuotaStore:
 
 @functools.lru_cache(maxsize=4)
 def redis_client_for(url: str) -> redis.Redis:
-    """One client (and connection pool) per URL per process; redis-py resets it after fork."""
-    return redis.Redis.from_url(url)
+    """One client (and connection pool) per URL per process; redis-py resets it after fork.
+
+    Opened with the web side's timeouts, health checks and retries (``REDIS_*`` settings).
+    """
+    return redis.Redis.from_url(url, **redis_options_from_settings())

@@ -44,6 +44,7 @@ from django.utils import timezone
 
 from tenants.errors import ApplicationError
 from tenants.models import ApiKey, AuditLogEntry, Tenant
+from tenants.outages import outage_raises_store_unavailable
 from tenants.principals import ApiPrincipal
 from tenants.selectors.tenants import served_model_names, tenant_limits_get
 from tenants.services.audit_log import audit_log_record
@@ -243,11 +244,13 @@ def _api_key_touch(api_key: ApiKey) -> None:
         ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=timezone.now())
 
 
+@outage_raises_store_unavailable
 def api_key_authenticate(*, raw_key: str) -> ApiPrincipal:
     """The principal a raw API key stands for, or ApplicationError 401.
 
     Codes: ``invalid_api_key`` (malformed, unknown or wrong secret), ``api_key_revoked``,
-    ``api_key_expired``. Synchronous (cache and database); from async code wrap it in
+    ``api_key_expired``; a Redis outage raises ``tenants.outages.StoreUnavailable`` (503).
+    Synchronous (cache and database); from async code wrap it in
     ``database_sync_to_async``.
     """
     raw_key = raw_key.strip()

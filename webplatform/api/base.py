@@ -16,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from tenants.outages import STORE_OUTAGES
 from tenants.principals import ApiPrincipal
 from tenants.services.quotas import RATE_LIMIT_HEADER_NAMES, quota_status
 from webplatform.api.permissions import KeyAccessAllowsMethod
@@ -58,7 +59,11 @@ class AuthenticatedApiView(APIView):
         except exceptions.APIException:
             return response  # authentication failed: no tenant, no headers
         if isinstance(principal, ApiPrincipal):
-            status = quota_status(tenant_id=principal.tenant_id, limits=principal.limits)
+            try:
+                status = quota_status(tenant_id=principal.tenant_id, limits=principal.limits)
+            except STORE_OUTAGES as exc:  # Redis down: the 503 of tenants.outages instead
+                error = self.handle_exception(exc)
+                return super().finalize_response(request, error, *args, **kwargs)
             for name, value in status.headers.items():
                 response[name] = value
         return response

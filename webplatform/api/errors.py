@@ -23,6 +23,7 @@ from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 from tenants.errors import ApplicationError
+from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.api.openai_wire import as_json_data, error_object
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def as_application_error(exc: Exception) -> ApplicationError | None:
     """The ``ApplicationError`` an API view's exception means; None for an unexpected one."""
     if isinstance(exc, ApplicationError):
         return exc
+    if isinstance(exc, STORE_OUTAGES):  # Redis down or hung: 503 with retry-after
+        return store_unavailable_error()
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(*exc.args)
     elif isinstance(exc, PermissionDenied):

@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from tenants.errors import ApplicationError
+from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from tenants.principals import ApiPrincipal, EffectiveLimits
 from tenants.services.quotas import Admission, quota_admit
 from webplatform.completions.request import ChatCompletionInput
@@ -92,7 +93,11 @@ def prompt_token_estimate(inp: ChatCompletionInput) -> int:
 
 async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:
     """Take a request, ``reserve_tokens`` and a concurrency lease from the tenant's quota;
-    429 with the limit's own code (and ``retry-after``) when one is used up."""
-    return await sync_to_async(quota_admit, thread_sensitive=False)(
-        tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens
-    )
+    429 with the limit's own code (and ``retry-after``) when one is used up; 503
+    ``service_unavailable`` when Redis is down or hung."""
+    try:
+        return await sync_to_async(quota_admit, thread_sensitive=False)(
+            tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens
+        )
+    except STORE_OUTAGES as exc:
+        raise store_unavailable_error() from exc

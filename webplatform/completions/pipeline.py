@@ -23,6 +23,7 @@ import asyncio
 import time
 
 from inference.client import get_inference_client
+from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.admission import (
     check_image_count,
     check_max_tokens,
@@ -120,6 +121,10 @@ async def chat_completion_start(
                 images=images,
                 stream=inp.stream,
             )
+    except STORE_OUTAGES as exc:  # Redis down or hung while routing or submitting: 503
+        unavailable = store_unavailable_error()
+        await asyncio.shield(settlement.settle_refused(unavailable))
+        raise unavailable from exc
     except BaseException as exc:
         # Nothing was generated: the admission goes back untouched (settling an error or a
         # cancellation with no tokens seen charges nothing) and the usage record says why.

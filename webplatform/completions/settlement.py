@@ -130,6 +130,9 @@ class Settlement:
                 await sync_to_async(quota_settle, thread_sensitive=False)(
                     admission=self.admission, used_tokens=used
                 )
+        except Exception:  # Redis down: the lease expires on its own; the record is kept
+            logger.exception("settling the quota of request %s failed", self.request_id)
+        try:
             principal = self.caller.principal
             await sync_to_async(usage_record_create, thread_sensitive=False)(
                 tenant=principal.tenant,

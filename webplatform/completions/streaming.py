@@ -4,7 +4,10 @@
 ``Answer`` (``webplatform.completions.answer``), and in its ``finally`` settles the request
 (``webplatform.completions.settlement``) whatever way the stream ends: finished, failed,
 cancelled, or abandoned by a client that went away. An inference error becomes the
-``ApplicationError`` with the same code.
+``ApplicationError`` with the same code; a Redis outage while streaming becomes 503
+``service_unavailable`` (``tenants.outages``), which an entry point that already sent its
+headers reports in-band. Settlement that cannot reach Redis is logged, never raised over the
+answer or the error: the quota lease then expires on its own.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+
+from django.conf import settings
 
 from inference.client import InferenceClient
 from inference.protocol import (
@@ -26,6 +31,7 @@ from inference.protocol import (
     StartEvent,
 )
 from tenants.errors import ApplicationError
+from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.answer import Answer, AnswerEvent
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.completions.settlement import Outcome, Settlement
@@ -42,14 +48,16 @@ _CLIENT_ERRORS = {
 
 
 def inference_error(event: ErrorEvent) -> ApplicationError:
-    """The client's error for an inference ``ErrorEvent``: same code and message; 503 when
-    nothing was streamed yet and a retry may succeed."""
+    """The client's error for an inference ``ErrorEvent``: same code and message; 503 with a
+    ``retry-after`` when a retry may succeed."""
     client_status = _CLIENT_ERRORS.get(event.code)
+    retry = not client_status and event.retryable
     return ApplicationError(
         event.message,
         code=event.code.value,
-        status=client_status or (503 if event.retryable else 500),
+        status=client_status or (503 if retry else 500),
         type="invalid_request_error" if client_status else "server_error",
+        headers={"retry-after": str(settings.MODEL_UNAVAILABLE_RETRY_AFTER)} if retry else None,
     )
 
 
@@ -148,12 +156,26 @@ class CompletionRun:
         except ApplicationError as exc:
             error_code = exc.code
             raise
+        except STORE_OUTAGES as exc:
+            unavailable = store_unavailable_error()
+            error_code = unavailable.code
+            raise unavailable from exc
         finally:
             # Shielded: the task may be cancelled again while settling (a server closing the
             # connection cancels the handler, and that reaches the task it awaits); the
             # lease and the usage record must still be written.
+            await self._settle_shielded(outcome=outcome, error_code=error_code)
+
+    async def _settle_shielded(self, *, outcome: Outcome, error_code: str) -> None:
+        try:
             await asyncio.shield(
                 self.settlement.settle(outcome=outcome, error_code=error_code, answer=self.answer)
+            )
+        except STORE_OUTAGES:
+            logger.warning(
+                "settling %s: Redis unavailable; its quota lease expires on its own",
+                self.request_id,
+                exc_info=True,
             )
 
     async def abandon(self) -> None:
@@ -162,7 +184,8 @@ class CompletionRun:
         record it as cancelled. Harmless after a normal settlement; call it when done."""
         if self.settlement.settled:
             return
-        await asyncio.shield(self.cancel())
-        await asyncio.shield(
-            self.settlement.settle(outcome=Outcome.CANCELLED, error_code="", answer=None)
-        )
+        try:
+            await asyncio.shield(self.cancel())
+        except STORE_OUTAGES:
+            logger.warning("could not cancel %s: Redis unavailable", self.request_id)
+        await self._settle_shielded(outcome=Outcome.CANCELLED, error_code="")

@@ -48,6 +48,10 @@ RULE_CODES = {UNSUPPORTED_VALUE: 1, UNSUPPORTED_PARAMETER: 1, INVALID_REQUEST: 2
 
 IMAGE_DETAILS = ("auto", "low", "high")
 MAX_STOP_SEQUENCES = 4
+# Integer options fit what carries them: a seed is any 64-bit value (signed or not, as
+# torch's generator takes it and msgpack packs it); counts fit 32 bits.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+INT32_MAX = 2**31 - 1
 
 # An OpenAPI schema of a referenced serializer, as the schema generator resolves it.
 SchemaRef = Callable[[type[serializers.Serializer]], dict[str, Any]]
@@ -55,6 +59,22 @@ SchemaRef = Callable[[type[serializers.Serializer]], dict[str, Any]]
 
 def rule_broken(message: str, *, code: str = INVALID_REQUEST) -> serializers.ValidationError:
     return serializers.ValidationError(message, code=code)
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (JSON's ``"\\ud800"``): not Unicode text, and
+    it cannot be encoded as UTF-8 for the worker."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def checked_text(text: str) -> str:
+    if has_surrogate(text):
+        raise rule_broken("Text must be valid Unicode: lone surrogates are not allowed.")
+    return text
 
 
 def _at(name: str | int, error: serializers.ValidationError) -> serializers.ValidationError:
@@ -113,7 +133,7 @@ class RuleTextField(serializers.CharField):
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
             self.fail("invalid")
-        return data
+        return checked_text(data)
 
 
 # --- content parts ------------------------------------------------------------------------
@@ -163,6 +183,7 @@ class ImageUrlField(DescribedField):
         )
         if not isinstance(url, str) or not url:
             raise rule_broken("An image_url part needs 'image_url.url' (a data URI).")
+        checked_text(url)
         if detail is not None and detail not in IMAGE_DETAILS:
             raise _at("detail", rule_broken("detail must be one of auto, low, high."))
         return ImageUrl(url=url, detail=detail)
@@ -225,7 +246,7 @@ class ContentField(DescribedField):
 
     def to_internal_value(self, data: Any) -> tuple[Part, ...]:
         if isinstance(data, str):
-            return (data,)
+            return (checked_text(data),)
         if data is None and self.nullable:
             return ("",)
         if not isinstance(data, list) or not data:
@@ -401,6 +422,7 @@ class ChatOptionsSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=INT32_MAX,
         help_text="The longest answer, in tokens (at most the plan's limit); the plan's "
         "default when absent.",
     )
@@ -417,6 +439,8 @@ class ChatOptionsSerializer(serializers.Serializer):
     seed = serializers.IntegerField(
         required=False,
         allow_null=True,
+        min_value=SEED_MIN,
+        max_value=SEED_MAX,
         help_text="Sample reproducibly: the same seed and request give the same answer.",
     )
     thinking = ThinkingField(
@@ -475,13 +499,13 @@ class StopField(DescribedField):
 
     def to_internal_value(self, data: Any) -> tuple[str, ...]:
         if isinstance(data, str):
-            return (data,)
+            return (checked_text(data),)
         if (
             isinstance(data, list)
             and all(isinstance(s, str) and s for s in data)
             and len(data) <= MAX_STOP_SEQUENCES
         ):
-            return tuple(data)
+            return tuple(checked_text(s) for s in data)
         raise rule_broken("stop must be a string or a list of up to 4 non-empty strings.")
 
 
@@ -573,6 +597,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=INT32_MAX,
         help_text="The same as `max_tokens` (OpenAI's newer name); it wins when both are set.",
     )
     stop = StopField(
@@ -600,6 +625,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=INT32_MAX,
         validators=[_one_choice],
         help_text="Only 1: one choice per request.",
     )

@@ -7,8 +7,9 @@ from typing import Any, cast
 
 from django import forms
 from django.contrib.auth import get_user_model, password_validation
+from django.contrib.auth.forms import AuthenticationForm
 from django.utils import timezone
-from django.utils.functional import Promise
+from django.utils.functional import Promise, lazy
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
@@ -36,7 +37,8 @@ class SignUpForm(forms.Form):
         label=_("Password"),
         strip=False,
         widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
-        help_text=password_validation.password_validators_help_text_html(),
+        # Lazy: built at class definition it would stay in the language of the first import.
+        help_text=lazy(password_validation.password_validators_help_text_html, str)(),
     )
     password2 = forms.CharField(
         label=_("Password again"),
@@ -215,3 +217,16 @@ class DateRangeForm(forms.Form):
             midnight(start) if start else None,
             midnight(end + timedelta(days=1)) if end else None,
         )
+
+
+class EmailLoginForm(AuthenticationForm):
+    """Django's log-in form; its error names the e-mail address (our user name), not a
+    "username" the page never asks for."""
+
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "invalid_login": _(
+            "Please enter a correct e-mail address and password. Note that the password is "
+            "case-sensitive."
+        ),
+    }

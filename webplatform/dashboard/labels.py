@@ -16,6 +16,21 @@ MODEL_LABELS = (
     # Plan names (the built-in plans; tenants.services.tenants)
     gettext_noop("free"),
     gettext_noop("pro"),
+    # Audit-log details (webplatform/templatetags/dashboard_format.py)
+    gettext_noop("Name"),
+    gettext_noop("Access"),
+    gettext_noop("Models"),
+    gettext_noop("Expires"),
+    gettext_noop("Role"),
+    gettext_noop("From"),
+    gettext_noop("To"),
+    gettext_noop("Invited address"),
+    gettext_noop("Enabled"),
+    gettext_noop("Retention (days)"),
+    gettext_noop("Full"),
+    gettext_noop("Read only"),
+    gettext_noop("Yes"),
+    gettext_noop("No"),
     # UsageRecord.Status and Channel
     gettext_noop("OK"),
     gettext_noop("Error"),

@@ -240,3 +240,66 @@ def test_the_service_refuses_a_plan_that_is_not_self_serve(owner) -> None:
     organisation_plan_change(
         tenant=owner.tenant, plan=enterprise, actor=owner.user, self_serve=False
     )
+
+
+@pytest.mark.django_db
+def test_chinese_overview_names_the_plan_and_role_and_audit_details_read_well(
+    owner, client_for, compiled_translations
+) -> None:
+    from tenants.services.api_keys import api_key_create_audited
+
+    api_key_create_audited(
+        tenant=owner.tenant,
+        name="ci",
+        created_by=owner.user,
+        allowed_models=["ocr-lite"],
+        access="read",
+        expires_at=None,
+    )
+    client = client_for(owner)
+    zh = {"HTTP_ACCEPT_LANGUAGE": "zh-hans"}
+    overview = client.get(reverse("dashboard:overview", args=[owner.tenant.pk]), **zh)
+    text = overview.content.decode()
+    plan = owner.tenant.plan.name
+    assert {"free": "免费版", "pro": "专业版"}.get(plan, plan) in text
+    assert "你的角色：所有者" in text
+    assert "Owner" not in text
+    audit = client.get(reverse("dashboard:audit", args=[owner.tenant.pk]), **zh)
+    details = audit.content.decode()
+    assert "['ocr-lite']" not in details and "模型: ocr-lite" in details
+    assert "访问权限: 只读" in details or "访问: 只读" in details
+
+
+@pytest.mark.django_db
+def test_the_password_help_follows_the_page_language(compiled_translations) -> None:
+    english = Client().get(reverse("dashboard:signup")).content.decode()
+    chinese = Client().get(reverse("dashboard:signup"), HTTP_ACCEPT_LANGUAGE="zh-hans")
+    assert "Your password must contain at least" in english
+    assert "Your password must contain" not in chinese.content.decode()
+
+
+def test_durations_and_numbers_are_for_people() -> None:
+    from django.utils import translation
+
+    from webplatform.templatetags.dashboard_format import duration_ms, num
+
+    with translation.override("en"):
+        assert [duration_ms(850), duration_ms(55_912), duration_ms(21_747_084)] == [
+            "850 ms",
+            "55.9 sec",
+            "6 hr 2 min",
+        ]
+        assert num(1234567) == "1,234,567"
+    with translation.override("zh-hans"):
+        assert duration_ms(21_747_084) == "6小时2分钟"
+        assert duration_ms(55_912) == "55.9秒"
+
+
+@pytest.mark.django_db
+def test_the_login_error_speaks_of_the_email_address(owner) -> None:
+    response = Client().post(
+        reverse("dashboard:login"), {"username": "nobody@example.com", "password": "wrong"}
+    )
+    text = response.content.decode()
+    assert "correct e-mail address and password" in text
+    assert "correct username" not in text

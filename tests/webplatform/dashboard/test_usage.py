@@ -148,7 +148,9 @@ def test_plan_change_is_for_owners_and_audited(client_for, owner, org_admin) -> 
     free, pro = plans_ensure_defaults()
     url = reverse("dashboard:plan-change", args=[owner.tenant.pk])
     assert client_for(org_admin).post(url, {"plan": pro.pk}).status_code == 403
-    assert client_for(owner).post(url, {"plan": pro.pk}).status_code == 302
+    # The first post only asks for confirmation (issue 17); the confirmed one switches.
+    assert client_for(owner).post(url, {"plan": pro.pk}).status_code == 200
+    assert client_for(owner).post(url, {"plan": pro.pk, "confirm": "yes"}).status_code == 302
     owner.tenant.refresh_from_db()
     assert owner.tenant.plan == pro
     entry = AuditLogEntry.objects.get(action="plan_changed")

@@ -24,7 +24,7 @@ from tenants.services.login_throttle import (
     login_success_reset,
 )
 from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY
-from webplatform.dashboard.forms import SignUpForm
+from webplatform.dashboard.forms import EmailLoginForm, SignUpForm
 from webplatform.dashboard.views.common import client_ip, form_error, render_page
 
 AUTH_BACKEND = "django.contrib.auth.backends.ModelBackend"
@@ -102,6 +102,7 @@ class LoginView(auth_views.LoginView):
     """Django's log-in, refusing a client (IP and username) after repeated failures."""
 
     template_name = "accounts/login.html"
+    authentication_form = EmailLoginForm
     redirect_authenticated_user = True
 
     def get_default_redirect_url(self) -> str:

@@ -26,7 +26,7 @@ from tenants.services.organisations import (
     organisation_delete,
     organisation_plan_change,
 )
-from tenants.services.quotas import duration_format, quota_status
+from tenants.services.quotas import quota_status
 from webplatform.dashboard.access import (
     CURRENT_TENANT_SESSION_KEY,
     OrgRequest,
@@ -94,7 +94,7 @@ def quota_rows(request: OrgRequest) -> list[dict[str, object]]:
             "used": used,
             "limit": limit,
             "percent": min(100, round(100 * used / limit)) if limit else 0,
-            "reset": duration_format(reset_ms) if reset_ms else None,
+            "reset_ms": reset_ms or None,
         }
 
     return [

@@ -289,6 +289,16 @@ def api_key_authenticate(*, raw_key: str) -> ApiPrincipal:
     )
 
 
+def api_key_check_not_revoked(*, api_key: ApiKey) -> None:
+    """ApplicationError 401 when ``api_key`` has been revoked or has expired since it was
+    authenticated. One cache read (the revocation marker), no database: cheap enough to
+    poll while a websocket answer streams."""
+    if cache.get(api_key_revoked_cache_key(api_key.public_id)):
+        raise ApplicationError("This API key has been revoked.", code="api_key_revoked", status=401)
+    if api_key.expires_at is not None and api_key.expires_at <= timezone.now():
+        raise ApplicationError("This API key has expired.", code="api_key_expired", status=401)
+
+
 def api_key_principal_by_id(*, api_key_id: int) -> ApiPrincipal:
     """The principal of a key already proven by its holder (a redeemed websocket ticket).
 

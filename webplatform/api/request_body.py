@@ -12,28 +12,18 @@
 - Nesting: at most ``max_depth`` levels of arrays and objects (400 ``invalid_json``); a body
   nested 10,000 deep stops at the decoder's own recursion guard, the same answer.
 
-The websocket consumer decodes its frames with ``json_value_parse`` too.
+The parser, ``webplatform.completions.json_input.json_value_parse``, also decodes the
+websocket consumer's frames.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from django.http import HttpRequest
 
 from tenants.errors import ApplicationError
-
-INVALID_JSON = (
-    "We could not parse the JSON body of your request. The body must be UTF-8 JSON without "
-    "lone surrogates, NaN or out-of-range numbers."
-)
-
-
-def _too_deep(max_depth: int) -> ApplicationError:
-    return ApplicationError(
-        f"The JSON body is nested more than {max_depth} levels deep.", code="invalid_json"
-    )
+from webplatform.completions.json_input import json_value_parse
 
 
 def too_large(size: int | None, limit: int) -> ApplicationError:
@@ -43,35 +33,6 @@ def too_large(size: int | None, limit: int) -> ApplicationError:
         code="request_too_large",
         status=413,
     )
-
-
-def _check_depth(value: Any, max_depth: int) -> None:
-    """Iterative (no recursion whatever the input): arrays and objects at most
-    ``max_depth`` deep."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > max_depth:
-            raise _too_deep(max_depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-
-
-def json_value_parse(raw: bytes | str, *, max_depth: int) -> Any:
-    """``raw`` as a JSON value, or ``ApplicationError`` 400 ``invalid_json``."""
-    try:
-        value = msgspec.json.decode(raw)
-    except RecursionError:
-        raise _too_deep(max_depth) from None
-    except (msgspec.DecodeError, ValueError):  # ValueError: bytes that are not UTF-8
-        raise ApplicationError(INVALID_JSON, code="invalid_json") from None
-    _check_depth(value, max_depth)
-    return value
 
 
 def json_body_read(request: HttpRequest, *, limit: int, max_depth: int) -> Any:

@@ -24,13 +24,18 @@ from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from inference.protocol import FinishReason, new_request_id
 from tenants.errors import ApplicationError
 from tenants.principals import ApiPrincipal
 from tenants.selectors.accounts import user_get
 from tenants.selectors.tenants import member_principal_get, tenant_get
-from tenants.services.api_keys import api_key_authenticate, api_key_principal_by_id
+from tenants.services.api_keys import (
+    api_key_authenticate,
+    api_key_check_not_revoked,
+    api_key_principal_by_id,
+)
 from webplatform.chat import selectors as chat_selectors
 from webplatform.chat import services as chat_services
 from webplatform.chat.frames import (
@@ -42,6 +47,7 @@ from webplatform.chat.frames import (
 )
 from webplatform.chat.tickets import chat_ticket_redeem
 from webplatform.completions.answer import Answer
+from webplatform.completions.json_input import json_value_parse
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
 from webplatform.completions.serializers import MessageFrameSerializer, frame_error
@@ -52,6 +58,9 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# While an answer streams, how often the key is checked for revocation (one cache read):
+# a key revoked mid-answer stops it within this time plus a frame.
+REVOCATION_POLL_SECONDS = 0.25
 
 
 def _first(query: dict[str, list[str]], name: str) -> str | None:
@@ -111,6 +120,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     run: CompletionRun | None = None
     cancel_requested: bool = False
     task: asyncio.Task[None] | None = None
+    # Set by the revocation watch before it cancels the answer's task.
+    revoked: ApplicationError | None = None
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
@@ -187,8 +198,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(error_frame(_invalid_frame("Frames must be JSON text.")))
             return
         try:
-            content = await self.decode_json(text_data)
-        except ValueError:
+            # Strict (webplatform/completions/json_input.py): UTF-8 without lone surrogates,
+            # no NaN, nested at most REQUEST_JSON_MAX_DEPTH levels.
+            content = json_value_parse(text_data, max_depth=settings.REQUEST_JSON_MAX_DEPTH)
+        except ApplicationError:
             await self.send_json(error_frame(_invalid_frame("This frame is not valid JSON.")))
             return
         await self.receive_json(content, **kwargs)
@@ -250,6 +263,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 tenant_id=self.principal.tenant_id, user_id=self.principal.user.pk
             )
 
+    async def _watch_revocation(self, answer_task: asyncio.Task[None]) -> None:
+        """While an answer streams for a key, poll the key's revocation marker; once it is
+        revoked (or expired), stop the answer: its task is cancelled, which cancels the
+        request in the worker and settles it, and ``_answer`` tells the client."""
+        api_key = self.principal.api_key
+        if api_key is None:
+            return
+        while not answer_task.done():
+            await asyncio.sleep(REVOCATION_POLL_SECONDS)
+            try:
+                await database_sync_to_async(api_key_check_not_revoked)(api_key=api_key)
+            except ApplicationError as exc:
+                self.revoked = exc
+                answer_task.cancel()
+                return
+
     async def _answer(self, frame: dict[str, Any]) -> None:
         try:
             await self._principal_still_valid()
@@ -257,6 +286,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(error_frame(exc))
             await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
             return
+        current = asyncio.current_task()
+        assert current is not None
+        self.revoked = None
+        watch = asyncio.create_task(self._watch_revocation(current))
+        try:
+            await self._answer_frame(frame)
+        except asyncio.CancelledError:
+            if self.revoked is None:
+                raise  # the client went away or the connection is closing
+            # The key was revoked mid-answer: the stream is closed and settled; say why.
+            current.uncancel()
+            await self.send_json(error_frame(self.revoked))
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+        finally:
+            watch.cancel()
+
+    async def _answer_frame(self, frame: dict[str, Any]) -> None:
         run: CompletionRun | None = None
         try:
             history = await self._history()

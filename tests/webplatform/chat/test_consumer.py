@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from dataclasses import replace
 
 import pytest
@@ -203,6 +204,33 @@ async def test_a_key_revoked_while_the_socket_is_open_stops_working(connect_chat
     assert [f["type"] for f in frames] == ["error"]
     assert frames[0]["code"] == "api_key_revoked"
     assert await chat.closed_with() == 4401
+
+
+async def test_a_key_revoked_while_its_answer_streams_stops_it_within_a_second(
+    connect_chat, owner, paced
+):
+    issued = await database_sync_to_async(api_key_for)(owner.tenant, name="revoked mid-answer")
+    chat = await connect_chat(key=issued.raw_key)
+    assert (await chat.receive())["type"] == "ready"
+    await chat.send(
+        {"type": "message", "content": LONG_PROMPT, "max_tokens": 2000, "temperature": 0}
+    )
+    start = await chat.receive()
+    assert start["type"] == "start"
+    assert (await chat.receive())["type"] == "delta"
+
+    await database_sync_to_async(api_key_revoke)(api_key=issued.api_key)
+    revoked_at = time.monotonic()
+    frames = await frames_until_end(chat.receive, timeout_s=3.0)
+    stopped_after = time.monotonic() - revoked_at
+
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "api_key_revoked"
+    assert stopped_after < 1.0
+    assert len(frames) - 1 < 25  # deltas already on their way at 40 ms a step, no more
+    assert await chat.closed_with() == 4401
+    assert await paced.wait_idle() == 0  # the worker stopped generating
+    record = await settled_usage_record(start["request_id"])
+    assert record.status == "cancelled"
 
 
 @database_sync_to_async

@@ -13,6 +13,7 @@ from tests.webplatform.dashboard.test_browser import (  # noqa: F401  (fixtures)
     DESKTOP,
     PASSWORD,
     PHONE,
+    SCREENSHOTS,
     browser,
     page,
     server,
@@ -89,3 +90,60 @@ def test_the_plan_changes_only_after_confirmation(page: Any, server) -> None:
     page.wait_for_url(f"**/orgs/{tenant_id}/settings/")
     assert Tenant.objects.get(pk=tenant_id).plan.name == "pro"
     assert "Plan changed to pro." in page.inner_text(".messages")
+
+
+def _phone_page(browser: Any, server: Any, locale: str = "en-GB") -> Any:
+    context = browser.new_context(viewport=PHONE, base_url=server.url, locale=locale)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    return page
+
+
+@pytest.mark.parametrize("locale", ["en-GB", "zh-CN"])
+def test_on_a_phone_every_navigation_entry_is_reachable(browser, server, locale) -> None:
+    from tenants.models import Membership
+    from tenants.services.accounts import account_sign_up
+    from tenants.services.tenants import membership_create
+
+    email = f"phone-{locale}@example.com"
+    owner = account_sign_up(email=email, password=PASSWORD, organisation_name="Phone Co")
+    member = account_sign_up(
+        email=f"m-{locale}@example.com", password=PASSWORD, organisation_name="Other"
+    )
+    membership_create(tenant=owner.tenant, user=member.user, role=Membership.Role.MEMBER)
+    page = _phone_page(browser, server, locale)
+    try:
+        page.goto("/accounts/login/")
+        page.fill("#id_username", email)
+        page.fill("#id_password", PASSWORD)
+        page.click("main form button[type=submit]")
+        page.wait_for_url(re.compile(r"/orgs/\d+/$"))
+        page.goto(f"/orgs/{owner.tenant.pk}/members/")
+        # Every entry of the navigation is on screen: none hidden in a sideways strip.
+        links = page.locator(".sidenav a")
+        assert links.count() == 8
+        for i in range(links.count()):
+            box = links.nth(i).bounding_box()
+            assert box is not None and box["x"] >= 0, links.nth(i).inner_text()
+            assert box["x"] + box["width"] <= PHONE["width"], links.nth(i).inner_text()
+            assert links.nth(i).is_visible()
+        # The header stays compact.
+        assert page.locator(".topbar").bounding_box()["height"] <= 100
+        # The role select shows its whole label.
+        fits = page.evaluate(
+            """() => [...document.querySelectorAll('main table select')].map(s => {
+                 const c = document.createElement('canvas').getContext('2d');
+                 c.font = getComputedStyle(s).font;
+                 const text = s.options[s.selectedIndex].text;
+                 return s.clientWidth - 24 >= c.measureText(text).width;
+               })"""
+        )
+        assert fits and all(fits), fits
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"members-{locale}-phone.png"))
+        # And a link in the last row leads where it says.
+        links.last.click()
+        page.wait_for_url(f"**/orgs/{owner.tenant.pk}/settings/")
+    finally:
+        page.context.close()

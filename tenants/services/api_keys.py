@@ -7,9 +7,13 @@ the public id and HMAC-SHA256(settings.API_KEY_HMAC_SECRET, full key), never the
 
 Authentication cost per request (Redis in production, one process-local cache embedded):
 
-- one ``get_many`` of the cached key record, the key's revocation marker and its
-  last-used gate;
-- on a miss, one SELECT (key, tenant and plan) and one ``set`` (settings.API_KEY_CACHE_SECONDS);
+- one ``get_many`` of the cached key record, the key's revocation marker, its last-used
+  gate and the unknown-id marker;
+- on a miss, one SELECT (key, tenant and plan) and one ``set``: the record
+  (settings.API_KEY_CACHE_SECONDS), or, for an id no key has, the unknown-id marker
+  (settings.API_KEY_UNKNOWN_CACHE_SECONDS; creating a key with that id deletes it). Junk
+  keys repeated cost no query, and a known id with a wrong secret and an unknown id cost
+  the same work (one cache read, one HMAC), so timing does not tell which ids exist;
 - the HMAC check, the revoked and expiry checks (expiry is checked on every request);
 - when the gate is absent (once per settings.API_KEY_LAST_USED_RESOLUTION_SECONDS per key),
   an ``add`` of the gate, and for the one process that wins it, one UPDATE of
@@ -61,6 +65,8 @@ _REVOKED_MARKER_SECONDS = 86_400
 # Part of the cached record's key: bump it when ApiKey, Tenant or Plan change shape, so a
 # deployment never unpickles records cached by the previous code.
 _RECORD_FORMAT = 1
+# Compared against when no key has the id: the length of a real hash, matching none.
+_NO_KEY_HASH = "0" * 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,11 @@ def api_key_record_cache_key(public_id: str) -> str:
 def api_key_revoked_cache_key(public_id: str) -> str:
     """Present once the key is revoked; read by every authentication."""
     return f"api-key:revoked:{public_id}"
+
+
+def api_key_unknown_cache_key(public_id: str) -> str:
+    """Present while no key has this public id (the negative cache)."""
+    return f"api-key:unknown:{public_id}"
 
 
 def api_key_used_cache_key(public_id: str) -> str:
@@ -150,6 +161,12 @@ def api_key_create(
         )
     public_id = _random_text(PUBLIC_ID_LENGTH)
     raw_key = f"{settings.API_KEY_PREFIX}_{public_id}_{_random_text(SECRET_LENGTH)}"
+    # An earlier lookup of this id may have cached it as unknown: forget that now, and
+    # again once the key is visible to other connections (a lookup in between would have
+    # found no row and cached the marker again).
+    unknown_key = api_key_unknown_cache_key(public_id)
+    cache.delete(unknown_key)
+    transaction.on_commit(lambda: cache.delete(unknown_key))
     api_key = ApiKey.objects.create(
         tenant=tenant,
         public_id=public_id,
@@ -261,14 +278,19 @@ def api_key_authenticate(*, raw_key: str) -> ApiPrincipal:
     record_key = api_key_record_cache_key(public_id)
     revoked_key = api_key_revoked_cache_key(public_id)
     used_key = api_key_used_cache_key(public_id)
-    cached: dict[str, Any] = cache.get_many([record_key, revoked_key, used_key])
+    unknown_key = api_key_unknown_cache_key(public_id)
+    cached: dict[str, Any] = cache.get_many([record_key, revoked_key, used_key, unknown_key])
     api_key: ApiKey | None = cached.get(record_key)
-    if api_key is None:
+    if api_key is None and not cached.get(unknown_key):
         api_key = _api_key_load(public_id)
         if api_key is None:
-            raise _invalid_key(raw_key)
-        cache.set(record_key, api_key, timeout=settings.API_KEY_CACHE_SECONDS)
-    if not hmac.compare_digest(api_key.secret_hash, api_key_hash(raw_key=raw_key)):
+            cache.set(unknown_key, True, timeout=settings.API_KEY_UNKNOWN_CACHE_SECONDS)
+        else:
+            cache.set(record_key, api_key, timeout=settings.API_KEY_CACHE_SECONDS)
+    # The HMAC is computed and compared for an unknown id too (against a hash no key has),
+    # so that answering it costs what a known id with a wrong secret costs.
+    expected = api_key.secret_hash if api_key is not None else _NO_KEY_HASH
+    if not hmac.compare_digest(expected, api_key_hash(raw_key=raw_key)) or api_key is None:
         raise _invalid_key(raw_key)
     if cached.get(revoked_key) or api_key.revoked_at is not None:
         raise ApplicationError("This API key has been revoked.", code="api_key_revoked", status=401)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import multiprocessing
 import re
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -325,3 +326,90 @@ def test_a_member_creating_and_revoking_a_key_leaves_one_audit_entry_each(owner)
         ("key_revoked", created.api_key.public_id, owner.user.pk),
     ]
     assert entries[0].details["access"] == "read"
+
+
+# --- unknown key ids: the negative cache ---------------------------------------------------
+
+
+def _fresh_id() -> str:
+    """A public id no key has and no earlier run cached (the cache outlives test runs)."""
+    return uuid.uuid4().hex[:12]
+
+
+def _junk_key(public_id: str, secret: str = "s" * 40) -> str:
+    from django.conf import settings
+
+    return f"{settings.API_KEY_PREFIX}_{public_id}_{secret}"
+
+
+def test_an_unknown_key_id_costs_one_query_then_none(db):
+    junk = _junk_key(_fresh_id())
+
+    with CaptureQueriesContext(connection) as first:
+        assert _auth_error_code(junk) == "invalid_api_key"
+    with CaptureQueriesContext(connection) as later:
+        for _ in range(5):
+            assert _auth_error_code(junk) == "invalid_api_key"
+
+    assert len(first.captured_queries) == 1
+    assert later.captured_queries == []
+
+
+def test_unknown_and_known_ids_with_wrong_secrets_cost_the_same_work(owner, monkeypatch):
+    """Steady state, both answers are one cache read and one HMAC: no query, so timing
+    does not tell an existing public id from a made-up one."""
+    import tenants.services.api_keys as api_keys
+
+    created = api_key_for(owner.tenant)
+    known_wrong = _junk_key(created.api_key.public_id)
+    unknown = _junk_key(_fresh_id())
+    for raw in (known_wrong, unknown):  # the first lookup of each loads and caches
+        _auth_error_code(raw)
+    hmacs: list[str] = []
+    real_hash = api_keys.api_key_hash
+    monkeypatch.setattr(
+        api_keys,
+        "api_key_hash",
+        lambda *, raw_key: hmacs.append(raw_key) or real_hash(raw_key=raw_key),
+    )
+
+    for raw in (known_wrong, unknown):
+        with CaptureQueriesContext(connection) as queries:
+            assert _auth_error_code(raw) == "invalid_api_key"
+        assert queries.captured_queries == []
+    assert hmacs == [known_wrong, unknown]
+
+
+def test_a_key_created_with_an_id_cached_as_unknown_works_at_once(owner, monkeypatch):
+    import tenants.services.api_keys as api_keys
+
+    public_id = _fresh_id()
+    assert _auth_error_code(_junk_key(public_id)) == "invalid_api_key"  # cached as unknown
+    real_random = api_keys._random_text
+    monkeypatch.setattr(
+        api_keys, "_random_text", lambda n: public_id if n == len(public_id) else real_random(n)
+    )
+
+    created = api_key_create(tenant=owner.tenant, name="reuses the id")
+
+    assert created.api_key.public_id == public_id
+    principal = api_key_authenticate(raw_key=created.raw_key)
+    assert principal.tenant == owner.tenant
+
+
+def test_the_unknown_id_marker_has_its_ttl_and_then_the_id_is_looked_up_again(db, settings):
+    from tenants.services.api_keys import api_key_unknown_cache_key
+
+    settings.API_KEY_UNKNOWN_CACHE_SECONDS = 7
+    public_id = _fresh_id()
+    junk = _junk_key(public_id)
+    _auth_error_code(junk)
+
+    marker = api_key_unknown_cache_key(public_id)
+    assert cache.get(marker)
+    if hasattr(cache, "ttl"):  # django-redis (the suite's Redis): the TTL as set
+        assert 0 < cache.ttl(marker) <= 7
+    cache.delete(marker)  # as when its TTL has run out
+    with CaptureQueriesContext(connection) as queries:
+        _auth_error_code(junk)
+    assert len(queries.captured_queries) == 1

@@ -68,6 +68,8 @@ org_patterns = [
 
 urlpatterns = [
     path("", organisations.home, name="home"),
+    # Browsers ask for /favicon.ico before reading a page's <link rel="icon">.
+    path("favicon.ico", organisations.favicon, name="favicon"),
     path("accounts/", include(account_patterns)),
     path("orgs/new/", organisations.org_create, name="org-create"),
     path("orgs/switch/", organisations.org_switch, name="org-switch"),

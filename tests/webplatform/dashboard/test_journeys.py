@@ -147,3 +147,27 @@ def test_on_a_phone_every_navigation_entry_is_reachable(browser, server, locale)
         page.wait_for_url(f"**/orgs/{owner.tenant.pk}/settings/")
     finally:
         page.context.close()
+
+
+def test_every_page_has_a_favicon_and_the_snippets_read_api_key(page: Any, server) -> None:
+    tenant_id = sign_up(page, "icon@example.com", "Icons")
+    missing: list[str] = []
+    page.on("response", lambda r: r.status == 404 and missing.append(r.url))
+    page.goto(f"/orgs/{tenant_id}/playground/")
+    icon = page.get_attribute("link[rel=icon]", "href")
+    assert icon and page.request.get(server.url + icon).status == 200
+    favicon = page.request.get(server.url + "/favicon.ico")
+    assert favicon.status == 200 and "svg" in favicon.headers["content-type"]
+    assert missing == []
+    # Each snippet takes the key from $API_KEY, as the note above them says.
+    page.click("#pg-code-box summary")
+    note = page.inner_text("#pg-code-box p")
+    assert "API_KEY environment variable" in note and "YOUR_API_KEY" not in note
+    for lang, reads in (
+        ("curl", "$API_KEY"),
+        ("python", 'os.environ["API_KEY"]'),
+        ("javascript", "process.env.API_KEY"),
+    ):
+        page.click(f".tabs [data-lang={lang}]")
+        assert reads in page.inner_text("#pg-code"), lang
+        assert "YOUR_API_KEY" not in page.inner_text("#pg-code")

@@ -212,8 +212,8 @@
         "  -H \"Content-Type: application/json\" \\\n" +
         "  --data @request.json";
     } else if (codeLang === "python") {
-      code = "import base64\n\nfrom openai import OpenAI\n\n" +
-        "client = OpenAI(base_url=" + JSON.stringify(config.api_base) + ", api_key=\"YOUR_API_KEY\")\n" +
+      code = "import base64\nimport os\n\nfrom openai import OpenAI\n\n" +
+        "client = OpenAI(base_url=" + JSON.stringify(config.api_base) + ", api_key=os.environ[\"API_KEY\"])\n" +
         "with open(" + JSON.stringify(fileName) + ", \"rb\") as f:\n" +
         "    image = base64.b64encode(f.read()).decode()\n\n" +
         "stream = client.chat.completions.create(\n" +

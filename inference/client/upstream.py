@@ -224,7 +224,9 @@ class UpstreamClient(InferenceClient):
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
-            headers = {"accept": "text/event-stream"}
+            # No "accept: text/event-stream": some servers (this platform's DRF views among
+            # them) negotiate on it and refuse; the stream is asked for in the body.
+            headers: dict[str, str] = {}
             if self.spec.api_key:
                 headers["authorization"] = f"Bearer {self.spec.api_key}"
             http = httpx.AsyncClient(

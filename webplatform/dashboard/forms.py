@@ -88,7 +88,9 @@ def role_choices(actor_role: str) -> list[tuple[str, str | Promise]]:
 
 
 class InviteForm(forms.Form):
-    email = forms.EmailField(label=_("E-mail"))
+    email = forms.EmailField(
+        label=_("E-mail"), widget=forms.EmailInput(attrs={"autocomplete": "email"})
+    )
     role = forms.ChoiceField(label=_("Role"))
 
     def __init__(self, *args: Any, actor_role: str, **kwargs: Any) -> None:

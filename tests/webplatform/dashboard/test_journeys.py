@@ -171,3 +171,34 @@ def test_every_page_has_a_favicon_and_the_snippets_read_api_key(page: Any, serve
         page.click(f".tabs [data-lang={lang}]")
         assert reads in page.inner_text("#pg-code"), lang
         assert "YOUR_API_KEY" not in page.inner_text("#pg-code")
+
+
+def test_a_failed_submit_moves_focus_to_an_announced_error_summary(page: Any, server) -> None:
+    page.goto("/accounts/signup/")
+    # The first Tab reaches the skip link, which leads to the content.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip-link"
+    assert page.get_attribute(".skip-link", "href") == "#main"
+    assert page.get_attribute("#id_email", "autocomplete") == "email"
+    page.fill("#id_email", "focus@example.com")
+    page.fill("#id_organisation", "Focus")
+    page.fill("#id_password1", PASSWORD)
+    page.fill("#id_password2", PASSWORD + "x")
+    with page.expect_navigation(wait_until="load"):
+        page.click("main form button[type=submit]")
+    active = page.evaluate(
+        "[document.activeElement.getAttribute('role'), document.activeElement.innerText]"
+    )
+    assert active[0] == "alert"
+    assert "The two passwords differ." in active[1]
+    # Its entry links to the field to fix.
+    page.click("[data-error-summary] a")
+    assert page.evaluate("location.hash") == "#id_password2"
+
+    page.goto("/accounts/login/")
+    page.fill("#id_username", "focus@example.com")
+    page.fill("#id_password", "wrong")
+    with page.expect_navigation(wait_until="load"):
+        page.click("main form button[type=submit]")
+    assert page.evaluate("document.activeElement.getAttribute('role')") == "alert"
+    assert page.get_attribute("#id_username", "autocomplete") == "email"

@@ -1,6 +1,12 @@
-// Small behaviours shared by every page: auto-submitting selects and copy buttons.
+// Small behaviours shared by every page: auto-submitting selects, copy buttons, and focus
+// on a form's error summary.
 "use strict";
 (function () {
+  // Quota meters: the width from data-percent (the Content-Security-Policy allows no
+  // inline style attribute; styles set from a script are allowed).
+  document.querySelectorAll(".meter > span[data-percent]").forEach(function (bar) {
+    bar.style.width = Math.min(100, Math.max(0, Number(bar.dataset.percent) || 0)) + "%";
+  });
   document.querySelectorAll("form[data-autosubmit] select").forEach(function (select) {
     select.addEventListener("change", function () { select.form.submit(); });
   });
@@ -33,4 +39,9 @@
     });
   });
   window.dashboardCopyText = copyText;
+
+  // After a failed submit, move focus to the summary of the errors (role="alert" announces
+  // it), so keyboard and screen-reader users land on what to fix.
+  var summary = document.querySelector("[data-error-summary]");
+  if (summary) summary.focus();
 })();

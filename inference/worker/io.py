@@ -312,6 +312,7 @@ class WorkerIO:
                 raise
         if accept_new:
             self._fetch()
+            self.publish_pending()  # what the engine handed over meanwhile goes out first
         self._read_marks()
 
     def publish_pending(self) -> None:

@@ -7,6 +7,8 @@ half is ``inference.client.redis_streams``. What this side adds:
   name is the worker id. An entry is acknowledged (``XACK``) and deleted (``XDEL``, so the
   stream holds only unfinished work) in the same pipeline that writes its terminal event,
   after that event.
+- A reply stream's TTL is set at its first write, refreshed every quarter of the reply TTL
+  and set again with its terminal event, not at every token.
 - Reclaiming: a pending entry is taken over only when its consumer's heartbeat key has
   expired (the worker is dead) *and* it has been idle longer than the claim timeout. The
   liveness check matters: a long generation keeps its entry idle for minutes while its
@@ -54,6 +56,7 @@ _CLAIM_BATCH = 16
 # A dead consumer with nothing pending is removed from the group after this long.
 _FORGET_CONSUMER_AFTER_MS = 10 * 60 * 1000
 _REGISTRY_TTL_S = 24 * 3600  # a model nobody serves any more leaves no registry behind
+_TTL_MEMORY = 10_000  # replies whose TTL time is remembered before the old ones are dropped
 
 _T = TypeVar("_T")
 
@@ -96,6 +99,7 @@ class RedisWorkerTransport:
         self._model = model
         self._worker_id = worker_id
         self._stream = self._keys.requests(model)
+        self._ttl_set: dict[str, float] = {}  # reply key -> when publish last set its TTL
 
     @classmethod
     def from_url(
@@ -242,21 +246,36 @@ class RedisWorkerTransport:
             return
         s = self._settings
         pipe = self._r.pipeline(transaction=False)
-        touched: set[str] = set()
+        now = time.monotonic()
+        # A reply's TTL is set at its first write, refreshed every quarter of it and set
+        # again at its terminal event, not at every token: half the commands of a step.
+        refresh_s = s.reply_ttl_s / 4
+        expired: dict[str, float | None] = {}  # key -> when its TTL was set (None: finished)
         for out in batch:
             key = self._keys.reply(out.request_id)
             for event in out.events:
                 pipe.xadd(
                     key, {EVENT_FIELD: encode(event)}, maxlen=s.reply_maxlen, approximate=True
                 )
-                touched.add(key)
+            if out.events:
+                terminal = isinstance(out.events[-1], TERMINAL_EVENTS)
+                last = expired[key] if key in expired else self._ttl_set.get(key)
+                if terminal or last is None or now - last >= refresh_s:
+                    expired[key] = None if terminal else now
             if out.ack_token is not None:
                 # After the events, in the same pipeline: Redis runs them in order.
                 pipe.xack(self._stream, GROUP, out.ack_token)
                 pipe.xdel(self._stream, out.ack_token)
-        for key in touched:
+        for key in expired:
             pipe.expire(key, s.reply_ttl_s)
         _redis_call(pipe.execute)
+        for key, at in expired.items():  # only once it is done: a retry sets them again
+            if at is None:
+                self._ttl_set.pop(key, None)
+            else:
+                self._ttl_set[key] = at
+        if len(self._ttl_set) > _TTL_MEMORY:  # replies abandoned without a terminal event
+            self._ttl_set = {k: t for k, t in self._ttl_set.items() if now - t < refresh_s}
 
     def heartbeat(self, beat: WorkerHeartbeat) -> None:
         registry = self._keys.registry(self._model)

@@ -19,9 +19,10 @@ Faults (docs/reliability.md):
   twice. A broker outage raises ``redis.ConnectionError`` / ``redis.TimeoutError``.
 - A request whose model has no live worker left while it waits (every worker crashed; a
   worker is live while its heartbeat key, renewed every ``heartbeat_s`` with a TTL of
-  ``heartbeat_ttl_s``, exists) ends with a retryable ``worker_lost`` error as soon as the
-  wait notices, instead of waiting out the request timeout. While another worker is live it
-  waits: that worker takes a dead one's requests over.
+  ``heartbeat_ttl_s``, exists) ends with a retryable ``worker_lost`` error once none has
+  been live for one more TTL (about two seconds after the crash with the defaults), instead
+  of waiting out the request timeout. While another worker is live it waits: that worker
+  takes a dead one's requests over.
 
 Two ``redis.asyncio.Redis`` per event loop (a connection belongs to the loop that opened
 it, and Django runs sync views' async calls in short-lived loops of their own): one for
@@ -193,6 +194,10 @@ class RedisStreamsClient(InferenceClient):
         last_id: bytes | str = after
         clients = self._loop_clients()
         client = clients.blocking
+        # When a wait with nothing new first found no live worker of ``model``: a worker
+        # counts as dead only if it stays without a heartbeat for one more TTL, so a worker
+        # whose beat is late (a long engine step, a starved CPU) is not given up.
+        none_live_since: float | None = None
         while True:
             remaining_ms = int((deadline - loop.time()) * 1000)
             if remaining_ms <= 0:
@@ -206,14 +211,19 @@ class RedisStreamsClient(InferenceClient):
                 {key: last_id}, count=_READ_COUNT, block=min(remaining_ms, _READ_BLOCK_MS)
             )
             entries = _xread_entries(resp)
-            if not entries and model is not None:
-                if await self._live_workers(clients.commands, model) == 0:
-                    yield ErrorEvent(
-                        ErrorCode.WORKER_LOST,
-                        f"No worker of the model '{model}' is serving any more; retry shortly.",
-                        retryable=True,
-                    )
-                    return
+            if entries or model is None:
+                none_live_since = None
+            elif await self._live_workers(clients.commands, model) > 0:
+                none_live_since = None
+            elif none_live_since is None:
+                none_live_since = loop.time()
+            elif loop.time() - none_live_since >= self.settings.heartbeat_ttl_s:
+                yield ErrorEvent(
+                    ErrorCode.WORKER_LOST,
+                    f"No worker of the model '{model}' is serving any more; retry shortly.",
+                    retryable=True,
+                )
+                return
             for entry_id, fields in entries:
                 last_id = entry_id
                 try:

@@ -229,15 +229,16 @@ def test_every_worker_killed_requests_get_a_503_at_once(fault_web: FaultWeb) -> 
     assert_answered(chat(fault_web))
     for worker in live:
         worker.kill()
-    # At once: the heartbeats have not expired yet, so these are queued to dead workers and
-    # must be told within about a second (the heartbeat TTL and one wait).
+    # At once: the heartbeats have not expired yet (TTL 1 s), so these are queued to dead
+    # workers; the wait gives them up after one more TTL without a live worker (so a late
+    # heartbeat is not mistaken for a death): about 2 to 2.5 s after the kill.
     with ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda i: chat(fault_web, stream=i % 2 == 1), range(6)))
     for out in outs:
         assert out.status == 503, out.body
         assert out.body["error"]["code"] in {"worker_lost", "model_unavailable"}, out.body
         assert "retry-after" in out.headers
-        assert out.elapsed < 2.0, out.elapsed
+        assert out.elapsed < 3.5, out.elapsed
     # Once the heartbeats expired (1 s) routing refuses at once.
     time.sleep(1.1)
     out = chat(fault_web)

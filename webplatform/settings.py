@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "csp",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -76,6 +77,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "webplatform.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
@@ -212,6 +214,36 @@ CSRF_COOKIE_SECURE = SECURE_COOKIES
 SESSION_COOKIE_HTTPONLY = True
 if env.bool("SECURE_PROXY_SSL", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Production (the same switch as the secure cookies): browsers are told to use HTTPS only for
+# a year (sent on HTTPS responses; behind a TLS proxy set SECURE_PROXY_SSL). Redirecting
+# plain HTTP is the proxy's job unless SECURE_SSL_REDIRECT is set (probes reach pods by
+# plain HTTP). Django's defaults already send nosniff, Referrer-Policy same-origin,
+# Cross-Origin-Opener-Policy same-origin and X-Frame-Options DENY.
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if SECURE_COOKIES else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy on every response (django-csp; Django 5.2 has none of its own):
+# scripts, styles, fonts and frames only from this site, no inline script or style, no
+# plugins, no framing. The dashboard's scripts (playground, charts) are static files; the
+# playground shows chosen images as data:/blob: URLs and talks to /ws/chat/ ('self'
+# covers ws:/wss: of the same host).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:", "blob:"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
 
 # --- I18n -----------------------------------------------------------------------------
 LANGUAGE_CODE = "en"

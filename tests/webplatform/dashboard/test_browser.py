@@ -224,13 +224,15 @@ def test_owner_signs_up_makes_a_key_uses_the_playground_and_sees_usage(page, ser
     # ...an image is previewed with its size, and the answer streams back.
     page.set_input_files("#pg-file", {"name": "red.png", "mimeType": "image/png", "buffer": png()})
     page.wait_for_selector("#pg-preview:not([hidden])")
-    page.wait_for_function("document.getElementById('pg-file-info').textContent.includes('64×48')")
+    page.wait_for_function(
+        "() => document.getElementById('pg-file-info').textContent.includes('64×48')"
+    )
     assert page.is_hidden("#pg-problem")
     page.fill("#pg-question", "What colour is this?")
     page.fill("#pg-max-tokens", "16")
     page.click("#pg-send")
     page.wait_for_function(
-        "document.querySelector('#pg-answer[data-finish-reason]')"
+        "() => document.querySelector('#pg-answer[data-finish-reason]')"
         " || !document.getElementById('pg-error').hidden",
         timeout=90_000,
     )
@@ -245,7 +247,7 @@ def test_owner_signs_up_makes_a_key_uses_the_playground_and_sees_usage(page, ser
 
     # The usage chart shows that request.
     page.goto(f"/orgs/{tenant_id}/usage/")
-    page.wait_for_function("window.usageCharts && window.usageCharts.requests")
+    page.wait_for_function("() => window.usageCharts && window.usageCharts.requests")
     today = page.evaluate("window.usageCharts.requests.data.datasets[0].data.slice(-1)[0]")
     assert today == 1
     assert page.inner_text("[data-testid=total-requests]") == "1"

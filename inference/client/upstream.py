@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from inference.client.base import InferenceClient, ModelHealth
 from inference.client.blobs import LocalBlobStore, blob_check_digest
@@ -254,7 +256,7 @@ class UpstreamClient(InferenceClient):
                     data = blobs.get(part.image.sha256)
                     if data is None:
                         return ErrorEvent.fixed(ErrorCode.IMAGE_UNAVAILABLE)
-                    uri = f"data:{part.image.media_type};base64,{base64.b64encode(data).decode()}"
+                    uri = _data_uri(data, part.image.media_type)
                     parts.append({"type": "image_url", "image_url": {"url": uri}})
                 else:
                     parts.append({"type": "text", "text": part.text})
@@ -289,7 +291,11 @@ class UpstreamClient(InferenceClient):
         if request.model != self.spec.name:
             yield ErrorEvent(ErrorCode.MODEL_NOT_FOUND, f"Unknown model '{request.model}'.")
             return
-        body = self._body(request)
+        # Re-encoding and base64 of images take CPU: off the event loop when there are any.
+        if request.image_refs():
+            body = await asyncio.to_thread(self._body, request)
+        else:
+            body = self._body(request)
         if isinstance(body, ErrorEvent):
             yield body
             return
@@ -517,6 +523,20 @@ class UpstreamClient(InferenceClient):
         state = self._loops.pop(loop, None)
         if state is not None:
             await state.http.aclose()
+
+
+# Formats every OpenAI-compatible server reads; the platform's validated bytes are a raw
+# pixmap (no compression to decode again), which is sent as PNG instead.
+_UPSTREAM_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
+
+
+def _data_uri(data: bytes, media_type: str) -> str:
+    if media_type not in _UPSTREAM_MEDIA_TYPES:
+        with Image.open(io.BytesIO(data)) as image:
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG", compress_level=1)
+        data, media_type = buffer.getvalue(), "image/png"
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 def _int(usage: Mapping[str, Any] | None, name: str) -> int:

@@ -18,7 +18,7 @@ rule                the request goes to
 ==================  ======================================================================
 
 Escalation (``Escalation``): a request routed to the fast model, not streamed, whose fast
-answer finished (``stop``) with low confidence is asked again of the slow model and answered
+answer finished (not cancelled) with low confidence is asked again of the slow model and answered
 by it: ``escalate:logprob`` when the answer's mean token log-probability (``DoneEvent``'s
 ``mean_logprob``, when the engine reports it) is under ``min_mean_logprob``, else
 ``escalate:unsure`` when the answer matches an ``unsure_patterns`` regex ("I'm not sure",
@@ -286,7 +286,7 @@ def check_auto_allowed(*, principal: ApiPrincipal) -> None:
 
 def escalation_rule(answer_text: str, done: DoneEvent, rules: EscalationRules) -> str | None:
     """Why a finished fast answer goes to the slow model, or None when it stands."""
-    if done.finish_reason is not FinishReason.STOP:
+    if done.finish_reason is FinishReason.CANCELLED:
         return None
     if done.mean_logprob is not None and done.mean_logprob < rules.min_mean_logprob:
         return "escalate:logprob"

@@ -24,6 +24,8 @@ class InferenceSettings:
     reply_ttl_s: int = 300
     claim_idle_ms: int = 2_000
     heartbeat_s: float = 0.25
+    # The web side reuses a model's health (routing's live workers and queue) this long.
+    health_cache_s: float = 0.25
     # The client gives up on a request after this long and reports TIMEOUT.
     request_timeout_s: float = 600.0
     # A request delivered this many times without finishing is a poison request.

@@ -336,6 +336,9 @@ INFERENCE_REPLY_TTL_SECONDS = env.int("INFERENCE_REPLY_TTL_SECONDS", default=300
 # its requests are taken over by another once idle this long.
 INFERENCE_CLAIM_IDLE_MS = env.int("INFERENCE_CLAIM_IDLE_MS", default=2000)
 INFERENCE_HEARTBEAT_SECONDS = env.float("INFERENCE_HEARTBEAT_SECONDS", default=0.25)
+# How long a web process reuses a model's health (live workers, queue) for routing: one
+# round trip per model a few times a second instead of one per request.
+INFERENCE_HEALTH_CACHE_SECONDS = env.float("INFERENCE_HEALTH_CACHE_SECONDS", default=0.25)
 INFERENCE_KEY_PREFIX = env.str("INFERENCE_KEY_PREFIX", default="inference")
 # How long a client waits for a whole answer; workers skip requests queued longer than this.
 INFERENCE_REQUEST_TIMEOUT_SECONDS = env.float("INFERENCE_REQUEST_TIMEOUT_SECONDS", default=600.0)

@@ -33,6 +33,7 @@ def inference_settings() -> InferenceSettings:
         reply_ttl_s=settings.INFERENCE_REPLY_TTL_SECONDS,
         claim_idle_ms=settings.INFERENCE_CLAIM_IDLE_MS,
         heartbeat_s=settings.INFERENCE_HEARTBEAT_SECONDS,
+        health_cache_s=settings.INFERENCE_HEALTH_CACHE_SECONDS,
         request_timeout_s=settings.INFERENCE_REQUEST_TIMEOUT_SECONDS,
         max_deliveries=settings.INFERENCE_MAX_DELIVERIES,
         redis_socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_SECONDS,

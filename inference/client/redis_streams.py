@@ -7,7 +7,15 @@
 - ``cancel`` sets ``{prefix}:cancel:{request_id}`` with a TTL; the worker checks it each
   step for its running requests and before starting a queued one.
 - ``model_health`` reads the worker registry (a ZSET) and each worker's heartbeat key, and
-  the group's lag / pending counts from ``XINFO GROUPS``.
+  the group's lag / pending counts from ``XINFO GROUPS``, in one script, and keeps the
+  answer for ``health_cache_s`` (a quarter second by default, the heartbeat interval), so
+  routing costs a round trip per model and process a few times a second, not per request.
+- ``put_image`` only stages the bytes in this process; ``submit`` sends the staged images
+  of its request with the enqueue, in one script. Before a worker sees a request the web
+  side then makes three round trips: the API key's cache, the quota script, and this one
+  (an answer-cache lookup adds one for deterministic requests). A staged image is kept
+  until every request that staged it was submitted, or ``_STAGE_MAX_AGE_S`` passed (a
+  request abandoned between validation and its stream).
 
 Faults (docs/reliability.md):
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -76,14 +85,67 @@ _READ_COUNT = 256
 _RETRY_BASE_S = 0.02
 _RETRY_CAP_S = 0.25
 
-# Enqueue once per request id: KEYS[1] the model's request stream, KEYS[2] the request's
-# marker; ARGV[1] the encoded request, ARGV[2] the marker's TTL (ms), ARGV[3] the field.
+# Enqueue once per request id, with the request's images: KEYS[1] the model's request
+# stream, KEYS[2] the request's marker, KEYS[3..] the blobs; ARGV[1] the encoded request,
+# ARGV[2] the marker's TTL (ms), ARGV[3] the field, ARGV[4] the blobs' TTL (s), ARGV[5..]
+# the blobs' bytes, in the order of their keys. A blob is stored once per tenant and
+# content (NX) and its TTL renewed, so a re-upload keeps it alive for the new request.
 _SUBMIT_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  for i = 3, #KEYS do
+    redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'EX', ARGV[4])
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+  end
   return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[1])
 end
 return false
 """
+
+# A model's health in one round trip: KEYS[1] the worker registry, KEYS[2] the request
+# stream; ARGV[1] the heartbeat keys' prefix (``KeySpace.heartbeat`` less the worker id;
+# keys built in the script, so this needs a single Redis, not a cluster), ARGV[2] the
+# consumer group. Forgets workers whose heartbeat expired. Returns
+# ``{waiting, pending, heartbeats...}``.
+_HEALTH_LUA = """
+local beats = {}
+local dead = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local beat = redis.call('GET', ARGV[1] .. id)
+  if beat then beats[#beats + 1] = beat else dead[#dead + 1] = id end
+end
+if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
+local waiting, pending = 0, 0
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  waiting = redis.call('XLEN', KEYS[2])
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    if fields['name'] == ARGV[2] then
+      pending = fields['pending']
+      -- No lag when Redis cannot compute it (entries deleted past the group's position):
+      -- finished entries are deleted, so the stream holds waiting + pending.
+      if fields['lag'] then waiting = fields['lag'] else waiting = math.max(0, waiting - pending) end
+    end
+  end
+end
+local reply = {waiting, pending}
+for _, beat in ipairs(beats) do reply[#reply + 1] = beat end
+return reply
+"""
+
+# A staged image nobody submitted (its request was abandoned before its stream) is dropped
+# after this long.
+_STAGE_MAX_AGE_S = 60.0
+
+
+@dataclass
+class _Staged:
+    """An image waiting for its requests' enqueue: the bytes, how many requests staged it
+    and have not been submitted yet, and when it was last staged."""
+
+    data: bytes
+    holders: int
+    staged_at: float
 
 
 @dataclass(frozen=True)
@@ -93,6 +155,7 @@ class _LoopClients:
     commands: aioredis.Redis
     blocking: aioredis.Redis  # XREAD with BLOCK
     submit_script: AsyncScript
+    health_script: AsyncScript
 
 
 class RedisStreamsClient(InferenceClient):
@@ -106,6 +169,10 @@ class RedisStreamsClient(InferenceClient):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
             weakref.WeakKeyDictionary()
         )
+        # Images staged by put_image, by (tenant, sha256): sent with their request's enqueue.
+        self._staged: dict[tuple[str, str], _Staged] = {}
+        # model -> (monotonic time it was read, its health)
+        self._health: dict[str, tuple[float, ModelHealth]] = {}
 
     def _connect(self, *, socket_timeout_s: float) -> aioredis.Redis:
         s = self.settings
@@ -131,6 +198,7 @@ class RedisStreamsClient(InferenceClient):
                 commands=commands,
                 blocking=self._connect(socket_timeout_s=timeout + _READ_BLOCK_MS / 1000),
                 submit_script=commands.register_script(_SUBMIT_LUA),
+                health_script=commands.register_script(_HEALTH_LUA),
             )
             self._clients[loop] = clients
         return clients
@@ -139,13 +207,33 @@ class RedisStreamsClient(InferenceClient):
         return self._loop_clients().commands
 
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
+        """Stage the image for its request's enqueue (no round trip of its own)."""
         blob_check_digest(data=data, ref=ref)
-        key = self.keys.blob(tenant_id, ref.sha256)
-        ttl = self.settings.blob_ttl_s
-        pipe = self._redis().pipeline(transaction=False)
-        pipe.set(key, data, nx=True, ex=ttl)  # stored once per tenant and content
-        pipe.expire(key, ttl)  # a re-upload keeps it alive for the new request
-        await pipe.execute()
+        now = time.monotonic()
+        for key, old in list(self._staged.items()):
+            if now - old.staged_at > _STAGE_MAX_AGE_S:
+                del self._staged[key]
+        staged = self._staged.get((tenant_id, ref.sha256))
+        if staged is None:
+            self._staged[(tenant_id, ref.sha256)] = _Staged(data, 1, now)
+        else:
+            staged.holders += 1
+            staged.staged_at = now
+
+    def _unstage(self, request: InferenceRequest) -> tuple[list[str], list[bytes]]:
+        """The blob keys and bytes of the request's staged images, released by it."""
+        keys: list[str] = []
+        blobs: list[bytes] = []
+        for sha256 in dict.fromkeys(ref.sha256 for ref in request.image_refs()):
+            staged = self._staged.get((request.tenant_id, sha256))
+            if staged is None:
+                continue  # stored by an earlier request (a conversation's earlier turn)
+            keys.append(self.keys.blob(request.tenant_id, sha256))
+            blobs.append(staged.data)
+            staged.holders -= 1
+            if staged.holders <= 0:
+                del self._staged[(request.tenant_id, sha256)]
+        return keys, blobs
 
     async def submit(
         self, request: InferenceRequest, *, time_limit_s: float | None = None
@@ -154,9 +242,20 @@ class RedisStreamsClient(InferenceClient):
             yield ErrorEvent(ErrorCode.MODEL_NOT_FOUND, f"Unknown model '{request.model}'.")
             return
         time_limit_s = time_limit_s or self.settings.request_timeout_s
+        blob_keys, blobs = self._unstage(request)
         await self._loop_clients().submit_script(
-            keys=[self.keys.requests(request.model), self._submitted_key(request.request_id)],
-            args=[encode(request), int(time_limit_s * 1000) + 1, REQUEST_FIELD],
+            keys=[
+                self.keys.requests(request.model),
+                self._submitted_key(request.request_id),
+                *blob_keys,
+            ],
+            args=[
+                encode(request),
+                int(time_limit_s * 1000) + 1,
+                REQUEST_FIELD,
+                self.settings.blob_ttl_s,
+                *blobs,
+            ],
         )
         finished = False
         try:
@@ -248,18 +347,23 @@ class RedisStreamsClient(InferenceClient):
             logger.warning("could not mark %s cancelled", request_id)
 
     async def model_health(self, model: str) -> ModelHealth:
-        client = self._redis()
-        registry = self.keys.registry(model)
-        worker_ids = [_text(w) for w in await client.zrange(registry, 0, -1)]
-        beats = []
-        if worker_ids:
-            raw = await client.mget([self.keys.heartbeat(model, w) for w in worker_ids])
-            dead = [w for w, value in zip(worker_ids, raw, strict=True) if value is None]
-            beats = [decode_heartbeat(_raw(value)) for value in raw if value is not None]
-            if dead:  # their heartbeat expired: forget them
-                await client.zrem(registry, *dead)
-        waiting, pending = await self._queue_counts(client, model)
-        return model_health_from_heartbeats(model, beats, waiting=waiting, pending=pending)
+        now = time.monotonic()
+        cached = self._health.get(model)
+        if cached is not None and now - cached[0] < self.settings.health_cache_s:
+            return cached[1]
+        reply = await self._loop_clients().health_script(
+            keys=[self.keys.registry(model), self.keys.requests(model)],
+            args=[self.keys.heartbeat(model, ""), GROUP],
+        )
+        waiting, pending, *beats = cast("list[Any]", reply)
+        health = model_health_from_heartbeats(
+            model,
+            [decode_heartbeat(_raw(beat)) for beat in beats],
+            waiting=int(waiting),
+            pending=int(pending),
+        )
+        self._health[model] = (now, health)
+        return health
 
     async def _live_workers(self, client: aioredis.Redis, model: str) -> int:
         """How many of ``model``'s registered workers still hold their heartbeat key."""
@@ -268,25 +372,6 @@ class RedisStreamsClient(InferenceClient):
             return 0
         raw = await client.mget([self.keys.heartbeat(model, w) for w in worker_ids])
         return sum(value is not None for value in raw)
-
-    async def _queue_counts(self, client: aioredis.Redis, model: str) -> tuple[int, int]:
-        stream = self.keys.requests(model)
-        try:
-            groups = await client.xinfo_groups(stream)
-        except redis.ResponseError:  # no stream yet: nothing queued
-            return 0, 0
-        for group in groups:
-            if _text(group["name"]) != GROUP:
-                continue
-            pending = int(group["pending"])
-            lag = group.get("lag")
-            if lag is None:
-                # Redis cannot compute the lag (entries deleted past the group's position):
-                # finished entries are deleted, so the stream holds waiting + pending.
-                lag = max(0, int(await client.xlen(stream)) - pending)
-            return int(lag), pending
-        # The group does not exist yet (no worker ever started): everything is waiting.
-        return int(await client.xlen(stream)), 0
 
     async def aclose(self) -> None:
         """Close the connection pools of the current loop (tests; shutdown)."""

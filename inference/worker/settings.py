@@ -54,6 +54,7 @@ def worker_settings(environ_: Mapping[str, str] | None = None) -> InferenceSetti
         reply_ttl_s=env.int("INFERENCE_REPLY_TTL_SECONDS", default=300),
         claim_idle_ms=env.int("INFERENCE_CLAIM_IDLE_MS", default=2000),
         heartbeat_s=env.float("INFERENCE_HEARTBEAT_SECONDS", default=0.25),
+        health_cache_s=env.float("INFERENCE_HEALTH_CACHE_SECONDS", default=0.25),
         request_timeout_s=env.float("INFERENCE_REQUEST_TIMEOUT_SECONDS", default=600.0),
         max_deliveries=env.int("INFERENCE_MAX_DELIVERIES", default=3),
         redis_socket_timeout_s=env.float("REDIS_SOCKET_TIMEOUT_SECONDS", default=0.5),

@@ -58,6 +58,7 @@ def settings_(redis_url: str):
         claim_idle_ms=200,
         heartbeat_s=0.5,
         request_timeout_s=5.0,
+        health_cache_s=0.0,  # every model_health reads Redis (the cache has its own test)
     )
     delete_prefix(redis_url, prefix)
 
@@ -151,20 +152,109 @@ async def test_unknown_model_is_an_error_event(client):
     assert events[0].code == ErrorCode.MODEL_NOT_FOUND
 
 
-async def test_put_image_stores_once_per_tenant_and_refreshes_ttl(client, settings_):
+async def _submit_and_take(client, worker, request):
+    """Submit ``request`` and return the worker's delivery of it (the stream left open)."""
+    consumer = asyncio.create_task(_collect(client.submit(request)))
+    for _ in range(50):
+        deliveries = await asyncio.to_thread(worker.fetch, 4, 100)
+        if deliveries:
+            return consumer, deliveries[0]
+    raise AssertionError("the request never reached the worker")
+
+
+async def test_images_travel_with_the_enqueue_once_per_tenant_and_refresh_their_ttl(
+    client, settings_
+):
     data = b"\x89PNG fake image bytes"
     ref = ImageRef(sha256=hashlib.sha256(data).hexdigest(), width=1, height=1)
-    await client.put_image(tenant_id="tA", data=data, ref=ref)
     r = redis.Redis.from_url(settings_.redis_url)
     key = KeySpace(settings_.key_prefix).blob("tA", ref.sha256)
-    r.expire(key, 5)
     await client.put_image(tenant_id="tA", data=data, ref=ref)
-    assert r.ttl(key) > 5  # refreshed to the blob TTL
+    assert not r.exists(key)  # staged in the web process until its request is enqueued
     worker = _transport(settings_, "w1")
+
+    first = make_request("one", tenant_id="tA", image_refs=[ref])
+    consumer, delivery = await _submit_and_take(client, worker, first)
     assert worker.fetch_images("tA", [ref.sha256, "0" * 64]) == {ref.sha256: data}
     assert worker.fetch_images("tB", [ref.sha256]) == {}  # another tenant cannot name it
+    worker.publish([Outgoing(first.request_id, SAMPLE_EVENTS, ack_token=delivery.token)])
+    await asyncio.wait_for(consumer, 5)
+
+    r.expire(key, 5)
+    await client.put_image(tenant_id="tA", data=data, ref=ref)
+    second = make_request("two", tenant_id="tA", image_refs=[ref])
+    consumer, delivery = await _submit_and_take(client, worker, second)
+    assert r.ttl(key) > 5  # refreshed to the blob TTL by the new request
+    worker.publish([Outgoing(second.request_id, SAMPLE_EVENTS, ack_token=delivery.token)])
+    await asyncio.wait_for(consumer, 5)
+    assert client._staged == {}  # released by the requests that staged it
+
     with pytest.raises(BlobDigestMismatch):
         await client.put_image(tenant_id="tA", data=b"other bytes", ref=ref)
+
+
+class _RoundTrips:
+    """Counts what redis-py sends: one send per command or pipeline, i.e. per round trip."""
+
+    def __init__(self, monkeypatch) -> None:
+        import redis.asyncio.connection as aconnection
+
+        self.count = 0
+        original = aconnection.AbstractConnection.send_packed_command
+
+        async def counted(conn, command, check_health=True):
+            self.count += 1
+            return await original(conn, command, check_health)
+
+        monkeypatch.setattr(aconnection.AbstractConnection, "send_packed_command", counted)
+
+
+async def test_an_enqueue_with_images_is_one_round_trip(client, settings_, monkeypatch):
+    worker = _transport(settings_, "w1")
+    images = [b"\x89PNG first", b"\x89PNG second"]
+    refs = [ImageRef(sha256=hashlib.sha256(d).hexdigest(), width=1, height=1) for d in images]
+    request = make_request("two images", tenant_id="tA", image_refs=refs)
+    await client.model_health(MODEL)  # opens the connections and loads nothing else
+    trips = _RoundTrips(monkeypatch)
+    for data, ref in zip(images, refs, strict=True):
+        await client.put_image(tenant_id="tA", data=data, ref=ref)
+    assert trips.count == 0  # staged, not sent
+    agen = client.submit(request)
+    reader = asyncio.create_task(agen.__anext__())  # enqueues, then blocks on the reply
+    for _ in range(50):
+        deliveries = await asyncio.to_thread(worker.fetch, 4, 100)
+        if deliveries:
+            break
+    sent_before_the_worker_saw_it = trips.count
+    assert [d.request.request_id for d in deliveries] == [request.request_id]
+    assert worker.fetch_images("tA", [r.sha256 for r in refs]) == {
+        ref.sha256: data for ref, data in zip(refs, images, strict=True)
+    }
+    # The enqueue script (blobs + marker + XADD), and the blocking XREAD of the reply
+    # stream, which may or may not have been sent yet.
+    assert sent_before_the_worker_saw_it in (1, 2)
+    worker.publish([Outgoing(request.request_id, SAMPLE_EVENTS, ack_token=deliveries[0].token)])
+    await asyncio.wait_for(reader, 5)
+    await agen.aclose()
+
+
+async def test_model_health_is_one_round_trip_and_reused_briefly(settings_, monkeypatch):
+    import dataclasses
+
+    client = RedisStreamsClient(settings=dataclasses.replace(settings_, health_cache_s=60.0))
+    try:
+        w1 = _transport(settings_, "w1")
+        w1.heartbeat(make_heartbeat("w1", running=1))
+        await client.model_health("other")  # opens the connection
+        trips = _RoundTrips(monkeypatch)
+        assert (await client.model_health(MODEL)).live_workers == 1
+        assert trips.count == 1
+        w1.unregister()
+        # Within health_cache_s the answer is reused: no round trip, the old answer.
+        assert (await client.model_health(MODEL)).live_workers == 1
+        assert trips.count == 1
+    finally:
+        await client.aclose()
 
 
 async def test_model_health_counts_live_workers_and_queue(client, settings_):

@@ -171,6 +171,8 @@ def png(width: int = 64, height: int = 48) -> bytes:
 
 def test_owner_signs_up_makes_a_key_uses_the_playground_and_sees_usage(page, server) -> None:
     page.goto("/")
+    snap(page, "landing")
+    page.click("main >> text=Log in")
     assert page.url.endswith("/accounts/login/")
     snap(page, "login")
     page.goto("/accounts/signup/")

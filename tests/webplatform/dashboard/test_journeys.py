@@ -121,7 +121,7 @@ def test_on_a_phone_every_navigation_entry_is_reachable(browser, server, locale)
         page.goto(f"/orgs/{owner.tenant.pk}/members/")
         # Every entry of the navigation is on screen: none hidden in a sideways strip.
         links = page.locator(".sidenav a")
-        assert links.count() == 8
+        assert links.count() == 9
         for i in range(links.count()):
             box = links.nth(i).bounding_box()
             assert box is not None and box["x"] >= 0, links.nth(i).inner_text()
@@ -202,3 +202,19 @@ def test_a_failed_submit_moves_focus_to_an_announced_error_summary(page: Any, se
         page.click("main form button[type=submit]")
     assert page.evaluate("document.activeElement.getAttribute('role')") == "alert"
     assert page.get_attribute("#id_username", "autocomplete") == "email"
+
+
+def test_the_landing_page_says_what_the_product_does_and_leads_on(page: Any, server) -> None:
+    page.goto("/")
+    assert page.url == server.url + "/"
+    assert "images" in page.inner_text("h1")
+    assert page.locator(".examples .panel").count() >= 3
+    assert page.get_attribute("main >> text=API docs", "href") == "/v1/docs"
+    assert page.request.get(server.url + "/v1/docs").status == 200
+    page.click("#landing-signup")
+    page.wait_for_url("**/accounts/signup/")
+    tenant_id = sign_up(page, "landed@example.com", "Landed")
+    # Signed in, / is the dashboard, and its navigation links to the API docs.
+    page.goto("/")
+    page.wait_for_url(f"**/orgs/{tenant_id}/")
+    assert page.get_attribute(".sidenav >> text=API docs", "href") == "/v1/docs"

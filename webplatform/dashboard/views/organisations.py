@@ -48,9 +48,10 @@ def favicon(request: HttpRequest) -> HttpResponse:
 
 
 def home(request: HttpRequest) -> HttpResponse:
-    """The current organisation's overview; log-in for visitors, create for the homeless."""
+    """The current organisation's overview; the landing page for visitors (what the product
+    does, example questions, sign-up, log-in and the API docs), create for the homeless."""
     if not request.user.is_authenticated:
-        return redirect("dashboard:login")
+        return render_page(request, "landing.html", {"api_base": request.build_absolute_uri("/v1")})
     current = request.session.get(CURRENT_TENANT_SESSION_KEY)
     if current and membership_get(tenant_id=current, user=request.user):
         return redirect("dashboard:overview", current)

@@ -356,7 +356,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if self.conversation is None:
             self.conversation = await database_sync_to_async(chat_services.conversation_create)(
-                principal=self.principal, model=run.requested_model
+                # The model asked for: "auto" stays routed turn by turn.
+                principal=self.principal, model=run.input.model
             )
         new_turn = inp.turns[-1]
         await database_sync_to_async(chat_services.conversation_turns_append)(

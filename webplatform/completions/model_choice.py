@@ -50,7 +50,14 @@ from webplatform.uploads.services import ValidatedImage
 if TYPE_CHECKING:
     from webplatform.completions.streaming import CompletionRun
 
-__all__ = ["AUTO_MODEL", "ModelChoice", "check_auto_allowed", "escalating_source", "model_choose"]
+__all__ = [
+    "AUTO_MODEL",
+    "ModelChoice",
+    "auto_offered",
+    "check_auto_allowed",
+    "escalating_source",
+    "model_choose",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -282,6 +289,12 @@ def check_auto_allowed(*, principal: ApiPrincipal) -> None:
     allowed = principal.allowed_models
     if rules.fast_model not in allowed and rules.slow_model not in allowed:
         raise _not_found(AUTO_MODEL)
+
+
+def auto_offered(allowed_models: Sequence[str]) -> bool:
+    """Whether ``auto`` serves a caller allowed ``allowed_models`` (the playground offers it)."""
+    rules = routing_rules().rules
+    return rules.fast_model in allowed_models or rules.slow_model in allowed_models
 
 
 def escalation_rule(answer_text: str, done: DoneEvent, rules: EscalationRules) -> str | None:

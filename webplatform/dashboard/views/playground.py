@@ -7,6 +7,7 @@ from django.http import HttpResponse
 from django.utils.translation import gettext as _
 
 from tenants.selectors.tenants import tenant_limits_get
+from webplatform.completions.model_choice import AUTO_MODEL, auto_offered
 from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.views.common import render_page
 from webplatform.uploads.errors import UploadErrorCode
@@ -51,7 +52,12 @@ def playground(request: OrgRequest) -> HttpResponse:
         "tenant_id": tenant.pk,
         "ws_path": f"/ws/chat/?tenant={tenant.pk}",
         "api_base": request.build_absolute_uri("/v1"),
-        "models": list(limits.allowed_models),
+        # "auto": routing picks the fast or the slow model (model_choice); the start frame
+        # names the one that answers.
+        "models": [
+            *limits.allowed_models,
+            *([AUTO_MODEL] if auto_offered(limits.allowed_models) else []),
+        ],
         "max_image_bytes": limits.max_image_bytes,
         "max_output_tokens": limits.max_output_tokens,
         "accepted_types": ACCEPTED_TYPES,

@@ -250,3 +250,13 @@ def request_log_for_tenant(
     if status:
         records = records.filter(status=status)
     return records.select_related("user").order_by("-created_at", "-id")
+
+
+def usage_record_get_for_tenant(*, tenant: Tenant, request_id: str) -> UsageRecord | None:
+    """One of the tenant's request records by its request id (``x-request-id``); None if
+    the tenant has none by that id (another tenant's id included)."""
+    return (
+        UsageRecord.objects.filter(tenant=tenant, request_id=request_id.strip())
+        .select_related("api_key", "user")
+        .first()
+    )

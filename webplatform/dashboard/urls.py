@@ -49,6 +49,7 @@ org_patterns = [
     path("usage/", usage.usage, name="usage"),
     path("usage.csv", usage.usage_csv, name="usage-csv"),
     path("requests/", usage.request_log, name="requests"),
+    path("requests/<str:request_id>/", usage.request_detail, name="request-detail"),
     path("audit/", usage.audit_log, name="audit"),
     path("keys/", keys.keys, name="keys"),
     path("keys/<str:public_id>/revoke/", keys.key_revoke, name="key-revoke"),

@@ -162,6 +162,7 @@ def test_every_dashboard_page_is_fully_translated(
         "ci",
         "glm-4.6v-flash",
         "ocr-lite",
+        "auto",  # the routing model name
         "model_not_found",
         tenant.slug,
         created.api_key.public_id,
@@ -174,6 +175,7 @@ def test_every_dashboard_page_is_fully_translated(
         reverse("dashboard:requests", args=[t]),
         reverse("dashboard:requests", args=[t]) + "?status=error&start=2001-01-02&end=2001-01-01",
         reverse("dashboard:audit", args=[t]),
+        reverse("dashboard:request-detail", args=[t, "req-1"]),
         reverse("dashboard:keys", args=[t]),
         reverse("dashboard:key-revoke", args=[t, created.api_key.public_id]),
         reverse("dashboard:members", args=[t]),

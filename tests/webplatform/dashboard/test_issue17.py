@@ -303,3 +303,41 @@ def test_the_login_error_speaks_of_the_email_address(owner) -> None:
     text = response.content.decode()
     assert "correct e-mail address and password" in text
     assert "correct username" not in text
+
+
+@pytest.mark.django_db
+def test_a_request_detail_is_the_tenants_own_and_shows_content_to_admins_only(
+    owner, teammate, outsider, client_for
+) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants.models import ContentLogEntry, Tenant, UsageRecord
+
+    record = UsageRecord.objects.create(
+        tenant=owner.tenant,
+        request_id="chatcmpl-mine",
+        channel="rest",
+        model="glm-4.6v-flash",
+        status="ok",
+        created_at=timezone.now(),
+    )
+    Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
+    ContentLogEntry.objects.create(
+        tenant=owner.tenant,
+        request_id=record.request_id,
+        prompt="what is this?",
+        answer="a red square",
+        expires_at=timezone.now() + timedelta(days=1),
+    )
+    url = reverse("dashboard:request-detail", args=[owner.tenant.pk, record.request_id])
+    assert "a red square" in client_for(owner).get(url).content.decode()
+    assert "a red square" not in client_for(teammate).get(url).content.decode()
+    # Another organisation's member, or another organisation's path: nothing.
+    assert client_for(outsider).get(url).status_code == 404
+    theirs = reverse("dashboard:request-detail", args=[outsider.tenant.pk, record.request_id])
+    assert client_for(outsider).get(theirs).status_code == 404
+    search = reverse("dashboard:requests", args=[outsider.tenant.pk])
+    found = client_for(outsider).get(search, {"request_id": record.request_id})
+    assert found.status_code == 200  # not a redirect to the other tenant's request

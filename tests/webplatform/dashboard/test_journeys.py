@@ -218,3 +218,39 @@ def test_the_landing_page_says_what_the_product_does_and_leads_on(page: Any, ser
     page.goto("/")
     page.wait_for_url(f"**/orgs/{tenant_id}/")
     assert page.get_attribute(".sidenav >> text=API docs", "href") == "/v1/docs"
+
+
+def test_a_request_is_found_by_its_id_and_opened_from_the_log(page: Any, server) -> None:
+    from django.utils import timezone
+
+    from tenants.models import UsageRecord
+
+    tenant_id = sign_up(page, "detail@example.com", "Details")
+    for i, status in enumerate(("ok", "error")):
+        UsageRecord.objects.create(
+            tenant_id=tenant_id,
+            request_id=f"chatcmpl-detail{i}",
+            channel="rest",
+            model="glm-4.6v-flash",
+            status=status,
+            error_code="" if status == "ok" else "model_not_found",
+            prompt_tokens=1234,
+            completion_tokens=56,
+            time_to_first_token_ms=420,
+            total_latency_ms=2345,
+            created_at=timezone.now(),
+        )
+    page.goto(f"/orgs/{tenant_id}/requests/")
+    page.fill("#id_request_id", "chatcmpl-detail1")
+    page.click("#request-search button")
+    page.wait_for_url(f"**/orgs/{tenant_id}/requests/chatcmpl-detail1/")
+    detail = page.inner_text("#request-detail")
+    assert "model_not_found" in detail and "1,234" in detail and "2.3 sec" in detail
+    page.click("text=← Request log")
+    page.click("tr[data-request='chatcmpl-detail0'] a")
+    page.wait_for_url(f"**/orgs/{tenant_id}/requests/chatcmpl-detail0/")
+    assert page.inner_text("#request-id") == "chatcmpl-detail0"
+    page.goto(f"/orgs/{tenant_id}/requests/")
+    page.fill("#id_request_id", "chatcmpl-nothing")
+    page.click("#request-search button")
+    assert "No request with the id chatcmpl-nothing." in page.inner_text(".messages")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 from typing import Any
 
+from django.contrib import messages
 from django.core.paginator import Page, Paginator
 from django.db.models import QuerySet
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -21,6 +23,7 @@ from tenants.selectors.usage import (
     request_log_for_tenant,
     usage_daily_series,
     usage_models_for_tenant,
+    usage_record_get_for_tenant,
 )
 from tenants.services.members import role_at_least
 from webplatform.dashboard.access import OrgRequest, org_view
@@ -146,9 +149,22 @@ def usage_csv(request: OrgRequest) -> HttpResponse:
     return response
 
 
+def _show_content(request: OrgRequest) -> bool:
+    """Stored prompts and answers are for admins only, and only while logging is on."""
+    return request.tenant.log_content and role_at_least(
+        request.membership.role, Membership.Role.ADMIN
+    )
+
+
 @org_view()
 def request_log(request: OrgRequest) -> HttpResponse:
     tenant = request.tenant
+    # Search by request id (the x-request-id of every API response): straight to its page.
+    wanted = request.GET.get("request_id", "").strip()
+    if wanted:
+        if usage_record_get_for_tenant(tenant=tenant, request_id=wanted) is not None:
+            return redirect("dashboard:request-detail", tenant.pk, wanted)
+        messages.error(request, _("No request with the id %(id)s.") % {"id": wanted[:80]})
     form, usage_filter = _filter_form(request)
     dates = DateRangeForm(request.GET or None)
     since, before = dates.bounds()
@@ -164,11 +180,7 @@ def request_log(request: OrgRequest) -> HttpResponse:
         ),
     )
     records = list(pager["page_obj"])
-    # Stored prompts and answers are for admins only, and only while logging is on.
-    show_content = tenant.log_content and role_at_least(
-        request.membership.role,
-        Membership.Role.ADMIN,
-    )
+    show_content = _show_content(request)
     content = (
         content_log_by_request(tenant=tenant, request_ids=[r.request_id for r in records])
         if show_content
@@ -185,6 +197,25 @@ def request_log(request: OrgRequest) -> HttpResponse:
             "show_content": show_content,
             **pager,
         },
+    )
+
+
+@org_view()
+def request_detail(request: OrgRequest, request_id: str) -> HttpResponse:
+    record = usage_record_get_for_tenant(tenant=request.tenant, request_id=request_id)
+    if record is None:
+        raise Http404("No such request.")
+    content = (
+        content_log_by_request(tenant=request.tenant, request_ids=[record.request_id]).get(
+            record.request_id
+        )
+        if _show_content(request)
+        else None
+    )
+    return render_page(
+        request,
+        "dashboard/request_detail.html",
+        {"r": record, "content": content, "show_content": _show_content(request)},
     )
 
 

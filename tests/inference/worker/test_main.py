@@ -328,16 +328,20 @@ async def test_sigterm_finishes_the_running_batch_then_exits_0(workers):
         late_task = asyncio.create_task(_ask(client, late))
         results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
         assert await asyncio.to_thread(c.proc.wait, 30) == 0, c.log()
-        # Taken before SIGTERM: finished. Sent after: left queued for another worker.
+        # Taken before SIGTERM: finished. Sent after: left queued for another worker, and
+        # since none is left its client hears so at once (a retryable worker_lost), not
+        # after the request timeout.
         texts = {_text(events) for events in results}
         assert all(isinstance(events[-1], DoneEvent) for events in results), results
         assert len(texts) == 1 and texts.pop()
-        assert not late_task.done()
         assert r.xlen(c.keys.requests(MODEL)) == 1
         assert not r.exists(c.keys.heartbeat(MODEL, "wB"))
+        late_events = await asyncio.wait_for(late_task, 5)
+        assert isinstance(late_events[-1], ErrorEvent), late_events
+        assert late_events[-1].code == ErrorCode.WORKER_LOST and late_events[-1].retryable
+        assert not any(isinstance(e, DeltaEvent) for e in late_events)
         log = c.log()
         assert "worker ready" in log and "worker stop" in log
-        late_task.cancel()
     finally:
         await client.aclose()
         r.close()

@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from tenants.models import DailyUsage, Tenant, UsageRecord
@@ -260,3 +260,43 @@ def usage_record_get_for_tenant(*, tenant: Tenant, request_id: str) -> UsageReco
         .select_related("api_key", "user")
         .first()
     )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyActivity:
+    """One key's requests and tokens today (UTC) and over the last 30 days."""
+
+    requests_today: int = 0
+    tokens_today: int = 0
+    requests_30d: int = 0
+    tokens_30d: int = 0
+
+
+def usage_by_key_for_tenant(
+    *, tenant: Tenant, now: datetime | None = None
+) -> dict[int, KeyActivity]:
+    """Each of the tenant's keys that was used in the last 30 days, by key id (one query)."""
+    now = now or timezone.now()
+    today = _utc_midnight(now)
+    since = today - timedelta(days=29)
+    tokens = F("prompt_tokens") + F("completion_tokens")
+    rows = (
+        UsageRecord.objects.filter(tenant=tenant, api_key__isnull=False, created_at__gte=since)
+        .values("api_key_id")
+        .annotate(
+            requests_30d=Count("id"),
+            tokens_30d=Sum(tokens),
+            requests_today=Count("id", filter=Q(created_at__gte=today)),
+            tokens_today=Sum(tokens, filter=Q(created_at__gte=today)),
+        )
+        .order_by()
+    )
+    return {
+        row["api_key_id"]: KeyActivity(
+            requests_today=row["requests_today"],
+            tokens_today=row["tokens_today"] or 0,
+            requests_30d=row["requests_30d"],
+            tokens_30d=row["tokens_30d"] or 0,
+        )
+        for row in rows
+    }

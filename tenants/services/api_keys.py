@@ -249,6 +249,17 @@ def api_key_revoke_audited(*, api_key: ApiKey, actor: User) -> ApiKey:
     return api_key
 
 
+def api_key_rename(*, api_key: ApiKey, name: str) -> ApiKey:
+    """Give ``api_key`` a new name (what the dashboard and usage show; the secret stays)."""
+    name = name.strip()
+    if not name:
+        raise ApplicationError("A key needs a name.", code="invalid_value", param="name")
+    ApiKey.objects.filter(pk=api_key.pk).update(name=name)
+    api_key.name = name
+    cache.delete(api_key_record_cache_key(api_key.public_id))
+    return api_key
+
+
 def _api_key_load(public_id: str) -> ApiKey | None:
     return ApiKey.objects.select_related("tenant__plan").filter(public_id=public_id).first()
 

@@ -139,6 +139,10 @@ class ApiKeyForm(forms.Form):
         return timezone.now() + timedelta(days=int(days)) if days else None
 
 
+class ApiKeyRenameForm(forms.Form):
+    name = forms.CharField(label=_("New name"), max_length=100)
+
+
 class PlanChoiceField(forms.ModelChoiceField):
     def label_from_instance(self, obj: Any) -> str:
         return gettext(obj.name)  # plan names are in the catalogue (labels.py)

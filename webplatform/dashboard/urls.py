@@ -53,6 +53,7 @@ org_patterns = [
     path("audit/", usage.audit_log, name="audit"),
     path("keys/", keys.keys, name="keys"),
     path("keys/<str:public_id>/revoke/", keys.key_revoke, name="key-revoke"),
+    path("keys/<str:public_id>/rename/", keys.key_rename, name="key-rename"),
     path("members/", members.members, name="members"),
     path("members/<int:membership_id>/role/", members.member_role, name="member-role"),
     path("members/<int:membership_id>/remove/", members.member_remove, name="member-remove"),

@@ -341,3 +341,18 @@ def test_a_request_detail_is_the_tenants_own_and_shows_content_to_admins_only(
     search = reverse("dashboard:requests", args=[outsider.tenant.pk])
     found = client_for(outsider).get(search, {"request_id": record.request_id})
     assert found.status_code == 200  # not a redirect to the other tenant's request
+
+
+@pytest.mark.django_db
+def test_a_key_is_renamed_only_in_its_own_organisation(owner, outsider, client_for) -> None:
+    from tenants.models import ApiKey
+    from tests.factories import api_key_for
+
+    theirs = api_key_for(outsider.tenant, name="theirs").api_key
+    url = reverse("dashboard:key-rename", args=[owner.tenant.pk, theirs.public_id])
+    assert client_for(owner).post(url, {"name": "mine now"}).status_code == 404
+    assert ApiKey.objects.get(pk=theirs.pk).name == "theirs"
+    own = reverse("dashboard:key-rename", args=[outsider.tenant.pk, theirs.public_id])
+    assert client_for(owner).post(own, {"name": "x"}).status_code == 404
+    client_for(outsider).post(own, {"name": "  "})
+    assert ApiKey.objects.get(pk=theirs.pk).name == "theirs"

@@ -254,3 +254,47 @@ def test_a_request_is_found_by_its_id_and_opened_from_the_log(page: Any, server)
     page.fill("#id_request_id", "chatcmpl-nothing")
     page.click("#request-search button")
     assert "No request with the id chatcmpl-nothing." in page.inner_text(".messages")
+
+
+def test_the_keys_page_shows_each_keys_usage_and_renames_a_key(page: Any, server) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants.models import ApiKey, UsageRecord
+
+    tenant_id = sign_up(page, "keyuse@example.com", "Key Users")
+    page.goto(f"/orgs/{tenant_id}/keys/")
+    page.fill("#id_name", "backend")
+    page.click("#create-key button[type=submit]")
+    key = ApiKey.objects.get(tenant_id=tenant_id)
+    now = timezone.now()
+    for i, when in enumerate([now, now, now - timedelta(days=3)]):
+        UsageRecord.objects.create(
+            tenant_id=tenant_id,
+            api_key=key,
+            request_id=f"keyuse-{i}",
+            channel="rest",
+            model="glm-4.6v-flash",
+            status="ok",
+            prompt_tokens=1000,
+            completion_tokens=500,
+            created_at=when,
+        )
+    page.goto(f"/orgs/{tenant_id}/keys/")
+    row = f"tr[data-key='{key.public_id}']"
+    assert page.inner_text(f"{row} [data-usage=today]").split() == [
+        "2",
+        "requests",
+        "3,000",
+        "tokens",
+    ]
+    assert page.inner_text(f"{row} [data-usage='30d']").split() == [
+        "3", "requests", "4,500", "tokens",
+    ]  # fmt: skip
+    page.click(f"{row} .rename summary")
+    page.fill(f"{row} .rename input[name=name]", "backend (prod)")
+    page.click(f"{row} .rename button")
+    page.wait_for_url(f"**/orgs/{tenant_id}/keys/")
+    assert "backend (prod)" in page.inner_text(row)
+    assert ApiKey.objects.get(pk=key.pk).name == "backend (prod)"

@@ -7,14 +7,20 @@ from django.contrib import messages
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
 
 from tenants.errors import ApplicationError
 from tenants.models import ApiKey, Membership
 from tenants.selectors.api_keys import api_key_get_for_tenant, api_key_list_for_tenant
 from tenants.selectors.tenants import tenant_limits_get
-from tenants.services.api_keys import api_key_create_audited, api_key_revoke_audited
+from tenants.selectors.usage import KeyActivity, usage_by_key_for_tenant
+from tenants.services.api_keys import (
+    api_key_create_audited,
+    api_key_rename,
+    api_key_revoke_audited,
+)
 from webplatform.dashboard.access import OrgRequest, org_view
-from webplatform.dashboard.forms import ApiKeyForm
+from webplatform.dashboard.forms import ApiKeyForm, ApiKeyRenameForm
 from webplatform.dashboard.views.common import form_error, render_page
 
 NEW_KEY_SESSION_KEY = "dashboard_new_key"
@@ -58,7 +64,11 @@ def keys(request: OrgRequest) -> HttpResponse:
             status = 400
     flashed = request.session.pop(NEW_KEY_SESSION_KEY, None)
     created_key = flashed if flashed and flashed.get("tenant_id") == tenant.pk else None
-    rows = [{"key": k, "redacted": redacted(k)} for k in api_key_list_for_tenant(tenant=tenant)]
+    activity = usage_by_key_for_tenant(tenant=tenant)
+    rows = [
+        {"key": k, "redacted": redacted(k), "activity": activity.get(k.pk, KeyActivity())}
+        for k in api_key_list_for_tenant(tenant=tenant)
+    ]
     response = render_page(
         request,
         "dashboard/keys.html",
@@ -85,3 +95,20 @@ def key_revoke(request: OrgRequest, public_id: str) -> HttpResponse:
     return render_page(
         request, "dashboard/key_revoke.html", {"key": api_key, "redacted": redacted(api_key)}
     )
+
+
+@org_view(Membership.Role.ADMIN)
+@require_POST
+def key_rename(request: OrgRequest, public_id: str) -> HttpResponse:
+    tenant = request.tenant
+    try:
+        api_key = api_key_get_for_tenant(tenant=tenant, public_id=public_id)
+    except ApplicationError as error:
+        raise Http404(error.message) from error
+    form = ApiKeyRenameForm(request.POST)
+    if form.is_valid():
+        api_key_rename(api_key=api_key, name=form.cleaned_data["name"])
+        messages.success(request, _("Key renamed to %(name)s.") % {"name": api_key.name})
+    else:
+        messages.error(request, _("A key needs a name (up to 100 characters)."))
+    return redirect("dashboard:keys", tenant.pk)

@@ -25,6 +25,7 @@ from tenants.selectors.usage import (
     usage_models_for_tenant,
     usage_record_get_for_tenant,
 )
+from tenants.selectors.usage_models import usage_by_model_for_tenant
 from tenants.services.members import role_at_least
 from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.forms import DateRangeForm, UsageFilterForm
@@ -104,6 +105,9 @@ def usage(request: OrgRequest) -> HttpResponse:
             "quota_rows": quota_rows(request),
             "query": request.GET.urlencode(),
             "days": DAYS,
+            "by_model": usage_by_model_for_tenant(
+                tenant=request.tenant, usage_filter=usage_filter, days=DAYS
+            ),
         },
     )
 

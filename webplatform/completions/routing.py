@@ -12,6 +12,7 @@ from django.conf import settings
 
 from inference.client import InferenceClient
 from tenants.errors import ApplicationError
+from webplatform.metrics import model_fallback
 
 
 async def _refusal(client: InferenceClient, model: str) -> ApplicationError | None:
@@ -46,5 +47,6 @@ async def model_route(*, client: InferenceClient, model: str, fallback: str | No
     if refusal is None:
         return model
     if fallback and fallback != model and await _refusal(client, fallback) is None:
+        model_fallback(model=model, fallback=fallback)
         return fallback
     raise refusal

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.core.cache import cache
 
 from inference.protocol import FinishReason, Message, SamplingParams
+from webplatform import metrics
 from webplatform.completions.answer import Answer
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,14 @@ def answer_cache_key(
 
 
 async def answer_cache_lookup(*, key: str) -> Answer | None:
+    """The stored answer of ``key``, or None; each lookup is counted as a hit or a miss (an
+    unreadable entry or a cache outage is a miss)."""
+    answer = await _lookup(key)
+    metrics.answer_cache_lookup(hit=answer is not None)
+    return answer
+
+
+async def _lookup(key: str) -> Answer | None:
     try:
         raw = await sync_to_async(cache.get, thread_sensitive=False)(key)
     except Exception:  # a cache outage must not fail requests; it only costs speed

@@ -12,7 +12,9 @@ import dataclasses
 
 from asgiref.sync import sync_to_async
 
+from tenants.errors import ApplicationError
 from webplatform.completions.request import ChatCompletionInput, ImageSource
+from webplatform.metrics import upload_refused
 from webplatform.uploads.budget import image_pixel_budget
 from webplatform.uploads.services import UploadLimits, ValidatedImage, upload_validate_image
 
@@ -28,7 +30,11 @@ async def images_validate(
             budget = image_pixel_budget(model=inp.model, detail=source.detail or "auto")
             image_limits = dataclasses.replace(limits, pixel_budget=budget)
             # Decoding and scanning are CPU and IO bound: keep them off the event loop.
-            images[source] = await sync_to_async(upload_validate_image, thread_sensitive=False)(
-                source=source.url, limits=image_limits, param=source.param
-            )
+            try:
+                images[source] = await sync_to_async(upload_validate_image, thread_sensitive=False)(
+                    source=source.url, limits=image_limits, param=source.param
+                )
+            except ApplicationError as exc:  # an UploadErrorCode: a fixed vocabulary
+                upload_refused(code=exc.code)
+                raise
     return images

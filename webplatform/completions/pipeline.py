@@ -23,6 +23,7 @@ import asyncio
 import time
 
 from inference.client import get_inference_client
+from tenants.errors import ApplicationError
 from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.admission import (
     check_image_count,
@@ -47,6 +48,8 @@ from webplatform.completions.settlement import Settlement
 from webplatform.completions.streaming import CompletionRun
 from webplatform.completions.submission import completion_submit, inference_prompt
 from webplatform.completions.validation import images_validate
+from webplatform.log_context import log_context_bind
+from webplatform.metrics import admission_refused
 
 
 async def chat_completion_start(
@@ -60,19 +63,24 @@ async def chat_completion_start(
     principal = caller.principal
     limits = principal.limits
 
-    # 1. Admit.
+    # 1. Admit (a refusal is counted by its code: a fixed vocabulary, never the model).
     max_tokens = max_tokens_for(inp=inp, limits=limits)
     upload_limits = upload_limits_for(limits=limits)
-    if inp.model == AUTO_MODEL:
-        check_auto_allowed(principal=principal)
-    else:
-        check_model_allowed(principal=principal, model=inp.model)
-    check_max_tokens(limits=limits, max_tokens=max_tokens)
-    check_image_count(inp=inp, upload_limits=upload_limits)
-    check_text_size(inp=inp)
-    admission = await completion_admit(
-        principal=principal, reserve_tokens=max_tokens + prompt_token_estimate(inp)
-    )
+    try:
+        if inp.model == AUTO_MODEL:
+            check_auto_allowed(principal=principal)
+        else:
+            check_model_allowed(principal=principal, model=inp.model)
+        check_max_tokens(limits=limits, max_tokens=max_tokens)
+        check_image_count(inp=inp, upload_limits=upload_limits)
+        check_text_size(inp=inp)
+        admission = await completion_admit(
+            principal=principal, reserve_tokens=max_tokens + prompt_token_estimate(inp)
+        )
+    except ApplicationError as exc:
+        admission_refused(code=exc.code)
+        raise
+    log_context_bind(request_id=request_id, principal=principal, model=inp.model)
     # From here the request owes a settlement, whatever happens: made now, completed below.
     settlement = Settlement(
         request_id=request_id,

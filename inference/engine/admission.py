@@ -36,8 +36,9 @@ from inference.protocol import ErrorCode
 logger = logging.getLogger(__name__)
 
 
-class Admission:
-    """Holds the requests not yet admitted. Engine thread only."""
+class AdmissionQueue:
+    """The requests not yet admitted into the batch, and their preparation. Engine thread
+    only."""
 
     def __init__(self, runner: Any, config: EngineConfig, outputs: RequestOutputs) -> None:
         self._runner = runner

@@ -15,7 +15,7 @@ A request goes queue -> preparing -> vision -> prefilling -> running. One ``step
 4. admits waiting requests, fair across tenants (``FairQueue``), while a slot is free,
    running + prefilling requests are below the batch limit and the prefill work already
    admitted does not exceed one step's budget. Their images were decoded a few places
-   ahead, in a thread pool on CUDA (inline on CPU; ``Admission``, ``Preprocessor``); the
+   ahead, in a thread pool on CUDA (inline on CPU; ``AdmissionQueue``, ``Preprocessor``); the
    prompt is tokenized and checked against the KV capacity (prompt + ``max_tokens`` must
    fit a slot, else ``context_length_exceeded`` at once); their images not in the
    image-embedding cache go into one packed vision pass;
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from inference.engine.admission import Admission
+from inference.engine.admission import AdmissionQueue
 from inference.engine.config import (
     EngineConfig,
     EngineStats,
@@ -138,7 +138,7 @@ class Engine:
             release=self._release,
             token_observer=config.token_observer,
         )
-        self._admission = Admission(runner, config, self._outputs)
+        self._admission = AdmissionQueue(runner, config, self._outputs)
         self._flops_per_token = runner.text_weights.flops_per_token()
         self._vision: deque[_VisionWork] = deque()  # own a slot, images being encoded
         self._prefilling: deque[Sequence] = deque()  # own a slot, prompt partly written

@@ -55,7 +55,7 @@ _CLOSE_PUBLISH_S = 5.0
 
 
 @dataclass(frozen=True)
-class Admission:
+class Arrival:
     """A delivery ready for the engine: its images read (those that still exist) and
     whether its cancel mark was already set when it was taken."""
 
@@ -89,7 +89,7 @@ class WorkerIO:
         self._outbox: list[Outgoing] = []
         self._outbox_handovers = 0  # hand-overs not yet published (the loop's lag)
         self._beat: WorkerHeartbeat | None = None
-        self._admissions: list[Admission] = []
+        self._admissions: list[Arrival] = []
         self._cancels: set[str] = set()
         self._accepting = True
         self._fetching = False
@@ -123,7 +123,7 @@ class WorkerIO:
             self._beat = beat
             self._cond.notify_all()
 
-    def take(self, wait_s: float = 0.0) -> tuple[list[Admission], set[str]]:
+    def take(self, wait_s: float = 0.0) -> tuple[list[Arrival], set[str]]:
         """What arrived since the last call: deliveries to admit and ids to abort. Waits up
         to ``wait_s`` for something when there is nothing yet (never for the broker)."""
         with self._cond:
@@ -386,13 +386,11 @@ class WorkerIO:
         ]
         ids = new_ids + running
         cancelled = self.transport.cancelled(ids) if ids else set()
-        ready: list[Admission] = []
+        ready: list[Arrival] = []
         try:
             for delivery in taken:
                 is_cancelled = delivery.request.request_id in cancelled
-                ready.append(
-                    Admission(delivery, self._images(delivery, is_cancelled), is_cancelled)
-                )
+                ready.append(Arrival(delivery, self._images(delivery, is_cancelled), is_cancelled))
         finally:
             cancels = {rid for rid in running if rid in cancelled}
             self._reported |= cancels

@@ -64,7 +64,7 @@ from inference.protocol import (
     Usage,
     WorkerHeartbeat,
 )
-from inference.worker.io import Admission, WorkerIO
+from inference.worker.io import Arrival, WorkerIO
 from inference.worker.observer import LoopObserver
 from inference.worker.transport import (
     Delivery,
@@ -273,7 +273,7 @@ class Worker:
 
     # --- admission ------------------------------------------------------------------
 
-    def _admit_all(self, admissions: list[Admission]) -> None:
+    def _admit_all(self, admissions: list[Arrival]) -> None:
         """Admit (or answer at once) every delivery the IO handed over."""
         for admission in admissions:
             delivery = admission.delivery
@@ -283,7 +283,7 @@ class Worker:
                 logger.exception("admitting %s failed", delivery.request.request_id)
                 self._finish_early(delivery, ErrorEvent.fixed(_error_code_for(exc)))
 
-    def _admit(self, admission: Admission) -> None:
+    def _admit(self, admission: Arrival) -> None:
         delivery = admission.delivery
         request = delivery.request
         rid = request.request_id

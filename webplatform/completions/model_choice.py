@@ -69,7 +69,8 @@ DEFAULT_ROUTING: dict[str, Any] = {
     "max_fast_images": 2,
     "max_fast_prompt_chars": 12_000,
     # Newest user turn -> slow model. Keywords match as substrings, case-insensitively;
-    # regexes with re.IGNORECASE.
+    # regexes as written (case-sensitive: "(?i)" in one makes it case-insensitive; an
+    # IGNORECASE search costs several times more per request).
     "intents": {
         "legal_review": {
             "keywords": [
@@ -87,7 +88,7 @@ DEFAULT_ROUTING: dict[str, Any] = {
                 "违约",
                 "免责",
             ],
-            "regexes": [r"\bNDA\b", r"review (this|the) (lease|contract|agreement)"],
+            "regexes": [r"\bNDA\b", r"\b[Rr]eview (this|the) (lease|contract|agreement)"],
         },
         "multi_step_math": {
             "keywords": [
@@ -166,8 +167,8 @@ class _Compiled:
     unsure: re.Pattern[str] | None
 
 
-def _join(patterns: Sequence[str]) -> re.Pattern[str] | None:
-    return re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+def _join(patterns: Sequence[str], flags: int = 0) -> re.Pattern[str] | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns), flags) if patterns else None
 
 
 @lru_cache(maxsize=8)
@@ -177,7 +178,7 @@ def _compile(raw: str) -> _Compiled:
         (name, tuple(k.casefold() for k in intent.keywords), _join(intent.regexes))
         for name, intent in rules.intents.items()
     )
-    return _Compiled(rules, intents, _join(rules.escalation.unsure_patterns))
+    return _Compiled(rules, intents, _join(rules.escalation.unsure_patterns, re.IGNORECASE))
 
 
 def routing_rules() -> _Compiled:

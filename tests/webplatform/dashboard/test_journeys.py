@@ -298,3 +298,20 @@ def test_the_keys_page_shows_each_keys_usage_and_renames_a_key(page: Any, server
     page.wait_for_url(f"**/orgs/{tenant_id}/keys/")
     assert "backend (prod)" in page.inner_text(row)
     assert ApiKey.objects.get(pk=key.pk).name == "backend (prod)"
+
+
+def test_a_new_organisation_gets_a_checklist_and_charts_say_there_is_no_data(
+    page: Any, server
+) -> None:
+    tenant_id = sign_up(page, "newbie@example.com", "Newbies")
+    steps = page.locator("#onboarding li")
+    assert steps.count() == 4
+    assert page.locator("#onboarding li.done").count() == 0
+    page.goto(f"/orgs/{tenant_id}/usage/")
+    assert page.locator("[data-empty-chart]").count() == 3
+    assert page.locator("canvas").count() == 0
+    page.goto(f"/orgs/{tenant_id}/keys/")
+    page.fill("#id_name", "first")
+    page.click("#create-key button[type=submit]")
+    page.goto(f"/orgs/{tenant_id}/")
+    assert page.get_attribute("#onboarding li[data-step=key]", "class") == "done"

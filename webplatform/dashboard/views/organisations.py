@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from tenants.errors import ApplicationError
 from tenants.models import Membership
 from tenants.selectors.content_logging import content_retention_days_get
+from tenants.selectors.onboarding import onboarding_for_tenant
 from tenants.selectors.plans import plan_list_self_serve
 from tenants.selectors.tenants import (
     membership_get,
@@ -130,6 +131,7 @@ def overview(request: OrgRequest) -> HttpResponse:
             "quota_rows": quota_rows(request),
             "limits": tenant_limits_get(tenant=tenant),
             "today": usage_today_for_tenant(tenant=tenant),
+            "onboarding": onboarding_for_tenant(tenant=tenant),
         },
     )
 

@@ -98,13 +98,17 @@ SCRAPE_ERRORS = Counter(
     ["model"],
 )
 
-# --- counters the completion path is to feed (docs/operations.md, "Web hooks still to add") -
-# Declared here with their labels so the request path only has to call the functions
-# below; until it does they have no series (a labelled counter shows nothing before its
-# first increment), so no dashboard or alert reads them yet.
+# --- counters of the completion path's steps (webplatform/completions/) ---------------------
+# Each is fed at the one step where its event happens: admission refusals in the pipeline's
+# step 1, image refusals in ``validation``, lookups in ``cache``, fallbacks in ``routing``,
+# errors in settlement (through ``completion_observe``). Codes are fixed vocabularies
+# (``ApplicationError`` codes written in the code, ``UploadErrorCode``, ``ErrorCode``);
+# models are served ones, since a request only reaches routing and settlement once
+# admission found its model in the caller's allowed models (a subset of the served ones),
+# or ``auto`` before routing chose one. A series appears at its first increment.
 ADMISSIONS_REFUSED = Counter(
     "platform_admissions_refused",
-    "Requests refused at admission (quota, rate, concurrency, plan), by error code.",
+    "Requests refused at admission (plan, key scope, limits, quota), by error code.",
     ["code"],
 )
 UPLOADS_REFUSED = Counter(
@@ -157,8 +161,11 @@ def completion_observe(
     completion_tokens: int,
     ttft_s: float | None,
     latency_s: float,
+    error_code: str = "",
 ) -> None:
     REQUESTS.labels(model, channel, status, str(cache_hit).lower()).inc()
+    if status == "error":
+        completion_error(model=model, code=error_code or "internal_error")
     TOKENS.labels(model, "prompt").inc(prompt_tokens)
     TOKENS.labels(model, "completion").inc(completion_tokens)
     if ttft_s is not None:

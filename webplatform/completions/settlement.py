@@ -11,7 +11,8 @@ that went away (a second call does nothing):
 - the content log (``tenants.services.content_logging.content_log_record``), which keeps
   nothing unless the organisation turned it on;
 - the answer cache, for a finished deterministic answer of the model asked for;
-- the metrics.
+- the metrics (the error's code too) and one log line, ``completion settled``
+  (``webplatform.log_context``).
 
 Settling never raises: a served answer must not turn into an error because its bookkeeping
 failed (the failure is logged).
@@ -36,6 +37,7 @@ from tenants.services.usage import usage_record_create
 from webplatform.completions.answer import Answer
 from webplatform.completions.cache import answer_cache_store
 from webplatform.completions.request import Caller
+from webplatform.log_context import log_completion_settled
 from webplatform.metrics import completion_observe
 from webplatform.uploads.services import ValidatedImage
 
@@ -177,4 +179,19 @@ class Settlement:
             completion_tokens=usage.completion_tokens,
             ttft_s=None if ttft_ms is None else ttft_ms / 1000,
             latency_s=now - self.started_at,
+            error_code=error_code,
+        )
+        log_completion_settled(
+            request_id=self.request_id,
+            principal=self.caller.principal,
+            channel=self.caller.entry_point.value,
+            model=self.model,
+            status=outcome.value,
+            error_code=error_code,
+            cache_hit=self.cache_hit,
+            usage=usage,
+            image_count=len(self.images),
+            ttft_s=None if ttft_ms is None else ttft_ms / 1000,
+            latency_s=now - self.started_at,
+            route_rule=self.route_rule,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
@@ -32,6 +33,11 @@ class ApiKeyAuthentication(BaseAuthentication):
         except ApplicationError as error:
             # DRF only turns its own exception type into a 401 with WWW-Authenticate.
             raise exceptions.AuthenticationFailed(error.message, code=error.code) from error
+        # Every later log line of this request names its tenant and key (the public id only).
+        key = principal.api_key
+        structlog.contextvars.bind_contextvars(
+            tenant_id=str(principal.tenant_id), key_id=key.public_id if key is not None else None
+        )
         return principal, principal.api_key
 
     def _raw_key(self, request: Request) -> str | None:

@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponseBase
 from rest_framework.request import Request
 
 from inference.protocol import new_request_id
+from webplatform.log_context import log_context_start
 
 REQUEST_ID_HEADER = "x-request-id"
 # The attribute of Django's HttpRequest that holds the id (read it with request_id_of).
@@ -44,7 +45,9 @@ class RequestIdMiddleware:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
-        setattr(request, _ATTRIBUTE, new_request_id())
+        request_id = new_request_id()
+        setattr(request, _ATTRIBUTE, request_id)
+        log_context_start(request_id=request_id)  # every log line of the request names it
         if self.is_async:
             return self._acall(request)
         response = self.get_response(request)

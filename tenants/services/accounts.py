@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.utils.translation import gettext as _
 
 from tenants.errors import ApplicationError
 from tenants.models import Membership, Tenant
@@ -55,3 +56,25 @@ def account_sign_up(*, email: str, password: str, organisation_name: str) -> Sig
     user = _user_create(email=email, password=password)
     tenant = organisation_create(name=organisation_name, owner=user)
     return SignedUp(user=user, tenant=tenant)
+
+
+@transaction.atomic
+def account_email_change(*, user: User, email: str, password: str) -> User:
+    """Change the signed-in ``user``'s e-mail address (also their user name), confirmed by
+    their current password (403 ``wrong_password``); 400 ``email_taken`` when another
+    account uses it."""
+    if not user.check_password(password):
+        raise ApplicationError(
+            _("The password is not right."), code="wrong_password", status=403, param="password"
+        )
+    email = get_user_model().objects.normalize_email(email.strip())
+    if email.lower() != (user.email or "").lower() and user_email_taken(email=email):
+        raise ApplicationError(
+            _("An account with this e-mail address already exists."),
+            code="email_taken",
+            param="email",
+        )
+    user.email = email
+    user.username = email
+    user.save(update_fields=["email", "username"])
+    return user

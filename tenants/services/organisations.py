@@ -64,6 +64,18 @@ def organisation_plan_change(
     return tenant
 
 
+def organisation_rename(*, tenant: Tenant, name: str) -> Tenant:
+    """Give the organisation a new display name (its id and slug stay)."""
+    name = name.strip()
+    if not name:
+        raise ApplicationError(
+            _("An organisation needs a name."), code="invalid_value", param="name"
+        )
+    Tenant.objects.filter(pk=tenant.pk).update(name=name)
+    tenant.name = name
+    return tenant
+
+
 @transaction.atomic
 def organisation_delete(*, tenant: Tenant, actor: User) -> None:
     """Delete the organisation and everything it owns (keys, usage, members, logs).

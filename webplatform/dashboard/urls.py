@@ -19,6 +19,7 @@ _reset = {
 account_patterns = [
     path("signup/", accounts.sign_up, name="signup"),
     path("login/", accounts.LoginView.as_view(), name="login"),
+    path("profile/", accounts.profile, name="profile"),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
     path("password-reset/", auth_views.PasswordResetView.as_view(**_reset), name="password-reset"),
     path(
@@ -64,6 +65,7 @@ org_patterns = [
     ),
     path("settings/", organisations.org_settings, name="settings"),
     path("settings/plan/", organisations.plan_change, name="plan-change"),
+    path("settings/name/", organisations.org_rename, name="org-rename"),
     path("settings/content-logging/", organisations.content_logging, name="content-logging"),
     path("delete/", organisations.org_delete, name="org-delete"),
 ]

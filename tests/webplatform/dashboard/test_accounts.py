@@ -71,7 +71,8 @@ def test_log_in_and_out() -> None:
     # Log-out is POST only (a GET link could be forged by any page).
     assert client.get(reverse("dashboard:logout")).status_code == 405
     assert client.post(reverse("dashboard:logout")).status_code == 302
-    assert client.get(reverse("dashboard:home"))["Location"] == reverse("dashboard:login")
+    # Logged out, / is the landing page again (issue 17), not the dashboard.
+    assert client.get(reverse("dashboard:home")).templates[0].name == "landing.html"
 
 
 @pytest.mark.django_db

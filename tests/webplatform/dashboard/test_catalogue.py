@@ -182,6 +182,7 @@ def test_every_dashboard_page_is_fully_translated(
         reverse("dashboard:member-remove", args=[t, org_admin.membership.pk]),
         reverse("dashboard:settings", args=[t]),
         reverse("dashboard:org-create"),
+        reverse("dashboard:profile"),
         reverse("dashboard:org-delete", args=[t]),
         reverse("dashboard:invitation-accept", args=[invitation.token]),
         "/no-such-page/",

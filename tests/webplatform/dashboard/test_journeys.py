@@ -315,3 +315,56 @@ def test_a_new_organisation_gets_a_checklist_and_charts_say_there_is_no_data(
     page.click("#create-key button[type=submit]")
     page.goto(f"/orgs/{tenant_id}/")
     assert page.get_attribute("#onboarding li[data-step=key]", "class") == "done"
+
+
+def test_an_admin_without_a_mail_server_copies_the_invite_link(page: Any, server) -> None:
+    tenant_id = sign_up(page, "inviter@example.com", "Inviters")
+    page.goto(f"/orgs/{tenant_id}/members/")
+    page.fill("#id_email", "friend@example.com")
+    page.click("main form.inline-form button[type=submit]")
+    page.wait_for_url(f"**/orgs/{tenant_id}/members/")
+    link = page.inner_text("#invite-link-value").strip()
+    assert re.search(r"/invitations/[\w-]+/$", link)
+    page.click("#invite-link button[data-copy]")
+    page.wait_for_function("document.querySelector('#invite-link button').textContent === 'Copied'")
+    # Shown once: a reload no longer shows it; the link itself works.
+    page.reload()
+    assert page.locator("#invite-link").count() == 0
+    page.context.clear_cookies()
+    page.goto(link)
+    assert "Join Inviters" in page.inner_text("h1")
+
+
+def test_a_signed_in_person_changes_their_email_password_and_organisation_name(
+    page: Any, server
+) -> None:
+    tenant_id = sign_up(page, "old@example.com", "Old Name")
+    page.click(".topbar a.who")
+    page.wait_for_url("**/accounts/profile/")
+    page.fill("#id_email", "new@example.com")
+    page.fill("#email-form #id_password", "wrong password")
+    page.click("#email-form button")
+    assert "The password is not right." in page.inner_text("[data-error-summary]")
+    page.fill("#id_email", "new@example.com")
+    page.fill("#email-form #id_password", PASSWORD)
+    page.click("#email-form button")
+    page.wait_for_url("**/accounts/profile/")
+    assert "new@example.com" in page.inner_text(".topbar")
+    page.fill("#id_old_password", PASSWORD)
+    page.fill("#id_new_password1", "a brand new passphrase 7")
+    page.fill("#id_new_password2", "a brand new passphrase 7")
+    page.click("#password-form button")
+    page.wait_for_url("**/accounts/profile/")
+    assert "Your password was changed." in page.inner_text(".messages")
+    page.goto(f"/orgs/{tenant_id}/settings/")
+    page.fill("#org-rename #id_name", "New Name")
+    page.click("#org-rename button")
+    page.wait_for_url(f"**/orgs/{tenant_id}/settings/")
+    assert "New Name" in page.inner_text(".sidenav")
+    # The new e-mail and password log in.
+    page.click("text=Log out")
+    page.goto("/accounts/login/")
+    page.fill("#id_username", "new@example.com")
+    page.fill("#id_password", "a brand new passphrase 7")
+    page.click("main form button[type=submit]")
+    page.wait_for_url(f"**/orgs/{tenant_id}/")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import messages
-from django.contrib.auth import login
+from django.contrib.auth import login, update_session_auth_hash
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import PasswordChangeForm
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
 from django.urls import reverse
@@ -17,14 +19,18 @@ from django.views.decorators.debug import sensitive_post_parameters
 from tenants.errors import ApplicationError
 from tenants.models import Invitation
 from tenants.selectors.invitations import invitation_get_by_token
-from tenants.services.accounts import account_sign_up, account_sign_up_invited
+from tenants.services.accounts import (
+    account_email_change,
+    account_sign_up,
+    account_sign_up_invited,
+)
 from tenants.services.login_throttle import (
     login_attempt_check,
     login_failure_record,
     login_success_reset,
 )
-from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY
-from webplatform.dashboard.forms import EmailLoginForm, SignUpForm
+from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, SignedInRequest
+from webplatform.dashboard.forms import EmailChangeForm, EmailLoginForm, SignUpForm
 from webplatform.dashboard.views.common import client_ip, form_error, render_page
 
 AUTH_BACKEND = "django.contrib.auth.backends.ModelBackend"
@@ -131,3 +137,43 @@ class LoginView(auth_views.LoginView):
             ip=client_ip(self.request), username=self.request.POST.get("username", "")
         )
         return super().form_invalid(form)
+
+
+@login_required
+@sensitive_post_parameters("password", "old_password", "new_password1", "new_password2")
+def profile(request: SignedInRequest) -> HttpResponse:
+    """The signed-in person's account: change the e-mail address (their log-in name) and the
+    password. Each form posts with its own ``form`` value."""
+    which = request.POST.get("form") if request.method == "POST" else None
+    email_form = EmailChangeForm(
+        request.POST if which == "email" else None, initial={"email": request.user.email}
+    )
+    password_form = PasswordChangeForm(request.user, request.POST if which == "password" else None)
+    status = 200
+    if which == "email":
+        if email_form.is_valid():
+            try:
+                account_email_change(
+                    user=request.user,
+                    email=email_form.cleaned_data["email"],
+                    password=email_form.cleaned_data["password"],
+                )
+            except ApplicationError as error:
+                form_error(email_form, error)
+            else:
+                messages.success(request, _("Your e-mail address was changed."))
+                return redirect("dashboard:profile")
+        status = 400
+    elif which == "password":
+        if password_form.is_valid():
+            password_form.save()
+            update_session_auth_hash(request, password_form.user)  # stay signed in
+            messages.success(request, _("Your password was changed."))
+            return redirect("dashboard:profile")
+        status = 400
+    return render_page(
+        request,
+        "accounts/profile.html",
+        {"email_form": email_form, "password_form": password_form},
+        status=status,
+    )

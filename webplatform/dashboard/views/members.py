@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
@@ -23,12 +24,27 @@ from webplatform.dashboard.access import CURRENT_TENANT_SESSION_KEY, OrgRequest,
 from webplatform.dashboard.forms import InviteForm, RoleForm
 from webplatform.dashboard.views.common import form_error, render_page
 
+INVITE_LINK_SESSION_KEY = "dashboard_invite_link"
+# Backends that deliver nothing to the invited person (Django's console, dummy, and test one).
+UNDELIVERED_BACKENDS = {
+    "django.core.mail.backends.console.EmailBackend",
+    "django.core.mail.backends.dummy.EmailBackend",
+    "django.core.mail.backends.locmem.EmailBackend",
+    "django.core.mail.backends.filebased.EmailBackend",
+}
+
+
+def email_configured() -> bool:
+    return settings.EMAIL_BACKEND not in UNDELIVERED_BACKENDS
+
 
 def _members_page(
     request: OrgRequest, *, invite_form: InviteForm | None = None, status: int = 200
 ) -> HttpResponse:
     tenant = request.tenant
     actor_role = request.membership.role
+    flashed = request.session.pop(INVITE_LINK_SESSION_KEY, None)
+    invite_link = flashed if flashed and flashed.get("tenant_id") == tenant.pk else None
     memberships = list(membership_list_for_tenant(tenant=tenant).order_by("created_at"))
     owners = sum(1 for m in memberships if m.role == Membership.Role.OWNER)
     rows = [
@@ -49,6 +65,8 @@ def _members_page(
             "rows": rows,
             "invitations": invitation_list_pending(tenant=tenant),
             "invite_form": invite_form or InviteForm(actor_role=actor_role),
+            "invite_link": invite_link,
+            "email_configured": email_configured(),
         },
         status=status,
     )
@@ -75,10 +93,20 @@ def members(request: OrgRequest) -> HttpResponse:
         except ApplicationError as error:
             form_error(form, error)
         else:
-            messages.success(
-                request,
-                _("Invitation sent to %(email)s.") % {"email": created.invitation.email},
-            )
+            if email_configured():
+                messages.success(
+                    request,
+                    _("Invitation sent to %(email)s.") % {"email": created.invitation.email},
+                )
+            else:
+                # No mail server: the admin passes the link on; shown once, like a new key.
+                request.session[INVITE_LINK_SESSION_KEY] = {
+                    "tenant_id": request.tenant.pk,
+                    "email": created.invitation.email,
+                    "link": request.build_absolute_uri(
+                        reverse("dashboard:invitation-accept", args=[created.token])
+                    ),
+                }
             return redirect("dashboard:members", request.tenant.pk)
     return _members_page(request, invite_form=form, status=400)
 

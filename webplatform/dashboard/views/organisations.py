@@ -27,6 +27,7 @@ from tenants.services.organisations import (
     organisation_create,
     organisation_delete,
     organisation_plan_change,
+    organisation_rename,
 )
 from tenants.services.quotas import quota_status
 from webplatform.dashboard.access import (
@@ -141,6 +142,7 @@ def _settings_page(
     *,
     plan_form: PlanForm | None = None,
     content_form: ContentLoggingForm | None = None,
+    name_form: OrganisationForm | None = None,
     status: int = 200,
 ) -> HttpResponse:
     tenant = request.tenant
@@ -152,6 +154,7 @@ def _settings_page(
             "plan_form": plan_form
             or PlanForm(plans=plan_list_self_serve(), initial={"plan": tenant.plan}),
             "plans": plans,
+            "name_form": name_form or OrganisationForm(initial={"name": tenant.name}),
             "content_form": content_form
             or ContentLoggingForm(
                 initial={
@@ -193,6 +196,17 @@ def plan_change(request: OrgRequest) -> HttpResponse:
         form_error(form, error)
         return _settings_page(request, plan_form=form, status=error.status)
     messages.success(request, _("Plan changed to %(plan)s.") % {"plan": _(plan.name)})
+    return redirect("dashboard:settings", request.tenant.pk)
+
+
+@org_view(Membership.Role.ADMIN)
+@require_POST
+def org_rename(request: OrgRequest) -> HttpResponse:
+    form = OrganisationForm(request.POST)
+    if not form.is_valid():
+        return _settings_page(request, name_form=form, status=400)
+    organisation_rename(tenant=request.tenant, name=form.cleaned_data["name"])
+    messages.success(request, _("Organisation renamed."))
     return redirect("dashboard:settings", request.tenant.pk)
 
 

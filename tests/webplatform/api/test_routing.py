@@ -6,9 +6,12 @@ request log's rows) and the quota. The slow model is ``glm-4.6v-large``, an
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import httpx
+from django.test import Client
+from django.urls import reverse
 from PIL import Image
 
 from inference.client import reset_inference_client
@@ -151,12 +154,17 @@ def test_the_plan_decides_when_it_allows_one_model(live_asgi_server, upstream_pl
 
 
 def test_an_unsure_fast_answer_is_escalated_and_both_are_charged(
-    live_asgi_server, upstream_platform, settings
+    live_asgi_server, upstream_platform, settings, owner
 ):
     # Every answer of the tiny (random) model counts as unsure here.
     routing = {"escalation": {"enabled": True, "unsure_patterns": [r"[\s\S]"]}}
     _configure(settings, live_asgi_server, upstream_platform, routing)
-    with _http(live_asgi_server) as http:
+    owner.tenant.plan.tokens_per_day = TOKENS_PER_DAY
+    owner.tenant.plan.save()
+    key = api_key_for(owner.tenant).raw_key
+    with httpx.Client(
+        base_url=live_asgi_server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    ) as http:
         response = http.post("/v1/chat/completions", json=_ask("What colour is this?"))
         record = _check(response, LARGE, "escalate:unsure")
         assert record.escalated_from == FAST
@@ -179,6 +187,9 @@ def test_an_unsure_fast_answer_is_escalated_and_both_are_charged(
             streamed.read()
         record = UsageRecord.objects.get(request_id=streamed.headers["x-request-id"])
         assert (record.model, record.escalated_from) == (FAST, "")
+        _dashboard_shows(
+            owner, UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+        )
 
 
 def test_a_low_logprob_fast_answer_is_escalated(
@@ -223,3 +234,31 @@ def test_a_failed_escalation_serves_the_fast_answer(
         assert limits["concurrent_requests"]["in_flight"] == 0
         used = TOKENS_PER_DAY - limits["tokens"]["remaining"]
         assert used == record.prompt_tokens + record.completion_tokens
+
+
+def _dashboard_shows(owner: Any, escalated: UsageRecord) -> None:
+    # The dashboard: the request log names the answering model and the rule, the usage page
+    # splits by model (the escalated fast answer's tokens under the fast model), and the
+    # playground offers auto.
+    browser = Client()
+    owner.user.refresh_from_db()
+    browser.force_login(owner.user)
+    tenant_id = owner.tenant.pk
+    log = browser.get(reverse("dashboard:requests", args=[tenant_id])).content.decode()
+    row = log[log.index(f'data-request="{escalated.request_id}"') :]
+    row = row[: row.index("</tr>")]
+    assert LARGE in row and "escalate:unsure" in row and FAST in row
+    detail = browser.get(
+        reverse("dashboard:request-detail", args=[tenant_id, escalated.request_id])
+    ).content.decode()
+    assert "escalate:unsure" in detail and FAST in detail
+    usage = browser.get(reverse("dashboard:usage", args=[tenant_id])).content.decode()
+    large_row = usage[usage.index(f'data-model="{LARGE}"') :]
+    large_row = large_row[: large_row.index("</tr>")]
+    assert re.findall(r'class="num">([^<]+)<', large_row)[:3] == ["1", "1", "0"]
+    fast_row = usage[usage.index(f'data-model="{FAST}"') :]
+    fast_row = fast_row[: fast_row.index("</tr>")]
+    # The streamed request (answered by the fast model) and the escalated-away fast answer.
+    assert re.findall(r'class="num">([^<]+)<', fast_row)[:3] == ["1", "1", "1"]
+    playground = browser.get(reverse("dashboard:playground", args=[tenant_id])).content.decode()
+    assert '"auto"' in playground

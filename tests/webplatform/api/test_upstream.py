@@ -165,7 +165,7 @@ def test_a_client_that_goes_away_closes_the_upstream_stream(
     ],
 )
 def test_a_failing_upstream_gives_a_clear_error_and_releases_the_lease(
-    live_asgi_server, fault_server, settings, mode, extra, code
+    live_asgi_server, fault_server, settings, mode, extra, code, caplog
 ):
     app, url = fault_server
     base = f"http://127.0.0.1:{free_port()}/v1" if mode == "down" else f"{url}/{mode}/v1"
@@ -194,6 +194,9 @@ def test_a_failing_upstream_gives_a_clear_error_and_releases_the_lease(
         assert app.hits[mode] == 2  # retried once before the first token
     if mode == "slow":
         assert app.hits[mode] == 1 and elapsed < 5  # not retried past the deadline
+    # The failure is logged (with its reason), the key is not.
+    assert "upstream glm-4.6v-large failed" in caplog.text
+    assert "sk-upstream-secret" not in caplog.text
     sent = app.bodies[-1] if app.bodies else {}
     if sent:
         assert sent["model"] == FAST and sent["stream"] is True

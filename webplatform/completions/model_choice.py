@@ -69,8 +69,7 @@ DEFAULT_ROUTING: dict[str, Any] = {
     "max_fast_images": 2,
     "max_fast_prompt_chars": 12_000,
     # Newest user turn -> slow model. Keywords match as substrings, case-insensitively;
-    # regexes as written (case-sensitive: "(?i)" in one makes it case-insensitive; an
-    # IGNORECASE search costs several times more per request).
+    # regexes as written (case-sensitive: "(?i)" in one makes it case-insensitive).
     "intents": {
         "legal_review": {
             "keywords": [

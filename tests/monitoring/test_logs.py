@@ -73,6 +73,31 @@ def test_json_logs_of_real_requests_carry_ids_and_no_secret(web, worker, owner):
             )
             assert response.status_code == 200, response.text
             request_ids.append(response.headers["x-request-id"])
+        # A refused image: settled as an error, and Django's warning about the 400 carries
+        # the request's context (request id, tenant, key) without any code passing it.
+        not_an_image = base64.b64encode(b"plain text, no image").decode()
+        bad_image = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": f"data:image/png;base64,{not_an_image}"},
+                            }
+                        ],
+                    }
+                ],
+                "max_tokens": 6,
+            },
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert bad_image.status_code == 400, bad_image.text
+        bad_image_id = bad_image.headers["x-request-id"]
         # A refused key and a bad request: the web side logs these (django.request).
         bogus = key[:-8] + "XXXXXXXX"
         refused = httpx.post(
@@ -102,7 +127,37 @@ def test_json_logs_of_real_requests_carry_ids_and_no_secret(web, worker, owner):
         assert line["e2e_s"] >= line["ttft_s"] >= line["queue_s"] >= 0
         assert line["worker_id"] and line["level"] == "info"
 
+    # The web's request log: one "completion settled" line per completion, ids and timings.
+    public_id = key.split("_")[1]
+    settled = {
+        line["request_id"]: line for line in web_lines if line["event"] == "completion settled"
+    }
+    for request_id in request_ids:
+        line = settled[request_id]
+        assert (line["tenant_id"], line["key_id"]) == (str(owner.tenant.pk), public_id)
+        assert (line["model"], line["channel"], line["status"]) == (MODEL, "rest", "ok")
+        assert line["error_code"] is None and line["cache_hit"] is False
+        assert line["image_count"] == 1 and line["prompt_tokens"] > line["image_tokens"] > 0
+        assert 0 < line["completion_tokens"] <= 6 and line["level"] == "info"
+        assert line["latency_s"] >= (line["ttft_s"] or 0) >= 0
+    refused_line = settled[bad_image_id]
+    assert (refused_line["status"], refused_line["error_code"]) == (
+        "error",
+        "unsupported_image_type",
+    )
+    assert refused_line["image_count"] == 0 and refused_line["completion_tokens"] == 0
+    warning = next(
+        line
+        for line in web_lines
+        if line["logger"] == "django.request" and "Bad Request" in line["event"]
+    )
+    assert warning["request_id"] == bad_image_id  # bound by RequestIdMiddleware
+    assert (warning["tenant_id"], warning["key_id"]) == (str(owner.tenant.pk), public_id)
+    unauthorized = next(line for line in web_lines if "Unauthorized" in line["event"])
+    assert unauthorized["request_id"] and "tenant_id" not in unauthorized  # no key, no tenant
+
     everything = web_log.getvalue() + worker.log_path.read_text()
+    assert not_an_image not in everything and "What is in this image?" not in everything
     secret_part = key.rsplit("_", 1)[1]
     for secret in (
         key,

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 from inference.client import get_inference_client
 from inference.protocol import GROUP, KeySpace
+from webplatform.uploads.errors import UploadErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ SCRAPE_ERRORS = Counter(
 # (``ApplicationError`` codes written in the code, ``UploadErrorCode``, ``ErrorCode``);
 # models are served ones, since a request only reaches routing and settlement once
 # admission found its model in the caller's allowed models (a subset of the served ones),
-# or ``auto`` before routing chose one. A series appears at its first increment.
+# or ``auto`` before routing chose one.
 ADMISSIONS_REFUSED = Counter(
     "platform_admissions_refused",
     "Requests refused at admission (plan, key scope, limits, quota), by error code.",
@@ -129,6 +130,13 @@ COMPLETION_ERRORS = Counter(
     "Completions that ended in an error, by model and error code.",
     ["model", "code"],
 )
+
+
+# Series of the fixed label sets start at 0, so that rate() sees their first increment.
+for _code in UploadErrorCode:
+    UPLOADS_REFUSED.labels(_code.value)
+for _result in ("hit", "miss"):
+    ANSWER_CACHE.labels(_result)
 
 
 def admission_refused(*, code: str) -> None:

@@ -189,11 +189,47 @@ def _serve_some(base: str, key: str) -> None:
         _complete(base, key, stream=stream, image=image)
 
 
+def _refuse_cache_and_fall_back(base: str, key: str, settings) -> None:  # type: ignore[no-untyped-def]
+    """The completion path's other events: an admission refused, an image refused (a
+    completion error), an answer-cache lookup, and a fallback (a second served model with no
+    worker falls back to MODEL, whose worker answers)."""
+    from inference.client import reset_inference_client
+    from tests.factories import PlanFactory, TenantFactory, api_key_for
+
+    headers = {"Authorization": f"Bearer {key}"}
+    text = {"role": "user", "content": "Hi"}
+    for body, status in (
+        ({"model": MODEL, "messages": [text], "max_tokens": 10**6}, 400),
+        ({"model": MODEL, "messages": [text], "max_tokens": 4, "temperature": 0}, 200),
+    ):
+        response = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert response.status_code == status, response.text
+    bad = {"type": "image_url", "image_url": {"url": corpus.data_uri(b"no image")}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [bad]}], "max_tokens": 4}
+    response = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert response.json()["error"]["code"] == "unsupported_image_type"
+
+    settings.INFERENCE_MODELS = {**settings.INFERENCE_MODELS, "spare-model": {}}
+    reset_inference_client()
+    spare_key = api_key_for(TenantFactory(plan=PlanFactory(fallback_model=MODEL))).raw_key
+    body = {"model": "spare-model", "messages": [text], "max_tokens": 4}
+    response = httpx.post(
+        base + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {spare_key}"},
+        timeout=60,
+    )
+    assert (response.status_code, response.json()["model"]) == (200, MODEL), response.text
+
+
 @pytest.mark.redis
 @pytest.mark.slow
-def test_every_metric_a_panel_or_an_alert_names_is_exposed_by_a_running_web_and_worker(web, worker):
+def test_every_metric_a_panel_or_an_alert_names_is_exposed_by_a_running_web_and_worker(
+    web, worker, settings
+):
     server, key = web
     _serve_some(server.url, key)
+    _refuse_cache_and_fall_back(server.url, key, settings)
     time.sleep(0.8)  # a heartbeat after the last request: the engine snapshot is current
     exposed = _exposed(server.url + "/metrics") | _exposed(worker.base + "/metrics")
     named = set().union(*(metric_names(e) for e in dashboard_exprs() + rule_exprs()))

@@ -326,7 +326,9 @@ def test_an_admin_without_a_mail_server_copies_the_invite_link(page: Any, server
     link = page.inner_text("#invite-link-value").strip()
     assert re.search(r"/invitations/[\w-]+/$", link)
     page.click("#invite-link button[data-copy]")
-    page.wait_for_function("document.querySelector('#invite-link button').textContent === 'Copied'")
+    page.wait_for_function(
+        "() => document.querySelector('#invite-link button').textContent === 'Copied'"
+    )
     # Shown once: a reload no longer shows it; the link itself works.
     page.reload()
     assert page.locator("#invite-link").count() == 0
@@ -368,3 +370,43 @@ def test_a_signed_in_person_changes_their_email_password_and_organisation_name(
     page.fill("#id_password", "a brand new passphrase 7")
     page.click("main form button[type=submit]")
     page.wait_for_url(f"**/orgs/{tenant_id}/")
+
+
+def _wait_answer(page: Any) -> None:
+    page.wait_for_function(
+        "() => document.querySelector('#pg-answer[data-finish-reason]')"
+        " || !document.getElementById('pg-error').hidden",
+        timeout=90_000,
+    )
+    assert page.is_hidden("#pg-error"), page.inner_text("#pg-error")
+
+
+def test_the_playground_holds_a_conversation_about_one_image(page: Any, server) -> None:
+    from tenants.models import UsageRecord
+    from tests.webplatform.dashboard.test_browser import png
+
+    tenant_id = sign_up(page, "talker@example.com", "Talkers")
+    page.goto(f"/orgs/{tenant_id}/playground/")
+    page.set_input_files("#pg-file", {"name": "red.png", "mimeType": "image/png", "buffer": png()})
+    page.wait_for_selector("#pg-preview:not([hidden])")
+    page.fill("#pg-max-tokens", "4")
+    page.fill("#pg-question", "What colour is this?")
+    page.press("#pg-question", "Control+Enter")  # sends without the button
+    _wait_answer(page)
+    first_answer = page.inner_text("#pg-answer")
+    page.click("#pg-copy-answer")
+    page.wait_for_function(
+        "() => document.getElementById('pg-copy-answer').textContent === 'Copied'"
+    )
+    page.fill("#pg-question", "And what shape?")
+    page.press("#pg-question", "Meta+Enter")
+    _wait_answer(page)
+    # The first turn moved into the conversation above the new answer.
+    assert page.locator("#pg-history li").count() == 1
+    assert "What colour is this?" in page.inner_text("#pg-history")
+    assert first_answer.strip() in page.inner_text("#pg-history")
+    first, second = UsageRecord.objects.filter(tenant_id=tenant_id).order_by("created_at")
+    # The follow-up carried no image of its own, yet the model saw the first turn and its image.
+    assert second.prompt_tokens > first.prompt_tokens
+    page.click("#pg-new")
+    assert page.locator("#pg-history li").count() == 0

@@ -53,6 +53,7 @@
       var reader = new FileReader();
       reader.onload = function () {
         image = { dataUrl: reader.result, name: file.name || "image", type: type, size: file.size };
+        imageSent = false; // a new image goes with the next question
         preview.src = reader.result;
         preview.hidden = false;
         preview.onload = function () {
@@ -92,17 +93,21 @@
     return (known || message || t.error) + " (" + code + ")";
   }
 
+  // A conversation is one websocket: the server keeps its turns (and their images), so a
+  // follow-up question on the same connection sees the image and the earlier answers.
+  var imageSent = false, pendingFrame = null, done = true, turnQuestion = "";
+  var historyList = $("pg-history");
+
   function finish(label) {
     streaming = false;
     sendButton.disabled = false;
     stopButton.disabled = true;
     setStatus(label);
-    if (socket) { socket.close(); socket = null; }
   }
 
   function frameFor() {
     var content = [];
-    if (image) content.push({ type: "image_url", image_url: { url: image.dataUrl } });
+    if (image && !imageSent) content.push({ type: "image_url", image_url: { url: image.dataUrl } });
     content.push({ type: "text", text: question.value });
     return {
       type: "message",
@@ -114,70 +119,121 @@
     };
   }
 
-  function send(event) {
-    event.preventDefault();
-    if (streaming) return;
-    if (!question.value.trim()) { showProblem(t.need_question); return; }
-    showProblem("");
-    errorText.hidden = true;
-    answer.textContent = "";
-    reasoning.textContent = "";
-    reasoningBox.hidden = true;
-    $("pg-tokens").textContent = "—"; $("pg-ttft").textContent = "—"; $("pg-latency").textContent = "—";
-    streaming = true;
-    sendButton.disabled = true;
-    stopButton.disabled = false;
-    setStatus(t.connecting);
-    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    // One connection per question: the playground asks single questions, not a conversation.
-    socket = new WebSocket(scheme + window.location.host + config.ws_path);
-    var frame = frameFor();
-    var done = false;
-    socket.onmessage = function (message) {
-      var data = JSON.parse(message.data);
-      if (data.type === "ready") {
-        startedAt = performance.now();
-        firstTokenAt = 0;
-        socket.send(JSON.stringify(frame));
-      } else if (data.type === "start") {
-        setStatus(t.streaming);
-      } else if (data.type === "delta") {
-        if (!firstTokenAt) {
-          firstTokenAt = performance.now();
-          $("pg-ttft").textContent = Math.round(firstTokenAt - startedAt) + " ms";
-        }
-        if (data.reasoning) { reasoningBox.hidden = false; reasoning.textContent += data.reasoning; }
-        if (data.text) answer.textContent += data.text;
-      } else if (data.type === "done") {
-        done = true;
-        var u = data.usage || {};
-        $("pg-tokens").textContent = (u.prompt_tokens || 0) + " + " + (u.completion_tokens || 0) +
-          " = " + (u.total_tokens || 0);
-        $("pg-latency").textContent = Math.round(performance.now() - startedAt) + " ms";
-        answer.setAttribute("data-finish-reason", data.finish_reason || "");
-        finish(data.finish_reason === "cancelled" ? t.stopped : t.done);
-      } else if (data.type === "error") {
-        done = true;
-        errorText.textContent = explain(data.code, data.message);
-        errorText.setAttribute("data-code", data.code);
-        errorText.hidden = false;
-        if (["image_too_large", "unsupported_image_type", "image_decode_failed",
-             "image_too_many_pixels", "malware_detected", "invalid_image_data"].indexOf(data.code) >= 0) {
-          showProblem(explain(data.code, data.message));
-        }
-        finish(t.error);
+  function keepTurn() {
+    // The finished question and answer move into the conversation above the next answer.
+    if (!answer.textContent) return;
+    var item = document.createElement("li");
+    var q = document.createElement("p"), a = document.createElement("div");
+    q.className = "turn-question"; q.textContent = turnQuestion;
+    a.className = "answer"; a.textContent = answer.textContent;
+    item.appendChild(q); item.appendChild(a);
+    historyList.appendChild(item);
+    historyList.hidden = false;
+    $("pg-new").hidden = false;
+  }
+
+  function onFrame(message) {
+    var data = JSON.parse(message.data);
+    if (data.type === "ready") {
+      if (pendingFrame) { startedAt = performance.now(); firstTokenAt = 0; socket.send(JSON.stringify(pendingFrame)); pendingFrame = null; }
+    } else if (data.type === "start") {
+      setStatus(t.streaming);
+      if (image) imageSent = true;
+    } else if (data.type === "delta") {
+      if (!firstTokenAt) {
+        firstTokenAt = performance.now();
+        $("pg-ttft").textContent = Math.round(firstTokenAt - startedAt) + " ms";
       }
-    };
+      if (data.reasoning) { reasoningBox.hidden = false; reasoning.textContent += data.reasoning; }
+      if (data.text) answer.textContent += data.text;
+    } else if (data.type === "done") {
+      done = true;
+      var u = data.usage || {};
+      $("pg-tokens").textContent = (u.prompt_tokens || 0) + " + " + (u.completion_tokens || 0) +
+        " = " + (u.total_tokens || 0);
+      $("pg-latency").textContent = Math.round(performance.now() - startedAt) + " ms";
+      answer.setAttribute("data-finish-reason", data.finish_reason || "");
+      $("pg-copy-answer").hidden = !answer.textContent;
+      finish(data.finish_reason === "cancelled" ? t.stopped : t.done);
+    } else if (data.type === "error") {
+      done = true;
+      errorText.textContent = explain(data.code, data.message);
+      errorText.setAttribute("data-code", data.code);
+      errorText.hidden = false;
+      if (["image_too_large", "unsupported_image_type", "image_decode_failed",
+           "image_too_many_pixels", "malware_detected", "invalid_image_data"].indexOf(data.code) >= 0) {
+        showProblem(explain(data.code, data.message));
+      }
+      finish(t.error);
+    }
+  }
+
+  function openSocket() {
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    socket = new WebSocket(scheme + window.location.host + config.ws_path);
+    imageSent = false;
+    socket.onmessage = onFrame;
     socket.onclose = function () {
+      socket = null;
       if (!done && streaming) {
         errorText.textContent = explain("connection_lost", "");
         errorText.hidden = false;
+        done = true;
         finish(t.error);
       }
     };
   }
 
+  function newConversation() {
+    if (socket) { var old = socket; socket = null; old.onclose = null; old.close(); }
+    imageSent = false;
+    historyList.textContent = "";
+    historyList.hidden = true;
+    $("pg-new").hidden = true;
+    answer.textContent = "";
+    answer.removeAttribute("data-finish-reason");
+    $("pg-copy-answer").hidden = true;
+    setStatus("");
+  }
+
+  function send(event) {
+    if (event) event.preventDefault();
+    if (streaming) return;
+    if (!question.value.trim()) { showProblem(t.need_question); return; }
+    showProblem("");
+    errorText.hidden = true;
+    if (answer.hasAttribute("data-finish-reason") && socket) keepTurn();
+    answer.textContent = "";
+    answer.removeAttribute("data-finish-reason");
+    $("pg-copy-answer").hidden = true;
+    reasoning.textContent = "";
+    reasoningBox.hidden = true;
+    $("pg-tokens").textContent = "—"; $("pg-ttft").textContent = "—"; $("pg-latency").textContent = "—";
+    streaming = true;
+    done = false;
+    sendButton.disabled = true;
+    stopButton.disabled = false;
+    turnQuestion = question.value;
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      startedAt = performance.now();
+      firstTokenAt = 0;
+      socket.send(JSON.stringify(frameFor()));
+      setStatus(t.connecting);
+    } else {
+      setStatus(t.connecting);
+      openSocket();
+      pendingFrame = frameFor();
+    }
+    question.value = "";
+    renderCode();
+  }
+
   $("pg-form").addEventListener("submit", send);
+  // Ctrl+Enter (Cmd+Enter on a Mac) in the question sends it.
+  question.addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) send(e);
+  });
+  $("pg-new").addEventListener("click", newConversation);
   stopButton.addEventListener("click", function () {
     if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ type: "cancel" }));
   });
@@ -189,7 +245,7 @@
   function renderCode() {
     var model = modelSelect.value, max = parseInt(maxTokens.value, 10) || 256;
     var temp = parseFloat(temperature.value);
-    var q = question.value || "What is in this image?";
+    var q = question.value || turnQuestion || "What is in this image?";
     var mediaType = image ? image.type : "image/png";
     var fileName = image ? image.name : "image.png";
     var thinkingValue = thinking.checked ? "enabled" : "disabled";

@@ -292,8 +292,11 @@ def check_auto_allowed(*, principal: ApiPrincipal) -> None:
 
 
 def auto_offered(allowed_models: Sequence[str]) -> bool:
-    """Whether ``auto`` serves a caller allowed ``allowed_models`` (the playground offers it)."""
+    """Whether the playground offers ``auto``: a slow model is configured (else ``auto`` is
+    only another name of the fast one) and the caller may use one of the two."""
     rules = routing_rules().rules
+    if not rules.slow_model:
+        return False
     return rules.fast_model in allowed_models or rules.slow_model in allowed_models
 
 

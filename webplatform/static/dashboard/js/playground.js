@@ -190,6 +190,7 @@
     historyList.textContent = "";
     historyList.hidden = true;
     $("pg-new").hidden = true;
+    $("pg-current-question").hidden = true;
     answer.textContent = "";
     answer.removeAttribute("data-finish-reason");
     $("pg-copy-answer").hidden = true;
@@ -214,6 +215,8 @@
     sendButton.disabled = true;
     stopButton.disabled = false;
     turnQuestion = question.value;
+    $("pg-current-question").textContent = turnQuestion;
+    $("pg-current-question").hidden = false;
     if (socket && socket.readyState === WebSocket.OPEN) {
       startedAt = performance.now();
       firstTokenAt = 0;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -129,8 +130,9 @@ def test_admission_refusals_are_counted_by_code_and_never_by_the_model_asked_for
 
 
 def test_refused_images_are_counted_over_rest_and_the_websocket_and_settle_as_errors(
-    live_asgi_server, clamd
+    live_asgi_server, clamd, caplog
 ):
+    caplog.set_level(logging.INFO, logger="webplatform.requests")
     counts = Counts(
         upload("unsupported_image_type"),
         upload("malware_detected"),
@@ -166,6 +168,13 @@ def test_refused_images_are_counted_over_rest_and_the_websocket_and_settle_as_er
     frame = asyncio.run(over_the_websocket())
     assert (frame["type"], frame["code"]) == ("error", "invalid_image_data")
     assert counts.changes() == [1, 1, 1, 1, 1, 1]
+    # Each settled as an error, with its one log line (the websocket's too).
+    settled = [r for r in caplog.records if r.getMessage() == "completion settled"]
+    assert [(r.channel, r.status, r.error_code) for r in settled] == [  # type: ignore[attr-defined]
+        ("rest", "error", "unsupported_image_type"),
+        ("rest", "error", "malware_detected"),
+        ("websocket", "error", "invalid_image_data"),
+    ]
 
 
 def test_answer_cache_lookups_are_counted_as_misses_then_hits(live_asgi_server, http):

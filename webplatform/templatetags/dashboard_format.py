@@ -6,7 +6,7 @@ Babel (pinned) supplies the locale data (CLDR): thousands separators, unit names
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
@@ -15,6 +15,8 @@ from babel.numbers import format_decimal
 from babel.units import format_unit
 from django import template
 from django.utils import formats, timezone, translation
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from django.utils.translation import gettext as _
 
 register = template.Library()
@@ -125,3 +127,19 @@ def audit_details(details: Any) -> list[tuple[str, str]]:
         (_(DETAIL_LABELS[key]) if key in DETAIL_LABELS else key, _detail_value(value))
         for key, value in details.items()
     ]
+
+
+@register.filter
+def local_time(value: Any, seconds: bool = False) -> SafeString | str:
+    """A moment as ``<time>``: UTC text for the page (and without JavaScript), which
+    common.js rewrites in the viewer's own time zone (``datetime`` keeps the instant)."""
+    if not isinstance(value, datetime):
+        return "—"
+    moment = value.astimezone(UTC) if timezone.is_aware(value) else value
+    shown = formats.date_format(moment, "Y-m-d H:i:s" if seconds else "Y-m-d H:i")
+    return format_html(
+        '<time datetime="{}" data-local-time="{}">{} UTC</time>',
+        moment.isoformat(),
+        "seconds" if seconds else "minutes",
+        shown,
+    )

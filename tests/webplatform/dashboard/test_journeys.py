@@ -410,3 +410,47 @@ def test_the_playground_holds_a_conversation_about_one_image(page: Any, server) 
     assert second.prompt_tokens > first.prompt_tokens
     page.click("#pg-new")
     assert page.locator("#pg-history li").count() == 0
+
+
+def test_times_are_local_and_dark_mode_follows_the_system(browser, server) -> None:
+    from datetime import UTC, datetime
+
+    from tenants.models import UsageRecord
+    from tenants.services.accounts import account_sign_up
+
+    signed = account_sign_up(email="tz@example.com", password=PASSWORD, organisation_name="TZ")
+    UsageRecord.objects.create(
+        tenant=signed.tenant,
+        request_id="req_tz",
+        channel="rest",
+        model="glm-4.6v-flash",
+        status="ok",
+        created_at=datetime(2026, 12, 1, 23, 30, 5, tzinfo=UTC),
+    )
+    context = browser.new_context(
+        viewport=DESKTOP,
+        base_url=server.url,
+        locale="en-GB",
+        timezone_id="Asia/Shanghai",
+        color_scheme="dark",
+    )
+    try:
+        page = context.new_page()
+        page.goto("/accounts/login/")
+        page.fill("#id_username", "tz@example.com")
+        page.fill("#id_password", PASSWORD)
+        page.click("main form button[type=submit]")
+        page.wait_for_url(re.compile(r"/orgs/\d+/$"))
+        page.goto(f"/orgs/{signed.tenant.pk}/requests/")
+        cell = page.locator("tr[data-request=req_tz] time")
+        assert cell.inner_text() == "2026-12-02 07:30:05"  # UTC+8, the viewer's zone
+        assert "2026-12-01 23:30:05 UTC" in cell.get_attribute("title")
+        assert cell.get_attribute("data-zone") == "Asia/Shanghai"
+        background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+        channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
+        assert sum(channels) < 3 * 60, background  # dark
+        page.emulate_media(color_scheme="light")
+        background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+        assert sum(int(c) for c in re.findall(r"\d+", background)[:3]) > 3 * 200, background
+    finally:
+        context.close()

@@ -40,6 +40,22 @@
   });
   window.dashboardCopyText = copyText;
 
+  // Times in the viewer's own time zone: the page says UTC (its text without JavaScript);
+  // the instant is in each <time datetime>, the UTC text stays in its title.
+  var zone = "";
+  try { zone = Intl.DateTimeFormat().resolvedOptions().timeZone || ""; } catch (e) { zone = ""; }
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  document.querySelectorAll("time[data-local-time]").forEach(function (el) {
+    var when = new Date(el.getAttribute("datetime"));
+    if (isNaN(when.getTime())) return;
+    var text = when.getFullYear() + "-" + pad(when.getMonth() + 1) + "-" + pad(when.getDate()) +
+      " " + pad(when.getHours()) + ":" + pad(when.getMinutes());
+    if (el.getAttribute("data-local-time") === "seconds") text += ":" + pad(when.getSeconds());
+    el.title = el.textContent + (zone ? " · " + zone : "");
+    el.textContent = text;
+    el.setAttribute("data-zone", zone);
+  });
+
   // After a failed submit, move focus to the summary of the errors (role="alert" announces
   // it), so keyboard and screen-reader users land on what to fix.
   var summary = document.querySelector("[data-error-summary]");

@@ -41,6 +41,14 @@ class InferenceClient(abc.ABC):
         hash to ``ref.sha256``. Call before ``submit`` for every image the request refers to.
         """
 
+    async def put_model_image(
+        self, *, model: str, tenant_id: str, data: bytes, ref: ImageRef
+    ) -> None:
+        """``put_image`` for a request to ``model``: a client serving models several ways
+        (``inference.client.upstream.ModelDispatchClient``) stores it only where that model
+        reads it."""
+        await self.put_image(tenant_id=tenant_id, data=data, ref=ref)
+
     @abc.abstractmethod
     def submit(
         self, request: InferenceRequest, *, time_limit_s: float | None = None

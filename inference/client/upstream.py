@@ -16,7 +16,10 @@ What this client does for such a model (``UpstreamClient``):
   upstream's usage (``stream_options.include_usage``) and, when the upstream sent
   log-probabilities, their mean (``DoneEvent.mean_logprob``).
 - Images go as data URIs of the bytes this platform validated and re-encoded
-  (``put_image`` keeps them for ``blob_ttl_s``, per tenant and content hash).
+  (``put_image`` holds them, per tenant and content hash, until the request that put them
+  has built its body, or ``_IMAGE_MAX_AGE_S`` passed: a request abandoned before it ran).
+  An image of an earlier conversation turn is not held: such a request gets
+  ``image_unavailable``.
 - Connection failures, 429 and 5xx answers and a stream that breaks before its first token
   are retried with exponential backoff (``max_retries``, ``retry_backoff_s``) within the
   request's deadline; after the first token nothing is retried (the client has text).
@@ -46,6 +49,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -57,7 +61,7 @@ import httpx
 from PIL import Image
 
 from inference.client.base import InferenceClient, ModelHealth
-from inference.client.blobs import LocalBlobStore, blob_check_digest
+from inference.client.blobs import blob_check_digest
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
@@ -190,6 +194,55 @@ class _UpstreamRefusal(Exception):
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
+# A held image no request took (its request was abandoned before it ran) is dropped then.
+_IMAGE_MAX_AGE_S = 120.0
+
+
+@dataclass
+class _Held:
+    data: bytes
+    holders: int  # puts not yet taken by a request's body
+    put_at: float
+
+
+class _HeldImages:
+    """Validated images waiting for the requests that put them (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str], _Held] = {}
+
+    def put(self, *, tenant_id: str, sha256: str, data: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key, old in list(self._items.items()):
+                if now - old.put_at > _IMAGE_MAX_AGE_S:
+                    del self._items[key]
+            held = self._items.get((tenant_id, sha256))
+            if held is None:
+                self._items[(tenant_id, sha256)] = _Held(data, 1, now)
+            else:
+                held.holders += 1
+                held.put_at = now
+
+    def take(self, *, tenant_id: str, sha256s: list[str]) -> dict[str, bytes]:
+        """The bytes of each image (one hold released per occurrence)."""
+        found: dict[str, bytes] = {}
+        with self._lock:
+            for sha256 in sha256s:
+                held = self._items.get((tenant_id, sha256))
+                if held is None:
+                    continue
+                found[sha256] = held.data
+                held.holders -= 1
+                if held.holders <= 0:
+                    del self._items[(tenant_id, sha256)]
+        return found
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
 
 @dataclass
 class _LoopState:
@@ -212,7 +265,7 @@ class UpstreamClient(InferenceClient):
         self.settings = settings
         self.spec = spec
         self.breaker = CircuitBreaker(failures=spec.breaker_failures, reset_s=spec.breaker_reset_s)
-        self.blobs = LocalBlobStore(ttl_s=settings.blob_ttl_s)
+        self.images = _HeldImages()
         self._transport = transport
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
@@ -243,11 +296,11 @@ class UpstreamClient(InferenceClient):
 
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
         blob_check_digest(data=data, ref=ref)
-        self.blobs.put(tenant_id=tenant_id, sha256=ref.sha256, data=data)
+        self.images.put(tenant_id=tenant_id, sha256=ref.sha256, data=data)
 
     def _body(self, request: InferenceRequest) -> dict[str, Any] | ErrorEvent:
         refs = request.image_refs()
-        blobs = self.blobs.get_many(tenant_id=request.tenant_id, sha256s=[r.sha256 for r in refs])
+        blobs = self.images.take(tenant_id=request.tenant_id, sha256s=[r.sha256 for r in refs])
         messages: list[dict[str, Any]] = []
         for message in request.messages:
             parts: list[dict[str, Any]] = []
@@ -568,10 +621,13 @@ class ModelDispatchClient(InferenceClient):
         return self.upstreams.get(model, self.default)
 
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
-        # The model is not known here: every store gets it (the upstreams' are in memory).
-        for upstream in self.upstreams.values():
-            await upstream.put_image(tenant_id=tenant_id, data=data, ref=ref)
+        # No model named: the transport's store (the request path calls put_model_image).
         await self.default.put_image(tenant_id=tenant_id, data=data, ref=ref)
+
+    async def put_model_image(
+        self, *, model: str, tenant_id: str, data: bytes, ref: ImageRef
+    ) -> None:
+        await self.client_for(model).put_image(tenant_id=tenant_id, data=data, ref=ref)
 
     def submit(
         self, request: InferenceRequest, *, time_limit_s: float | None = None

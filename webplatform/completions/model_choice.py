@@ -380,6 +380,13 @@ def escalating_source(
         run.inference_request = request
 
     async def on_escalate(rule: str, done: DoneEvent) -> None:
+        for image in run.images:  # the slow model's client holds its own copy
+            await run.client.put_model_image(
+                model=choice.slow_model,
+                tenant_id=fast_request.tenant_id,
+                data=image.data,
+                ref=image.ref(),
+            )
         settlement.escalated_from = fast_model
         settlement.escalated_usage = done.usage
         settlement.cache_key = None  # the answer is not the chosen model's

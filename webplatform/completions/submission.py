@@ -72,7 +72,9 @@ async def completion_submit(
 ) -> InferenceRequest:
     """Store the images the request refers to and build it for ``client.submit``."""
     for image in images.values():
-        await client.put_image(tenant_id=tenant_id, data=image.data, ref=image.ref())
+        await client.put_model_image(
+            model=model, tenant_id=tenant_id, data=image.data, ref=image.ref()
+        )
     return InferenceRequest(
         request_id=request_id,
         tenant_id=tenant_id,

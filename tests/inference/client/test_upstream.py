@@ -97,6 +97,9 @@ def test_the_body_carries_validated_images_as_png_data_uris():
     data, ref = _pixmap()
     asyncio.run(client.put_image(tenant_id="7", data=data, ref=ref))
     content = [TextPart("What colour?"), ImagePart(ref)]
+    # Another tenant's request cannot use that image.
+    other = InferenceRequest("r2", "8", "big", [Message("user", content)])
+    assert client._body(other) == ErrorEvent.fixed(ErrorCode.IMAGE_UNAVAILABLE)
     request = InferenceRequest("r1", "7", "big", [Message("user", content)])
     body = client._body(request)
     assert isinstance(body, dict)
@@ -106,6 +109,5 @@ def test_the_body_carries_validated_images_as_png_data_uris():
     assert uri.startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as image:
         assert image.size == (4, 3) and image.getpixel((0, 0)) == (10, 20, 30)
-    # Another tenant's request cannot use that image.
-    other = InferenceRequest("r2", "8", "big", [Message("user", content)])
-    assert client._body(other) == ErrorEvent.fixed(ErrorCode.IMAGE_UNAVAILABLE)
+    # The request took its hold: nothing stays in memory.
+    assert len(client.images) == 0

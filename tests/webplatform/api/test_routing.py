@@ -187,6 +187,9 @@ def test_an_unsure_fast_answer_is_escalated_and_both_are_charged(
             streamed.read()
         record = UsageRecord.objects.get(request_id=streamed.headers["x-request-id"])
         assert (record.model, record.escalated_from) == (FAST, "")
+        # With an image: the slow model gets it too (over HTTP, as a data URI).
+        with_image = http.post("/v1/chat/completions", json=_ask("What colour?", images=1))
+        assert _check(with_image, LARGE, "escalate:unsure").image_count == 1
         _dashboard_shows(
             owner, UsageRecord.objects.get(request_id=response.headers["x-request-id"])
         )
@@ -255,10 +258,10 @@ def _dashboard_shows(owner: Any, escalated: UsageRecord) -> None:
     usage = browser.get(reverse("dashboard:usage", args=[tenant_id])).content.decode()
     large_row = usage[usage.index(f'data-model="{LARGE}"') :]
     large_row = large_row[: large_row.index("</tr>")]
-    assert re.findall(r'class="num">([^<]+)<', large_row)[:3] == ["1", "1", "0"]
+    assert re.findall(r'class="num">([^<]+)<', large_row)[:3] == ["2", "2", "0"]
     fast_row = usage[usage.index(f'data-model="{FAST}"') :]
     fast_row = fast_row[: fast_row.index("</tr>")]
-    # The streamed request (answered by the fast model) and the escalated-away fast answer.
-    assert re.findall(r'class="num">([^<]+)<', fast_row)[:3] == ["1", "1", "1"]
+    # The streamed request (answered by the fast model) and the escalated-away fast answers.
+    assert re.findall(r'class="num">([^<]+)<', fast_row)[:3] == ["1", "1", "2"]
     playground = browser.get(reverse("dashboard:playground", args=[tenant_id])).content.decode()
     assert '"auto"' in playground

@@ -32,6 +32,10 @@ class Plan(models.Model):
     # the fast or the slow model, webplatform/completions/model_choice.py); empty: the
     # first allowed model.
     default_model = models.CharField(max_length=200, blank=True, default="")
+    # Prices, in US dollars: a fixed monthly fee and a price per 1,000 tokens (prompt and
+    # completion alike). Zero: free.
+    price_per_month = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    price_per_1k_tokens = models.DecimalField(max_digits=10, decimal_places=5, default=0)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -50,6 +54,12 @@ class Tenant(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Whether prompts and answers may be stored with usage (off: only counts are kept).
     log_content = models.BooleanField(default=False)
+    # The most this organisation may spend on tokens in a calendar month (UTC), in US
+    # dollars, set by an owner; null: no limit. Enforced at admission (429
+    # spend_limit_exceeded).
+    monthly_spend_limit = models.DecimalField(
+        max_digits=12, decimal_places=2, null=True, blank=True
+    )
 
     # Per-tenant overrides of the plan; null means "as the plan says".
     requests_per_minute_override = models.PositiveIntegerField(

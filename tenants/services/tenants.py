@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
@@ -29,6 +30,8 @@ DEFAULT_PLANS: dict[str, dict[str, object]] = {
         "concurrent_requests": 16,
         "max_image_bytes": 4 * DEFAULT_MAX_IMAGE_BYTES,
         "max_output_tokens": 8192,
+        "price_per_month": Decimal("49.00"),
+        "price_per_1k_tokens": Decimal("0.00200"),
     },
 }
 

@@ -270,6 +270,7 @@ class UpstreamClient(InferenceClient):
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
+        self._running: set[str] = set()  # request ids submitted here and not finished
         self._cancelled: set[str] = set()
 
     def __repr__(self) -> str:
@@ -356,13 +357,18 @@ class UpstreamClient(InferenceClient):
         limit_s = min(time_limit_s or self.settings.request_timeout_s, self.spec.timeout_s)
         deadline = loop.time() + limit_s
         state = self._state()
+        self._running.add(request.request_id)
         state.waiting += 1
         try:
             async with asyncio.timeout(limit_s):
                 await state.slots.acquire()
         except TimeoutError:
+            self._running.discard(request.request_id)
             yield ErrorEvent(ErrorCode.TIMEOUT, f"No answer within {limit_s:g} seconds.", True)
             return
+        except BaseException:
+            self._running.discard(request.request_id)
+            raise
         finally:
             state.waiting -= 1
         state.running += 1
@@ -372,6 +378,7 @@ class UpstreamClient(InferenceClient):
         finally:
             state.running -= 1
             state.slots.release()
+            self._running.discard(request.request_id)
             self._cancelled.discard(request.request_id)
 
     async def _attempts(
@@ -546,10 +553,10 @@ class UpstreamClient(InferenceClient):
 
     async def cancel(self, request_id: str) -> None:
         # The stream's reader sees it at its next chunk; a consumer that stops iterating
-        # closes the upstream connection at once.
-        self._cancelled.add(request_id)
-        if len(self._cancelled) > 10_000:  # marks of requests that never ran here
-            self._cancelled.clear()
+        # closes the upstream connection at once. Requests not running here are not ours
+        # (the dispatch client asks every client).
+        if request_id in self._running:
+            self._cancelled.add(request_id)
 
     async def model_health(self, model: str) -> ModelHealth:
         if model != self.spec.name:

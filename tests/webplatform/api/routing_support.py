@@ -11,7 +11,8 @@ HTTP server that misbehaves on purpose.
   ``/500/v1/...`` HTTP 500, ``/slow/v1/...`` nothing for 30 s, ``/malformed/v1/...`` an SSE
   stream whose data is not JSON, ``/cut/v1/...`` two tokens then a broken chunk, and
   ``/unsure/v1/...`` a well-formed answer whose tokens have a log-probability of -3 (an
-  upstream fast model that is not sure). It counts the requests of each mode.
+  upstream fast model that is not sure), ``/drip/v1/...`` a token every 50 ms. It counts
+  the requests of each mode.
 """
 
 from __future__ import annotations
@@ -91,6 +92,30 @@ class FaultApp:
             for word in ("Hello", " there"):
                 await send({"type": "http.response.body", "body": chunk(word), "more_body": True})
             await send({"type": "http.response.body", "body": b"data: {broken\n\n"})
+            return
+        if mode == "drip":  # a token every 50 ms, 200 of them, until the client goes
+            gone = asyncio.Event()
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                for i in range(200):
+                    if gone.is_set():
+                        self.disconnected[mode] += 1
+                        return
+                    body = chunk(f" w{i}")
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    await asyncio.sleep(0.05)
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            except (OSError, asyncio.CancelledError):
+                self.disconnected[mode] += 1
+                raise
+            finally:
+                watcher.cancel()
             return
         if mode == "unsure":
             parts = [chunk(w, -3.0) for w in ("It", " is", " blue")]

@@ -248,3 +248,46 @@ def test_the_circuit_opens_then_refuses_at_once_or_falls_back(
         assert answered.headers["x-model-fallback"] == f"{LARGE} -> {FAST}"
         assert _record(answered).model == FAST
         _nothing_held(http)
+
+
+def test_cancel_stops_the_upstream_stream_at_its_next_chunk(fault_server):
+    """The websocket's stop button: ``cancel(request_id)`` while the answer streams."""
+    import asyncio
+
+    from inference.client.upstream import UpstreamClient, UpstreamSpec
+    from inference.protocol import (
+        DeltaEvent,
+        DoneEvent,
+        FinishReason,
+        InferenceRequest,
+        Message,
+        TextPart,
+    )
+    from inference.settings import InferenceSettings
+
+    app, url = fault_server
+    spec = UpstreamSpec.from_spec("big", upstream_spec(f"{url}/drip/v1"))
+    client = UpstreamClient(settings=InferenceSettings(), spec=spec)
+    request = InferenceRequest("req-drip", "1", "big", [Message("user", [TextPart("hi")])])
+
+    async def run() -> list[object]:
+        events: list[object] = []
+        async for event in client.submit(request):
+            events.append(event)
+            if sum(isinstance(e, DeltaEvent) for e in events) == 2:
+                await client.cancel("req-drip")
+        await client.aclose()
+        return events
+
+    started = time.monotonic()
+    events = asyncio.run(run())
+    assert time.monotonic() - started < 5  # not the 10 s of the whole answer
+    deltas = [e for e in events if isinstance(e, DeltaEvent)]
+    assert [d.text for d in deltas] == [" w0", " w1"]
+    assert isinstance(events[-1], DoneEvent)
+    assert events[-1].finish_reason is FinishReason.CANCELLED
+    assert events[-1].usage.completion_tokens == 2
+    deadline = time.monotonic() + 5
+    while app.disconnected["drip"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.disconnected["drip"] == 1  # the upstream saw its client go

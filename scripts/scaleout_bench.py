@@ -12,6 +12,20 @@ loop. Then the elastic run: one worker under the same load, a second one started
 requests are in flight, the first stopped with SIGTERM mid-load; every request must end
 with a ``DoneEvent`` carrying its whole answer (nothing lost, nothing failed).
 
+Where the workers run (``--network``): ``netns`` puts each worker in its own network
+namespace, joined to the host by a veth pair with /30 addresses (10.213.<c>.<4i+1> on the
+host, .<4i+2> in the namespace; <c> a /24 no other run uses), and starts a private
+``redis-server`` for the run bound to 127.0.0.1 and the host ends: each worker reaches Redis
+over a real network interface, as a separate host would. ``loopback`` runs the workers as
+plain children on the host against ``--redis-url``. ``auto`` (the default) takes netns when
+``ip netns add`` works (root, or CAP_NET_ADMIN) and ``redis-server`` is installed, loopback
+otherwise; the report says which ran and why. ``both`` runs the fixed runs on loopback and
+on netns against the same private Redis (the elastic run on netns), to compare the two.
+Namespaces, veths and the private Redis carry the run's pid in their names and are removed
+in a ``finally`` even when the run fails or is interrupted (Ctrl-C, SIGTERM).
+``--link-delay-ms`` adds that one-way delay on each veth end with ``tc ... netem`` (needs the
+kernel's sch_netem).
+
 On a machine with few cores the workers share them, so requests/s stops growing once the
 cores are busy: the figure then measures the machine, not the queue. The worker processes'
 CPU is reported beside it for that reason.
@@ -21,16 +35,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import ipaddress
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,18 +72,216 @@ from inference.settings import InferenceSettings  # noqa: E402
 MODEL = "tiny"
 
 
+class Loopback:
+    """Workers as plain children on the host, against ``url``."""
+
+    name = "loopback"
+
+    def __init__(self, url: str) -> None:
+        self.client_url = url
+
+    def worker_url(self, slot: int) -> str:
+        return self.client_url
+
+    def wrap(self, slot: int) -> list[str]:
+        return []
+
+    def namespace_of(self, pid: int) -> str:
+        return ""
+
+
+def run_ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, text=True)
+
+
+def netns_unavailable() -> str | None:
+    """Why netns mode cannot run here, or None when it can."""
+    if shutil.which("ip") is None:
+        return "no ip(8) command"
+    if shutil.which("redis-server") is None:
+        return "no redis-server binary for the private Redis"
+    probe = f"scaleout-probe-{os.getpid()}"
+    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"ip netns add failed: {done.stderr.strip() or done.returncode}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+NET_BASE = ipaddress.IPv4Network("10.213.0.0/16")
+LOCK = Path(tempfile.gettempdir()) / "scaleout-bench-netns.lock"
+
+
+class Netns:
+    """One network namespace per worker slot, a veth pair each, a private Redis.
+
+    ``setup()`` records every name before it creates it, so ``teardown()`` removes what a
+    failed or interrupted setup left half made."""
+
+    name = "netns"
+
+    def __init__(self, slots: int, *, link_delay_ms: float = 0.0) -> None:
+        self.slots, self.link_delay_ms = slots, link_delay_ms
+        self.tag = str(os.getpid())
+        self.namespaces: list[str] = []
+        self.veths: list[str] = []  # host ends (deleting one deletes its pair)
+        self.host_addrs: list[str] = []
+        self.worker_addrs: list[str] = []
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.client_url = ""
+        self.redis_dir: Path | None = None
+
+    def _subnet(self) -> int:
+        """A /24 of 10.213.0.0/16 with no address on this host (under the lock)."""
+        shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True)
+        used = set()
+        for word in shown.stdout.split():
+            addr = word.split("/")[0]
+            try:
+                ip = ipaddress.IPv4Address(addr)
+            except ValueError:
+                continue
+            if ip in NET_BASE:
+                used.add(int(ip.packed[2]))
+        for c in range(256):
+            if c not in used:
+                return c
+        raise RuntimeError("no free /24 left in 10.213.0.0/16")
+
+    def setup(self) -> None:
+        if self.slots > 63:
+            raise ValueError("at most 63 worker slots per run (one /24 of /30s)")
+        with open(LOCK, "w") as lock:  # parallel runs: pick and claim the /24 one at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            c = self._subnet()
+            for i in range(self.slots):
+                ns, host, peer = (
+                    f"scaleout-{self.tag}-{i}",
+                    f"so{self.tag}h{i}",
+                    f"so{self.tag}w{i}",
+                )
+                host_ip, worker_ip = f"10.213.{c}.{4 * i + 1}", f"10.213.{c}.{4 * i + 2}"
+                self.namespaces.append(ns)
+                run_ip("netns", "add", ns)
+                self.veths.append(host)
+                run_ip("link", "add", host, "type", "veth", "peer", "name", peer)
+                run_ip("link", "set", peer, "netns", ns)
+                run_ip("addr", "add", f"{host_ip}/30", "dev", host)
+                run_ip("link", "set", host, "up")
+                run_ip("-n", ns, "addr", "add", f"{worker_ip}/30", "dev", peer)
+                run_ip("-n", ns, "link", "set", peer, "up")
+                run_ip("-n", ns, "link", "set", "lo", "up")
+                self.host_addrs.append(host_ip)
+                self.worker_addrs.append(worker_ip)
+                if self.link_delay_ms:
+                    delay = f"{self.link_delay_ms}ms"
+                    for dev, where in ((host, []), (peer, ["-n", ns])):
+                        done = subprocess.run(
+                            ["tc", *where, "qdisc", "add", "dev", dev, "root", "netem"]
+                            + ["delay", delay],
+                            capture_output=True,
+                            text=True,
+                        )
+                        if done.returncode != 0:
+                            raise RuntimeError(
+                                f"tc netem on {dev} failed ({done.stderr.strip()}): "
+                                "this kernel lacks sch_netem; run without --link-delay-ms"
+                            )
+        self._start_redis()
+
+    def _start_redis(self) -> None:
+        self.port = free_port()
+        self.redis_dir = Path(tempfile.mkdtemp(prefix=f"scaleout-redis-{self.tag}-"))
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *self.host_addrs]
+        argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+        argv += ["--dir", str(self.redis_dir), "--logfile", str(self.redis_dir / "redis.log")]
+        with open(self.redis_dir / "stderr.log", "wb") as err:
+            self.redis = subprocess.Popen(argv, stdout=err, stderr=err)
+        self.client_url = f"redis://127.0.0.1:{self.port}/0"
+        r = redis.Redis.from_url(self.client_url)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    r.ping()
+                    return
+                except redis.ConnectionError as error:
+                    if self.redis.poll() is not None or time.monotonic() > deadline:
+                        logs = [self.redis_dir / n for n in ("redis.log", "stderr.log")]
+                        text = " ".join(f.read_text(errors="replace") for f in logs if f.exists())
+                        raise RuntimeError(
+                            f"private redis-server did not start: {text[-800:]}"
+                        ) from error
+                    time.sleep(0.05)
+        finally:
+            r.close()
+
+    def worker_url(self, slot: int) -> str:
+        return f"redis://{self.host_addrs[slot]}:{self.port}/0"
+
+    def wrap(self, slot: int) -> list[str]:
+        # ip netns exec execs the command: the Popen pid is the worker's own pid.
+        return ["ip", "netns", "exec", self.namespaces[slot]]
+
+    def namespace_of(self, pid: int) -> str:
+        done = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    def teardown(self) -> list[str]:
+        """Remove everything ``setup()`` made; the errors, if any (each step is tried)."""
+        errors: list[str] = []
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(10)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+                self.redis.wait(5)
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+        for ns in self.namespaces:  # a worker left behind in a namespace: ours, by its name
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for host in self.veths:
+            done = subprocess.run(["ip", "link", "del", host], capture_output=True, text=True)
+            if done.returncode != 0 and "Cannot find device" not in done.stderr:
+                errors.append(f"ip link del {host}: {done.stderr.strip()}")
+        for ns in self.namespaces:
+            done = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+            if done.returncode != 0 and "No such file" not in done.stderr:
+                errors.append(f"ip netns del {ns}: {done.stderr.strip()}")
+        return errors
+
+
+Placement = Loopback | Netns
+
+
 class Workers:
     """Worker processes of one key prefix."""
 
-    def __init__(self, *, url: str, prefix: str, model_dir: Path, log_dir: Path) -> None:
-        self.url, self.prefix, self.model_dir, self.log_dir = url, prefix, model_dir, log_dir
+    def __init__(self, *, net: Placement, prefix: str, model_dir: Path, log_dir: Path) -> None:
+        self.net, self.prefix, self.model_dir, self.log_dir = net, prefix, model_dir, log_dir
+        self.url = net.client_url
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.keys = KeySpace(prefix)
+        self.namespaces: dict[str, str] = {}  # worker id -> the namespace it ran in
 
-    def start(self, worker_id: str, *, batch: int) -> None:
+    def start(self, worker_id: str, *, batch: int, slot: int) -> None:
         env = {
             **os.environ,
-            "INFERENCE_REDIS_URL": self.url,
+            "INFERENCE_REDIS_URL": self.net.worker_url(slot),
             "INFERENCE_MODELS": json.dumps(
                 {MODEL: {"path": str(self.model_dir), "dtype": "float32", "device": "cpu"}}
             ),
@@ -74,7 +290,7 @@ class Workers:
             # One compute thread per worker: N workers on N cores, not N x cores threads.
             "OMP_NUM_THREADS": "1",
         }
-        argv = [sys.executable, "-m", "inference.worker", "--model", MODEL]
+        argv = [*self.net.wrap(slot), sys.executable, "-m", "inference.worker", "--model", MODEL]
         argv += ["--worker-id", worker_id, "--key-prefix", self.prefix]
         argv += ["--max-batch-size", str(batch), "--drain-seconds", "60"]
         log = open(self.log_dir / f"{worker_id}.log", "wb")
@@ -92,8 +308,19 @@ class Workers:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{worker_id} not ready: {self.log(worker_id)}")
                     time.sleep(0.1)
+                # Where it really runs: the network namespace of its process.
+                self.namespaces[worker_id] = self.net.namespace_of(self.procs[worker_id].pid)
         finally:
             r.close()
+
+    def redis_peers(self) -> list[str]:
+        """The source addresses of the connections Redis holds now (the workers' among them)."""
+        r = redis.Redis.from_url(self.url)
+        try:
+            clients = r.client_list()
+        finally:
+            r.close()
+        return sorted({c["addr"].rsplit(":", 1)[0] for c in clients})
 
     def log(self, worker_id: str) -> str:
         return (self.log_dir / f"{worker_id}.log").read_text(errors="replace")[-2000:]
@@ -188,6 +415,7 @@ async def closed_loop(
 
 @dataclass
 class RunResult:
+    network: str
     workers: int
     requests: int
     concurrency: int
@@ -196,20 +424,28 @@ class RunResult:
     tokens_per_s: float
     worker_cpu_s: float
     all_done: bool
+    namespaces: dict[str, str] = field(default_factory=dict)  # worker id -> its netns
+    redis_peers: list[str] = field(default_factory=list)  # source addresses Redis saw
 
 
-async def run_fixed(args: argparse.Namespace, n: int, model_dir: Path, log_dir: Path) -> RunResult:
-    prefix = f"bench-scaleout-{uuid.uuid4().hex[:8]}"
-    workers = Workers(url=args.redis_url, prefix=prefix, model_dir=model_dir, log_dir=log_dir)
-    client = RedisStreamsClient(
+def bench_client(url: str, prefix: str) -> RedisStreamsClient:
+    return RedisStreamsClient(
         settings=InferenceSettings(
-            transport="redis", redis_url=args.redis_url, key_prefix=prefix, models={MODEL: {}}
+            transport="redis", redis_url=url, key_prefix=prefix, models={MODEL: {}}
         )
     )
+
+
+async def run_fixed(
+    args: argparse.Namespace, net: Placement, n: int, model_dir: Path, log_dir: Path
+) -> RunResult:
+    prefix = f"bench-scaleout-{uuid.uuid4().hex[:8]}"
+    workers = Workers(net=net, prefix=prefix, model_dir=model_dir, log_dir=log_dir)
+    client = bench_client(net.client_url, prefix)
     try:
-        ids = [f"w{n}-{i}" for i in range(n)]
-        for worker_id in ids:
-            workers.start(worker_id, batch=args.batch)
+        ids = [f"{net.name}-w{n}-{i}" for i in range(n)]
+        for slot, worker_id in enumerate(ids):
+            workers.start(worker_id, batch=args.batch, slot=slot)
         workers.wait_ready(ids)
         await closed_loop(client, requests=n, concurrency=n, max_tokens=4)  # warm each
         cpu_before = workers.cpu_seconds()
@@ -217,12 +453,14 @@ async def run_fixed(args: argparse.Namespace, n: int, model_dir: Path, log_dir: 
             client, requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens
         )
         cpu = workers.cpu_seconds() - cpu_before
+        peers = workers.redis_peers()
     finally:
         await client.aclose()
         workers.stop_all()
-        _delete_prefix(args.redis_url, prefix)
+        _delete_prefix(net.client_url, prefix)
     tokens = sum(o.tokens for o in outcomes)
     return RunResult(
+        network=net.name,
         workers=n,
         requests=len(outcomes),
         concurrency=args.concurrency,
@@ -231,11 +469,14 @@ async def run_fixed(args: argparse.Namespace, n: int, model_dir: Path, log_dir: 
         tokens_per_s=round(tokens / seconds, 1),
         worker_cpu_s=round(cpu, 1),
         all_done=all(o.done for o in outcomes),
+        namespaces=workers.namespaces,
+        redis_peers=peers,
     )
 
 
 @dataclass
 class ElasticResult:
+    network: str
     requests: int
     seconds: float
     done: int
@@ -244,16 +485,15 @@ class ElasticResult:
     removed_after: int  # ... when the first one got SIGTERM
     exited_after: int  # ... when it had drained and exited
     first_exit_code: int | None
+    namespaces: dict[str, str] = field(default_factory=dict)
 
 
-async def run_elastic(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> ElasticResult:
+async def run_elastic(
+    args: argparse.Namespace, net: Placement, model_dir: Path, log_dir: Path
+) -> ElasticResult:
     prefix = f"bench-elastic-{uuid.uuid4().hex[:8]}"
-    workers = Workers(url=args.redis_url, prefix=prefix, model_dir=model_dir, log_dir=log_dir)
-    client = RedisStreamsClient(
-        settings=InferenceSettings(
-            transport="redis", redis_url=args.redis_url, key_prefix=prefix, models={MODEL: {}}
-        )
-    )
+    workers = Workers(net=net, prefix=prefix, model_dir=model_dir, log_dir=log_dir)
+    client = bench_client(net.client_url, prefix)
     total = args.elastic_requests
     marks: dict[str, int] = {}
     first: subprocess.Popen[bytes] | None = None
@@ -262,7 +502,7 @@ async def run_elastic(args: argparse.Namespace, model_dir: Path, log_dir: Path) 
         nonlocal first
         if "added" not in marks:  # at the first answer: the second one loads under load
             marks["added"] = finished
-            workers.start("e-second", batch=args.batch)
+            workers.start("e-second", batch=args.batch, slot=1)
             await asyncio.to_thread(workers.wait_ready, ["e-second"])
             # As soon as the second one serves, the first is told to stop, mid-load.
             marks["removed"] = finished_count()
@@ -289,7 +529,7 @@ async def run_elastic(args: argparse.Namespace, model_dir: Path, log_dir: Path) 
 
     give_up_at = time.monotonic() + 180
     try:
-        workers.start("e-first", batch=args.batch)
+        workers.start("e-first", batch=args.batch, slot=0)
         workers.wait_ready(["e-first"])
         give_up_at = time.monotonic() + 180
         outcomes, seconds = await closed_loop(
@@ -304,8 +544,9 @@ async def run_elastic(args: argparse.Namespace, model_dir: Path, log_dir: Path) 
     finally:
         await client.aclose()
         workers.stop_all()
-        _delete_prefix(args.redis_url, prefix)
+        _delete_prefix(net.client_url, prefix)
     return ElasticResult(
+        network=net.name,
         requests=len(outcomes),
         seconds=round(seconds, 2),
         done=sum(o.done for o in outcomes),
@@ -314,6 +555,7 @@ async def run_elastic(args: argparse.Namespace, model_dir: Path, log_dir: Path) 
         removed_after=marks.get("removed", -1),
         exited_after=marks.get("exited", -1),
         first_exit_code=exit_code,
+        namespaces=workers.namespaces,
     )
 
 
@@ -338,6 +580,10 @@ def tiny_model(path: Path | None) -> Path:
     return Path(build_tiny_model(Path(tempfile.mkdtemp(prefix="tiny-glm4v-")), seed=0))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -352,41 +598,111 @@ def main(argv: list[str] | None = None) -> int:
         help="at least this many; the load goes on until a worker was added and the first "
         "one removed (0: skip the elastic run)",
     )
+    p.add_argument(
+        "--network",
+        choices=["auto", "netns", "loopback", "both"],
+        default="auto",
+        help="netns: each worker in its own network namespace (veth pair, private Redis); "
+        "loopback: plain children against --redis-url; auto: netns when `ip netns add` works; "
+        "both: the fixed runs on loopback and on netns, same private Redis",
+    )
+    p.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="netns only: one-way delay added on each veth end (tc netem)",
+    )
     p.add_argument("--model-dir", type=Path, default=None)
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="loopback only (netns and both start a private redis-server)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
+    network, why = args.network, ""
+    if network in ("auto", "netns", "both"):
+        reason = netns_unavailable()
+        if reason is None:
+            network = "netns" if network == "auto" else network
+            why = "ip netns add works"
+        elif network == "auto":
+            network, why = "loopback", f"netns unavailable: {reason}"
+        else:
+            p.error(f"--network {network}: {reason}")
+    else:
+        why = "asked for"
+    if args.link_delay_ms and network == "loopback":
+        p.error("--link-delay-ms needs the netns network")
+    # Ctrl-C and SIGTERM raise at once, wherever the run is (asyncio.run would only cancel
+    # its task, which waits out a blocking wait for a loading worker), and go through the
+    # finally below: the namespaces, veths and private Redis go with the run.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     model_dir = tiny_model(args.model_dir)
     log_dir = Path(tempfile.mkdtemp(prefix="scaleout-logs-"))
-    print(f"cores: {os.cpu_count()}; worker logs: {log_dir}", flush=True)
-    fixed: list[RunResult] = []
-    results: dict[str, object] = {"cores": os.cpu_count(), "fixed": [], "elastic": None}
-    print("workers  requests/s  tokens/s  worker CPU s  all done", flush=True)
-    for n in args.workers:
-        result = asyncio.run(run_fixed(args, n, model_dir, log_dir))
-        fixed.append(result)
+    slots = max([*args.workers, 2 if args.elastic_requests else 1])
+    netns = Netns(slots, link_delay_ms=args.link_delay_ms) if network != "loopback" else None
+    results: dict[str, object] = {
+        "cores": os.cpu_count(),
+        "network": network,
+        "network_reason": why,
+        "link_delay_ms": args.link_delay_ms,
+        "fixed": [],
+        "elastic": None,
+    }
+    ok = True
+    try:
+        if netns is not None:
+            netns.setup()
+            results["netns"] = {
+                "namespaces": netns.namespaces,
+                "veths": netns.veths,
+                "worker_addrs": netns.worker_addrs,
+                "redis": netns.client_url,
+            }
+        placements: list[Placement] = []
+        if network in ("loopback", "both"):
+            placements.append(Loopback(netns.client_url if netns else args.redis_url))
+        if netns is not None:
+            placements.append(netns)
         print(
-            f"{n:>7}  {result.requests_per_s:>10}  {result.tokens_per_s:>8}  "
-            f"{result.worker_cpu_s:>12}  {result.all_done}",
+            f"cores: {os.cpu_count()}; network: {network} ({why}); worker logs: {log_dir}",
             flush=True,
         )
-    results["fixed"] = [asdict(r) for r in fixed]
-    ok = all(r.all_done for r in fixed)
-    if args.elastic_requests:
-        elastic = asyncio.run(run_elastic(args, model_dir, log_dir))
-        results["elastic"] = asdict(elastic)
-        print(
-            f"elastic: {elastic.done}/{elastic.requests} done in {elastic.seconds}s; "
-            f"second worker added after {elastic.added_after}, first SIGTERMed after "
-            f"{elastic.removed_after}, exited after {elastic.exited_after} "
-            f"(exit code {elastic.first_exit_code}); failed: "
-            f"{elastic.failed or 'none'}",
-            flush=True,
-        )
-        ok = ok and elastic.done == elastic.requests and elastic.first_exit_code == 0
-        ok = ok and 0 < elastic.removed_after <= elastic.exited_after < elastic.requests
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        fixed: list[RunResult] = []
+        print("network   workers  requests/s  tokens/s  worker CPU s  all done", flush=True)
+        for net in placements:
+            for n in args.workers:
+                result = asyncio.run(run_fixed(args, net, n, model_dir, log_dir))
+                fixed.append(result)
+                print(
+                    f"{net.name:<8}  {n:>7}  {result.requests_per_s:>10}  "
+                    f"{result.tokens_per_s:>8}  {result.worker_cpu_s:>12}  {result.all_done}",
+                    flush=True,
+                )
+        results["fixed"] = [asdict(r) for r in fixed]
+        ok = all(r.all_done for r in fixed)
+        if args.elastic_requests:
+            elastic = asyncio.run(run_elastic(args, placements[-1], model_dir, log_dir))
+            results["elastic"] = asdict(elastic)
+            print(
+                f"elastic ({elastic.network}): {elastic.done}/{elastic.requests} done in "
+                f"{elastic.seconds}s; second worker added after {elastic.added_after}, first "
+                f"SIGTERMed after {elastic.removed_after}, exited after {elastic.exited_after} "
+                f"(exit code {elastic.first_exit_code}); failed: {elastic.failed or 'none'}",
+                flush=True,
+            )
+            ok = ok and elastic.done == elastic.requests and elastic.first_exit_code == 0
+            ok = ok and 0 < elastic.removed_after <= elastic.exited_after < elastic.requests
+    finally:
+        if netns is not None:
+            errors = netns.teardown()
+            results["teardown_errors"] = errors
+            for error in errors:
+                print(f"teardown: {error}", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
     return 0 if ok else 1
 
 

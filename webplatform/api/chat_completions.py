@@ -193,7 +193,7 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
                 "sent as one more event, an error object.",
             ),
             (200, "text/event-stream"): openai_wire.ChatCompletionChunk,
-            **error_responses(400, 401, 403, 404, 413, 429, 503),
+            **error_responses(400, 401, 403, 404, 413, 415, 429, 503),
         },
         summary="Create a chat completion (OpenAI-compatible; images as data URIs)",
         description="Answers the last user message of `messages` (or the simple form's "

@@ -174,6 +174,7 @@ def error_responses(*statuses: int) -> dict[int, OpenApiResponse]:
         403: "The key may not do this (read-only key)",
         404: "Unknown model or path",
         413: "Request body larger than the plan allows",
+        415: "The body is not `application/json`",
         429: "Rate limit, daily token quota or concurrency limit reached",
         503: "Model unavailable or overloaded, or scanner unavailable; retry after `retry-after`",
     }
@@ -255,33 +256,86 @@ def schema_paths_without_optional_slash(endpoints: list[tuple]) -> list[tuple]:
     ]
 
 
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "One Server-Sent Event of a streamed answer. Its `data` is a "
+    "`chat.completion.chunk` as JSON (schema `ChatCompletionChunk`), an error object "
+    "(`ErrorResponse`) when the stream fails after it started, or `[DONE]`, the last.",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
+def chat_request_rules(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """drf-spectacular postprocessing hook: the chat request's rules across fields, which
+    no single field states: ``messages`` or ``prompt`` is required, and ``stream_options``
+    (a non-empty one) only with ``stream: true``. Rules OpenAPI 3.0 cannot state at all
+    (the last message comes from the user; an image decodes; ``max_tokens`` within the
+    plan) are told in the descriptions and answered 400."""
+    operation = result.get("paths", {}).get("/v1/chat/completions", {}).get("post")
+    if operation is not None:
+        operation["requestBody"]["required"] = True
+        # A Server-Sent Event as SSE tools read it (`data` and the optional fields); its
+        # `data` is JSON of the ChatCompletionChunk component, or `[DONE]`.
+        sse = operation["responses"]["200"]["content"]["text/event-stream"]
+        sse["schema"] = SSE_EVENT_SCHEMA
+    component = result.get("components", {}).get("schemas", {}).get("ChatCompletionRequest")
+    if component is not None:
+        component["allOf"] = [
+            {
+                "anyOf": [
+                    {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+                    {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                ]
+            },
+            {
+                "anyOf": [
+                    {"required": ["stream"], "properties": {"stream": {"enum": [True]}}},
+                    {"not": {"required": ["stream_options"]}},
+                    {"properties": {"stream_options": {"type": "object", "maxProperties": 0}}},
+                ]
+            },
+        ]
+    return result
+
+
 class OpenApiJsonView(SpectacularJSONAPIView):
     """``/v1/openapi.json``: the schema as JSON (the default view answers YAML)."""
 
     custom_settings = {
-        "PREPROCESSING_HOOKS": ["webplatform.api.schema.schema_paths_without_optional_slash"]
+        "PREPROCESSING_HOOKS": ["webplatform.api.schema.schema_paths_without_optional_slash"],
+        "POSTPROCESSING_HOOKS": [
+            "drf_spectacular.hooks.postprocess_schema_enums",
+            "webplatform.api.schema.chat_request_rules",
+        ],
     }
 
 
 # drf-spectacular's Redoc page loads Google Fonts; this one loads nothing from outside the
-# platform (the Redoc bundle comes from drf-spectacular-sidecar's static files).
+# platform (the Redoc bundle comes from drf-spectacular-sidecar's static files). No inline
+# script: the bundle initialises the <redoc spec-url> element itself (Content-Security-Policy).
 _REDOC_PAGE = """<!DOCTYPE html>
 <html lang="en">
   <head>
     <title>{{ title }}</title>
     <meta charset="utf-8">
     <meta name="viewport" content="width=device-width, initial-scale=1">
-    <style>body { margin: 0; padding: 0; }</style>
   </head>
   <body>
-    <div id="redoc-container"></div>
+    <redoc spec-url="{{ schema_url }}"></redoc>
     <script src="{{ redoc_standalone }}"></script>
-    <script>
-      Redoc.init("{{ schema_url }}", {}, document.getElementById("redoc-container"));
-    </script>
   </body>
 </html>
 """
+
+# Redoc writes its styles as <style> elements and runs its search in a blob: worker: this
+# page alone allows both (webplatform/settings.py, CONTENT_SECURITY_POLICY).
+REDOC_CSP_UPDATE = {"style-src": ["'unsafe-inline'"], "worker-src": ["'self'", "blob:"]}
 
 
 @functools.cache
@@ -301,6 +355,8 @@ class ApiDocsView(SpectacularRedocView):
                 "schema_url": self._get_schema_url(request),
             }
         )
-        return HttpResponse(
+        response = HttpResponse(
             _redoc_template().render(context), content_type="text/html; charset=utf-8"
         )
+        response._csp_update = REDOC_CSP_UPDATE  # type: ignore[attr-defined]  # django-csp
+        return response

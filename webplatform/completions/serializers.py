@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ErrorDetail
 from rest_framework.fields import empty
@@ -48,9 +49,9 @@ RULE_CODES = {UNSUPPORTED_VALUE: 1, UNSUPPORTED_PARAMETER: 1, INVALID_REQUEST: 2
 
 IMAGE_DETAILS = ("auto", "low", "high")
 MAX_STOP_SEQUENCES = 4
-# Integer options fit what carries them: a seed is any 64-bit value (signed or not, as
-# torch's generator takes it and msgpack packs it); counts fit 32 bits.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Integer options fit what carries them: a seed is a signed 64-bit value (OpenAI's int64,
+# what msgpack packs and torch's generator takes); counts fit 32 bits.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 
 # An OpenAPI schema of a referenced serializer, as the schema generator resolves it.
@@ -116,6 +117,16 @@ class KindField(DescribedField):
 
     def to_internal_value(self, data: Any) -> Any:
         return data
+
+
+class StrictCharField(serializers.CharField):
+    """A string field that takes strings only: DRF's CharField turns a number into its
+    text (``{"prompt": 0}`` would be asked as "0")."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
 
 
 class RuleTextField(serializers.CharField):
@@ -361,7 +372,7 @@ class MessagesField(serializers.ListField):
     child = MessageField()
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(allow_empty=False, **kwargs)
+        super().__init__(allow_empty=False, min_length=1, **kwargs)
 
     def fail(self, key: str, **kwargs: Any) -> NoReturn:
         raise rule_broken("messages must be a non-empty list.")
@@ -413,8 +424,9 @@ class ThinkingField(DescribedField):
 class ChatOptionsSerializer(serializers.Serializer):
     """The model and the sampling options: the same in the REST body and a websocket frame."""
 
-    model = serializers.CharField(
+    model = StrictCharField(
         required=False,
+        min_length=1,
         max_length=200,
         help_text="A model of `GET /v1/models`; the first one when absent.",
     )
@@ -540,7 +552,8 @@ class RefusedField(DescribedField):
         super().__init__(required=False, allow_null=True, **kwargs)
 
     def openapi(self, ref: SchemaRef) -> dict[str, Any]:
-        return {}
+        # What is accepted: absent, null, an empty list (or "none", OpenAI's tool_choice).
+        return {"type": "array", "maxItems": 0, "items": {}}
 
     def to_internal_value(self, data: Any) -> Any:
         if data in ([], "none"):
@@ -563,6 +576,17 @@ class ResponseFormatField(DescribedField):
         return data
 
 
+@extend_schema_field({"type": "integer", "minimum": 1, "maximum": 1})
+class OneChoiceField(serializers.IntegerField):
+    """``n``: only 1 (the schema says so; other values are refused with this API's own
+    message, ``_one_choice``)."""
+
+
+@extend_schema_field({"type": "boolean", "enum": [False]})
+class NoLogprobsField(serializers.BooleanField):
+    """``logprobs``: only false."""
+
+
 def _one_choice(n: int | None) -> None:
     if n is not None and n != 1:
         raise rule_broken(
@@ -582,14 +606,16 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
     with an optional `image`)."""
 
     messages = MessagesField(required=False, allow_null=True)
-    image = serializers.CharField(
+    image = StrictCharField(
         required=False,
+        min_length=1,
         trim_whitespace=True,
         help_text="Simple form: one image as a data URI or bare base64.",
     )
-    prompt = serializers.CharField(
+    prompt = StrictCharField(
         required=False,
         allow_blank=False,
+        min_length=1,
         max_length=100_000,
         help_text="Simple form: the question, instead of `messages`.",
     )
@@ -614,14 +640,14 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
     stream_options = StreamOptionsField(required=False, allow_null=True)
     # OpenAI's end-user identifier (abuse monitoring): accepted, never confused with the
     # member a usage record names.
-    user = serializers.CharField(
+    user = StrictCharField(
         required=False,
         allow_null=True,
         allow_blank=True,
         max_length=256,
         help_text="Your own identifier of the end user; accepted and not used.",
     )
-    n = serializers.IntegerField(
+    n = OneChoiceField(
         required=False,
         allow_null=True,
         min_value=1,
@@ -629,7 +655,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
         validators=[_one_choice],
         help_text="Only 1: one choice per request.",
     )
-    logprobs = serializers.BooleanField(
+    logprobs = NoLogprobsField(
         required=False,
         allow_null=True,
         validators=[_no_logprobs],
@@ -731,7 +757,7 @@ class ChatCompletionRequestSerializer(ChatOptionsSerializer):
 # --- the websocket frame ------------------------------------------------------------------
 
 
-class FrameModelField(serializers.CharField):
+class FrameModelField(StrictCharField):
     """A frame's ``model``: absent, null, empty or any false value means the conversation's
     model (else the first allowed)."""
 

@@ -163,3 +163,15 @@ def test_the_dashboard_scripts_run_under_the_policy(page: Any, server) -> None:
     for name in ("settings", "keys", "members", "requests", "audit"):
         page.goto(f"/orgs/{tenant_id}/{name}/")
     assert violations() == []
+
+    # The API docs: Redoc (its bundle served by the project) renders the schema; that page
+    # alone allows Redoc's own <style> elements and its blob: worker.
+    response = page.goto("/v1/docs")
+    policy = _directives(response.headers["content-security-policy"])
+    assert policy["script-src"] == ["'self'"]
+    assert "'unsafe-inline'" in policy["style-src"]
+    page.wait_for_selector("h1:has-text('Vision inference platform API')", timeout=30_000)
+    # The one thing refused there is Redoc's "powered by" logo from its CDN: nothing is
+    # loaded from outside the platform.
+    refused = violations()
+    assert all("https://cdn.redoc.ly/" in v for v in refused), refused

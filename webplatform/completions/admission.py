@@ -17,6 +17,7 @@ from tenants.errors import ApplicationError
 from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from tenants.principals import ApiPrincipal, EffectiveLimits
 from tenants.services.quotas import Admission, quota_admit
+from tenants.services.spend import spend_limit_check
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.uploads.services import UploadLimits
 
@@ -95,6 +96,8 @@ async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> A
     """Take a request, ``reserve_tokens`` and a concurrency lease from the tenant's quota;
     429 with the limit's own code (and ``retry-after``) when one is used up; 503
     ``service_unavailable`` when Redis is down or hung."""
+    # The monthly spend limit first: it refuses without taking anything from the quota.
+    await sync_to_async(spend_limit_check, thread_sensitive=False)(tenant_id=principal.tenant_id)
     try:
         return await sync_to_async(quota_admit, thread_sensitive=False)(
             tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens

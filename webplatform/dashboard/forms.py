@@ -249,3 +249,14 @@ class EmailChangeForm(forms.Form):
         strip=False,
         widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
     )
+
+
+class SpendLimitForm(forms.Form):
+    limit = forms.DecimalField(
+        label=_("Monthly spend limit (USD)"),
+        required=False,
+        min_value=0,
+        max_digits=12,
+        decimal_places=2,
+        help_text=_("Empty: no limit. Reached, new requests are refused until next month."),
+    )

@@ -66,6 +66,7 @@ org_patterns = [
     path("settings/", organisations.org_settings, name="settings"),
     path("settings/plan/", organisations.plan_change, name="plan-change"),
     path("settings/name/", organisations.org_rename, name="org-rename"),
+    path("settings/spend-limit/", organisations.spend_limit, name="spend-limit"),
     path("settings/content-logging/", organisations.content_logging, name="content-logging"),
     path("delete/", organisations.org_delete, name="org-delete"),
 ]

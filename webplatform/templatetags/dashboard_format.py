@@ -7,11 +7,12 @@ Babel (pinned) supplies the locale data (CLDR): thousands separators, unit names
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
 from babel.lists import format_list
-from babel.numbers import format_decimal
+from babel.numbers import format_currency, format_decimal
 from babel.units import format_unit
 from django import template
 from django.utils import formats, timezone, translation
@@ -142,4 +143,16 @@ def local_time(value: Any, seconds: bool = False) -> SafeString | str:
         moment.isoformat(),
         "seconds" if seconds else "minutes",
         shown,
+    )
+
+
+@register.filter
+def usd(value: Any) -> str:
+    """An amount of US dollars: two decimals, or four below a cent ("$0.0004")."""
+    if value is None or value == "":
+        return "—"
+    amount = Decimal(value)
+    pattern = "¤#,##0.00" if amount == 0 or abs(amount) >= Decimal("0.01") else "¤#,##0.0000"
+    return str(
+        format_currency(amount, "USD", format=pattern, locale=_locale(), currency_digits=False)
     )

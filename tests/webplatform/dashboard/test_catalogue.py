@@ -28,7 +28,7 @@ KEPT = {
     "API", "ID", "Token", "token", "tokens", "JPEG", "PNG", "WebP", "GIF", "CSV", "curl",
     "Python", "JavaScript", "Vision", "Platform", "UTC", "English", "p50", "p95", "ms",
     "sk", "WebSocket", "REST", "export", "API_KEY", "e-mail", "OpenAI", "Ctrl", "Cmd",
-    "Enter", "Mac", "SDK", "KB", "MB", "GB", "bytes", "system", "prefers", "color", "scheme",
+    "Enter", "Mac", "SDK", "US", "USD", "KB", "MB", "GB", "bytes", "system", "prefers", "color", "scheme",
 }  # fmt: skip
 SKIPPED_TAGS = {"script", "style", "code", "pre"}
 READ_ATTRIBUTES = ("placeholder", "aria-label", "title", "alt")

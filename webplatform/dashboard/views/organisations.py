@@ -30,6 +30,7 @@ from tenants.services.organisations import (
     organisation_rename,
 )
 from tenants.services.quotas import quota_status
+from tenants.services.spend import spend_limit_set, spend_this_month
 from webplatform.dashboard.access import (
     CURRENT_TENANT_SESSION_KEY,
     OrgRequest,
@@ -41,6 +42,7 @@ from webplatform.dashboard.forms import (
     DeleteOrganisationForm,
     OrganisationForm,
     PlanForm,
+    SpendLimitForm,
 )
 from webplatform.dashboard.views.common import form_error, render_page
 
@@ -133,6 +135,7 @@ def overview(request: OrgRequest) -> HttpResponse:
             "limits": tenant_limits_get(tenant=tenant),
             "today": usage_today_for_tenant(tenant=tenant),
             "onboarding": onboarding_for_tenant(tenant=tenant),
+            "spend": spend_this_month(tenant=tenant),
         },
     )
 
@@ -143,6 +146,7 @@ def _settings_page(
     plan_form: PlanForm | None = None,
     content_form: ContentLoggingForm | None = None,
     name_form: OrganisationForm | None = None,
+    spend_form: SpendLimitForm | None = None,
     status: int = 200,
 ) -> HttpResponse:
     tenant = request.tenant
@@ -155,6 +159,9 @@ def _settings_page(
             or PlanForm(plans=plan_list_self_serve(), initial={"plan": tenant.plan}),
             "plans": plans,
             "name_form": name_form or OrganisationForm(initial={"name": tenant.name}),
+            "spend_form": spend_form
+            or SpendLimitForm(initial={"limit": tenant.monthly_spend_limit}),
+            "spend": spend_this_month(tenant=tenant),
             "content_form": content_form
             or ContentLoggingForm(
                 initial={
@@ -196,6 +203,17 @@ def plan_change(request: OrgRequest) -> HttpResponse:
         form_error(form, error)
         return _settings_page(request, plan_form=form, status=error.status)
     messages.success(request, _("Plan changed to %(plan)s.") % {"plan": _(plan.name)})
+    return redirect("dashboard:settings", request.tenant.pk)
+
+
+@org_view(Membership.Role.OWNER)
+@require_POST
+def spend_limit(request: OrgRequest) -> HttpResponse:
+    form = SpendLimitForm(request.POST)
+    if not form.is_valid():
+        return _settings_page(request, spend_form=form, status=400)
+    spend_limit_set(tenant=request.tenant, limit=form.cleaned_data["limit"], actor=request.user)
+    messages.success(request, _("Monthly spend limit saved."))
     return redirect("dashboard:settings", request.tenant.pk)
 
 

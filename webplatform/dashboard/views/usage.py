@@ -27,6 +27,7 @@ from tenants.selectors.usage import (
 )
 from tenants.selectors.usage_models import usage_by_model_for_tenant
 from tenants.services.members import role_at_least
+from tenants.services.spend import tokens_cost
 from webplatform.dashboard.access import OrgRequest, org_view
 from webplatform.dashboard.forms import DateRangeForm, UsageFilterForm
 from webplatform.dashboard.views.common import render_page
@@ -190,7 +191,15 @@ def request_log(request: OrgRequest) -> HttpResponse:
         if show_content
         else {}
     )
-    rows = [{"record": r, "content": content.get(r.request_id)} for r in records]
+    plan = tenant.plan
+    rows = [
+        {
+            "record": r,
+            "content": content.get(r.request_id),
+            "cost": tokens_cost(tokens=r.prompt_tokens + r.completion_tokens, plan=plan),
+        }
+        for r in records
+    ]
     return render_page(
         request,
         "dashboard/requests.html",
@@ -219,7 +228,14 @@ def request_detail(request: OrgRequest, request_id: str) -> HttpResponse:
     return render_page(
         request,
         "dashboard/request_detail.html",
-        {"r": record, "content": content, "show_content": _show_content(request)},
+        {
+            "r": record,
+            "content": content,
+            "show_content": _show_content(request),
+            "cost": tokens_cost(
+                tokens=record.prompt_tokens + record.completion_tokens, plan=request.tenant.plan
+            ),
+        },
     )
 
 

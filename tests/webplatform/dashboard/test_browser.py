@@ -241,7 +241,8 @@ def test_owner_signs_up_makes_a_key_uses_the_playground_and_sees_usage(page, ser
     assert page.is_hidden("#pg-error"), page.inner_text("#pg-error")
     assert page.inner_text("#pg-answer").strip() != ""
     assert re.match(r"\d+ \+ \d+ = \d+", page.inner_text("#pg-tokens"))
-    assert page.inner_text("#pg-latency").endswith("ms")
+    # Humanised in the page's language: "850 ms" or "19.7 sec" (issue 17).
+    assert re.fullmatch(r"[\d.,]+ (ms|sec)", page.inner_text("#pg-latency"))
     page.click("#pg-code-box summary")
     page.click(".tabs [data-lang=python]")
     assert "from openai import OpenAI" in page.inner_text("#pg-code")

@@ -22,6 +22,20 @@
   function format(template, values) {
     return template.replace(/%\((\w+)\)s/g, function (_, name) { return values[name]; });
   }
+  // A duration in the page's language: "850 ms", "19.7 sec" ("850毫秒", "19.7秒").
+  var lang = document.documentElement.lang || undefined;
+  function duration(ms) {
+    ms = Math.round(ms);
+    try {
+      if (ms < 1000) {
+        return new Intl.NumberFormat(lang, { style: "unit", unit: "millisecond", unitDisplay: "short" }).format(ms);
+      }
+      return new Intl.NumberFormat(lang, { style: "unit", unit: "second", unitDisplay: "short",
+        maximumFractionDigits: 1 }).format(ms / 1000);
+    } catch (e) {
+      return ms + " ms";
+    }
+  }
   function showProblem(text) { problem.textContent = text; problem.hidden = !text; }
   function setStatus(text) { statusText.textContent = text; }
 
@@ -142,7 +156,7 @@
     } else if (data.type === "delta") {
       if (!firstTokenAt) {
         firstTokenAt = performance.now();
-        $("pg-ttft").textContent = Math.round(firstTokenAt - startedAt) + " ms";
+        $("pg-ttft").textContent = duration(firstTokenAt - startedAt);
       }
       if (data.reasoning) { reasoningBox.hidden = false; reasoning.textContent += data.reasoning; }
       if (data.text) answer.textContent += data.text;
@@ -151,7 +165,7 @@
       var u = data.usage || {};
       $("pg-tokens").textContent = (u.prompt_tokens || 0) + " + " + (u.completion_tokens || 0) +
         " = " + (u.total_tokens || 0);
-      $("pg-latency").textContent = Math.round(performance.now() - startedAt) + " ms";
+      $("pg-latency").textContent = duration(performance.now() - startedAt);
       answer.setAttribute("data-finish-reason", data.finish_reason || "");
       $("pg-copy-answer").hidden = !answer.textContent;
       finish(data.finish_reason === "cancelled" ? t.stopped : t.done);

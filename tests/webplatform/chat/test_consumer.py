@@ -447,6 +447,25 @@ async def test_text_that_is_not_json_gets_invalid_frame(connect_chat, owner_key)
     assert_streamed_answer(await chat.ask("Still there?", max_tokens=4))
 
 
+async def test_hostile_frames_get_errors_not_a_crash(connect_chat, owner_key):
+    """The same strict parser and schema as the REST body (docs/reliability.md)."""
+    chat = await connect_chat(key=owner_key)
+    await chat.receive()
+    frames = [
+        '{"type": "message", "content": "hi \\ud800"}',  # an escaped lone surrogate
+        '{"type": "message", "content": "hi \ud800"}',  # a raw one in the frame's text
+        '{"type": "message", "content": "hi", "temperature": NaN}',
+        '{"type": "message", "content": ' + "[" * 10_000 + "]" * 10_000 + "}",
+    ]
+    for text in frames:
+        await chat.communicator.send_to(text_data=text)
+        assert (await chat.receive())["code"] == "invalid_frame", text
+    await chat.send({"type": "message", "content": "hi", "seed": 2**70})
+    error = await chat.receive()
+    assert (error["type"], error["param"]) == ("error", "seed")
+    assert_streamed_answer(await chat.ask("Still there?", max_tokens=4))
+
+
 async def test_a_second_message_while_streaming_is_refused(connect_chat, owner_key, paced):
     chat = await connect_chat(key=owner_key)
     await chat.receive()

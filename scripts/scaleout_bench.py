@@ -352,6 +352,29 @@ class Workers:
                 proc.wait(10)
 
 
+PING_RTT = """
+import statistics, sys, time, redis
+r = redis.Redis.from_url(sys.argv[1])
+r.ping()
+rtts = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter_ns()
+    r.ping()
+    rtts.append((time.perf_counter_ns() - t) / 1000)
+rtts.sort()
+print(round(statistics.median(rtts), 1), round(rtts[int(len(rtts) * 0.99)], 1))
+"""
+
+
+def ping_rtt_us(net: Placement, slot: int, count: int = 2000) -> tuple[float, float]:
+    """Median and p99 round trip (us) of a Redis PING from where worker ``slot`` runs: the
+    network's own cost per round trip, without the model."""
+    argv = [*net.wrap(slot), sys.executable, "-c", PING_RTT, net.worker_url(slot), str(count)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+    median, p99 = done.stdout.split()
+    return float(median), float(p99)
+
+
 def make_request(i: int, max_tokens: int) -> InferenceRequest:
     text = f"describe item {i} in a few words"
     return InferenceRequest(
@@ -670,6 +693,12 @@ def main(argv: list[str] | None = None) -> int:
             f"cores: {os.cpu_count()}; network: {network} ({why}); worker logs: {log_dir}",
             flush=True,
         )
+        pings: dict[str, dict[str, float]] = {}
+        for net in placements:
+            median, p99 = ping_rtt_us(net, 0)
+            pings[net.name] = {"median_us": median, "p99_us": p99}
+            print(f"{net.name}: Redis PING round trip {median} us median, {p99} us p99")
+        results["redis_ping"] = pings
         fixed: list[RunResult] = []
         print("network   workers  requests/s  tokens/s  worker CPU s  all done", flush=True)
         for net in placements:

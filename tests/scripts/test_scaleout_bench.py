@@ -113,6 +113,11 @@ def test_workers_in_their_own_network_namespaces_answer_everything_and_leave_not
     assert set(addrs) <= set(fixed["redis_peers"])
     assert all(not a.startswith("127.") for a in addrs)
 
+    # The round trip of a Redis PING from inside the first namespace was measured.
+    assert (
+        0 < results["redis_ping"]["netns"]["median_us"] <= results["redis_ping"]["netns"]["p99_us"]
+    )
+
     elastic = results["elastic"]
     assert elastic["network"] == "netns"
     assert elastic["namespaces"] == {"e-first": namespaces[0], "e-second": namespaces[1]}

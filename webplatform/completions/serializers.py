@@ -771,16 +771,26 @@ class MessageFrameSerializer(ChatOptionsSerializer):
     type = serializers.ChoiceField(choices=["message"])
     content = ContentField(images=True)
     model = FrameModelField(required=False, allow_null=True, allow_blank=True)
+    system = RuleTextField(
+        rule="'system' must be a string.",
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="Instructions put before the conversation as its system message, for this "
+        "message's answer (send it again with each message to keep it).",
+    )
 
     def to_input(self, *, history: tuple[ChatTurn, ...], default_model: str) -> ChatCompletionInput:
         data = cast(dict[str, Any], self.validated_data)
         turn = chat_turns(
             [ValidatedMessage(role="user", parts=data["content"])], first_index=len(history)
         )
+        system = data.get("system") or ""
+        instructions = (ChatTurn(role="system", parts=(system,)),) if system.strip() else ()
         options = chat_options(data, default_model=default_model)
         return ChatCompletionInput(
             model=options.model,
-            turns=(*history, *turn),
+            turns=(*instructions, *history, *turn),
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             top_p=options.top_p,

@@ -239,3 +239,14 @@ def test_frame_refusals_name_the_conversation_message_and_word_option_errors() -
     assert message.startswith("temperature: ")
     # The content is judged before the options.
     assert refusal(frame, content=[], top_p="x")[2] == "messages[0].content"
+
+
+def test_a_frame_system_prompt_goes_before_the_conversation() -> None:
+    history = (ChatTurn(role="user", parts=("hi",)), ChatTurn(role="assistant", parts=("hello",)))
+    inp = frame(history, content="and now?", system="Answer briefly.")
+    assert [turn.role for turn in inp.turns] == ["system", "user", "assistant", "user"]
+    assert inp.turns[0].parts == ("Answer briefly.",)
+    # Blank instructions add no system message; a non-string is refused like any text.
+    assert [turn.role for turn in frame(content="q", system="  ").turns] == ["user"]
+    code, message, _param = refusal(frame, content="q", system=5)
+    assert code == "invalid_request" and "'system'" in message

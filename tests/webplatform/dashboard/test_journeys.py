@@ -454,3 +454,33 @@ def test_times_are_local_and_dark_mode_follows_the_system(browser, server) -> No
         assert sum(int(c) for c in re.findall(r"\d+", background)[:3]) > 3 * 200, background
     finally:
         context.close()
+
+
+def test_the_playground_system_prompt_reaches_the_model_and_the_snippets(page: Any, server) -> None:
+    from tenants.models import UsageRecord
+    from tests.webplatform.dashboard.test_browser import png
+
+    tenant_id = sign_up(page, "system@example.com", "Instructors")
+    page.goto(f"/orgs/{tenant_id}/playground/")
+    page.set_input_files("#pg-file", {"name": "red.png", "mimeType": "image/png", "buffer": png()})
+    page.wait_for_selector("#pg-preview:not([hidden])")
+    page.fill("#pg-max-tokens", "4")
+    page.fill("#pg-question", "What colour is this?")
+    page.click("#pg-send")
+    _wait_answer(page)
+    page.goto(f"/orgs/{tenant_id}/playground/")  # a new conversation
+    page.set_input_files("#pg-file", {"name": "red.png", "mimeType": "image/png", "buffer": png()})
+    page.wait_for_selector("#pg-preview:not([hidden])")
+    page.fill("#pg-max-tokens", "4")
+    page.click("#pg-system-box summary")
+    instructions = "Answer in one short sentence and give every date as YYYY-MM-DD, please."
+    page.fill("#pg-system", instructions)
+    page.fill("#pg-question", "What colour is this?")
+    page.click("#pg-send")
+    _wait_answer(page)
+    plain, instructed = UsageRecord.objects.filter(tenant_id=tenant_id).order_by("created_at")
+    # Same image and question in a fresh conversation: the difference is the system message.
+    assert instructed.prompt_tokens >= plain.prompt_tokens + 10
+    # "View code" sends the same system message.
+    assert '"role": "system"' in (page.text_content("#pg-code") or "")
+    assert instructions in (page.text_content("#pg-code") or "")

@@ -9,7 +9,7 @@
   var modelSelect = $("pg-model"), maxTokens = $("pg-max-tokens"), temperature = $("pg-temperature");
   var thinking = $("pg-thinking"), sendButton = $("pg-send"), stopButton = $("pg-stop");
   var statusText = $("pg-status"), answer = $("pg-answer"), reasoning = $("pg-reasoning");
-  var reasoningBox = $("pg-reasoning-box"), errorText = $("pg-error");
+  var reasoningBox = $("pg-reasoning-box"), errorText = $("pg-error"), system = $("pg-system");
   var image = null; // {dataUrl, name, type, size}
   var socket = null, startedAt = 0, firstTokenAt = 0, streaming = false;
   var codeLang = "curl";
@@ -126,6 +126,7 @@
     return {
       type: "message",
       content: content,
+      system: system.value || undefined,
       model: modelSelect.value,
       max_tokens: parseInt(maxTokens.value, 10) || undefined,
       temperature: parseFloat(temperature.value),
@@ -266,15 +267,17 @@
     var mediaType = image ? image.type : "image/png";
     var fileName = image ? image.name : "image.png";
     var thinkingValue = thinking.checked ? "enabled" : "disabled";
+    var instructions = system.value;
     var code;
     if (codeLang === "curl") {
       var body = JSON.stringify({
         model: model, max_tokens: max, temperature: temp, stream: true,
         thinking: { type: thinkingValue },
-        messages: [{ role: "user", content: [
-          { type: "image_url", image_url: { url: "data:" + mediaType + ";base64,__IMAGE__" } },
-          { type: "text", text: q },
-        ] }],
+        messages: (instructions ? [{ role: "system", content: instructions }] : []).concat([
+          { role: "user", content: [
+            { type: "image_url", image_url: { url: "data:" + mediaType + ";base64,__IMAGE__" } },
+            { type: "text", text: q },
+          ] }]),
       }, null, 2);
       // A terminator no line of the body can be (JSON lines start with a space, brace or quote).
       code = "IMAGE=$(base64 -w0 " + shellQuote(fileName) + ")\n" +
@@ -295,10 +298,12 @@
         "    temperature=" + temp + ",\n" +
         "    stream=True,\n" +
         "    extra_body={\"thinking\": {\"type\": \"" + thinkingValue + "\"}},\n" +
-        "    messages=[{\"role\": \"user\", \"content\": [\n" +
-        "        {\"type\": \"image_url\", \"image_url\": {\"url\": f\"data:" + mediaType + ";base64,{image}\"}},\n" +
-        "        {\"type\": \"text\", \"text\": " + JSON.stringify(q) + "},\n" +
-        "    ]}],\n)\n" +
+        "    messages=[\n" +
+        (instructions ? "        {\"role\": \"system\", \"content\": " + JSON.stringify(instructions) + "},\n" : "") +
+        "        {\"role\": \"user\", \"content\": [\n" +
+        "            {\"type\": \"image_url\", \"image_url\": {\"url\": f\"data:" + mediaType + ";base64,{image}\"}},\n" +
+        "            {\"type\": \"text\", \"text\": " + JSON.stringify(q) + "},\n" +
+        "        ]},\n    ],\n)\n" +
         "for chunk in stream:\n" +
         "    if chunk.choices:\n" +
         "        print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True)\n";
@@ -312,10 +317,12 @@
         "  temperature: " + temp + ",\n" +
         "  stream: true,\n" +
         "  thinking: { type: \"" + thinkingValue + "\" },\n" +
-        "  messages: [{ role: \"user\", content: [\n" +
-        "    { type: \"image_url\", image_url: { url: `data:" + mediaType + ";base64,${image}` } },\n" +
-        "    { type: \"text\", text: " + JSON.stringify(q) + " },\n" +
-        "  ] }],\n});\n" +
+        "  messages: [\n" +
+        (instructions ? "    { role: \"system\", content: " + JSON.stringify(instructions) + " },\n" : "") +
+        "    { role: \"user\", content: [\n" +
+        "      { type: \"image_url\", image_url: { url: `data:" + mediaType + ";base64,${image}` } },\n" +
+        "      { type: \"text\", text: " + JSON.stringify(q) + " },\n" +
+        "    ] },\n  ],\n});\n" +
         "for await (const chunk of stream) {\n" +
         "  process.stdout.write(chunk.choices[0]?.delta?.content ?? \"\");\n}\n";
     }
@@ -330,7 +337,7 @@
       renderCode();
     });
   });
-  [question, modelSelect, maxTokens, temperature, thinking].forEach(function (el) {
+  [question, system, modelSelect, maxTokens, temperature, thinking].forEach(function (el) {
     el.addEventListener("input", renderCode);
     el.addEventListener("change", renderCode);
   });

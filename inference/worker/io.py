@@ -52,6 +52,11 @@ _T = TypeVar("_T")
 _BACKOFF_S = 0.5
 # How long a closing IO thread keeps trying to publish what it still holds.
 _CLOSE_PUBLISH_S = 5.0
+# How long after the engine's thread built its last heartbeat the IO renews it: liveness is
+# then the process's (docs/reliability.md), so an engine step longer than the heartbeat TTL
+# does not make a healthy worker look dead, while an engine stuck longer than this lets
+# the key expire and its requests be taken over.
+_RENEW_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,14 @@ class WorkerIO:
         claim_interval_s: float,
         idle_block_ms: int,
         poll_s: float = 0.01,
+        renew_heartbeat_s: float = 0.0,
     ) -> None:
         self.transport = transport
         self.max_batch_size = max_batch_size
         self.claim_interval_s = claim_interval_s
         self.idle_block_ms = idle_block_ms
         self.poll_s = poll_s
+        self.renew_heartbeat_s = renew_heartbeat_s  # 0: only the engine's beats are sent
         self._cond = threading.Condition()
         # Guarded by _cond: the hand-over in both directions and the IO thread's state.
         self._outbox: list[Outgoing] = []
@@ -105,6 +112,9 @@ class WorkerIO:
         self._held: dict[str, str] = {}  # token -> request id: taken, not acknowledged
         self._reported: set[str] = set()  # request ids whose cancel went to the loop
         self._next_claim = 0.0
+        self._beat_built_at = 0.0  # guarded by _cond: when the last beat was queued
+        self._sent_beat: WorkerHeartbeat | None = None  # the IO driver's: last one sent
+        self._sent_at = 0.0
 
     # --- the loop's side (any thread) -------------------------------------------------
 
@@ -121,6 +131,7 @@ class WorkerIO:
         """Send ``beat`` at the next occasion (a newer one replaces one not sent yet)."""
         with self._cond:
             self._beat = beat
+            self._beat_built_at = time.monotonic()
             self._cond.notify_all()
 
     def take(self, wait_s: float = 0.0) -> tuple[list[Arrival], set[str]]:
@@ -301,8 +312,17 @@ class WorkerIO:
         """One round of IO: publish, heartbeat, claim and fetch, read images and cancel
         marks, hand over. Raises ``TransportUnavailable`` (what it took is kept)."""
         self.publish_pending()
+        now = time.monotonic()
         with self._cond:
             beat, self._beat = self._beat, None
+            built_at = self._beat_built_at
+        if (
+            beat is None
+            and self._sent_beat is not None
+            and 0 < self.renew_heartbeat_s <= now - self._sent_at
+            and now - built_at < _RENEW_MAX_S
+        ):
+            beat = self._sent_beat  # the engine is mid-step: renew the last one
         if beat is not None:
             try:
                 self.transport.heartbeat(beat)
@@ -310,6 +330,7 @@ class WorkerIO:
                 with self._cond:
                     self._beat = self._beat or beat
                 raise
+            self._sent_beat, self._sent_at = beat, now
         if accept_new:
             self._fetch()
             self.publish_pending()  # what the engine handed over meanwhile goes out first

@@ -151,6 +151,7 @@ class Worker:
             claim_interval_s=config.claim_interval_s,
             idle_block_ms=config.idle_block_ms,
             poll_s=config.io_poll_ms / 1000,
+            renew_heartbeat_s=config.heartbeat_s,
         )
         self._inflight: dict[str, _InFlight] = {}
         self._abort_sent: set[str] = set()

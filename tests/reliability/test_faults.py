@@ -151,10 +151,13 @@ def test_redis_killed_idle_then_restarted_serves_bursts_without_error(
 def test_redis_killed_mid_request_ends_every_request_with_a_clear_error(
     fault_web: FaultWeb,
 ) -> None:
-    with ThreadPoolExecutor(4) as pool:
-        streamed = [pool.submit(chat, fault_web, stream=True, max_tokens=2000) for _ in range(2)]
-        plain = [pool.submit(chat, fault_web, max_tokens=2000) for _ in range(2)]
-        time.sleep(0.5)  # the requests are running
+    with ThreadPoolExecutor(8) as pool:
+        streamed = [pool.submit(chat, fault_web, stream=True, max_tokens=2000) for _ in range(4)]
+        plain = [pool.submit(chat, fault_web, max_tokens=2000) for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while _pending(fault_web) < 2:  # kill while workers hold requests
+            assert time.monotonic() < deadline, "no request reached a worker"
+            time.sleep(0.01)
         killed_at = time.monotonic()
         fault_web.redis.kill()
         outs = [f.result(timeout=30) for f in streamed + plain]
@@ -183,6 +186,15 @@ def test_redis_killed_mid_request_ends_every_request_with_a_clear_error(
     fault_web.wait_ready()
     assert_answered(chat(fault_web))
     assert all(w.alive for w in fault_web.workers)
+
+
+def _pending(web: FaultWeb) -> int:
+    """Requests taken by a worker and not finished."""
+    client = web.redis.client()
+    try:
+        return int(client.xpending(f"{web.prefix}:{MODEL}:requests", "workers")["pending"])
+    finally:
+        client.close()
 
 
 def _pending_of(web: FaultWeb, worker_id: str) -> int:

@@ -113,6 +113,7 @@ class WorkerIO:
         self._reported: set[str] = set()  # request ids whose cancel went to the loop
         self._next_claim = 0.0
         self._beat_built_at = 0.0  # guarded by _cond: when the last beat was queued
+        self._beats_sent = 0  # guarded by _cond
         self._sent_beat: WorkerHeartbeat | None = None  # the IO driver's: last one sent
         self._sent_at = 0.0
 
@@ -133,6 +134,18 @@ class WorkerIO:
             self._beat = beat
             self._beat_built_at = time.monotonic()
             self._cond.notify_all()
+
+    def wait_heartbeat_sent(self, timeout_s: float) -> bool:
+        """Wait until a heartbeat reached the broker (the worker is registered); False
+        after ``timeout_s`` or when the IO thread failed."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._beats_sent == 0 and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return self._beats_sent > 0
 
     def take(self, wait_s: float = 0.0) -> tuple[list[Arrival], set[str]]:
         """What arrived since the last call: deliveries to admit and ids to abort. Waits up
@@ -331,6 +344,9 @@ class WorkerIO:
                     self._beat = self._beat or beat
                 raise
             self._sent_beat, self._sent_at = beat, now
+            with self._cond:
+                self._beats_sent += 1
+                self._cond.notify_all()
         if accept_new:
             self._fetch()
             self.publish_pending()  # what the engine handed over meanwhile goes out first

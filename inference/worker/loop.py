@@ -203,6 +203,9 @@ class Worker:
 
     def _serve(self, stop: threading.Event, *, threaded: bool) -> None:
         cfg = self.config
+        if threaded:  # registered (first heartbeat in the broker) before it says ready
+            self._heartbeat_if_due()
+            self.io.wait_heartbeat_sent(timeout_s=2.0)
         logger.info("worker ready model=%s worker_id=%s", cfg.model, cfg.worker_id)
         self.observer.ready()
         drain_deadline: float | None = None

@@ -99,10 +99,22 @@ def http(live_asgi_server) -> Iterator[httpx.Client]:
         yield client
 
 
+def _model_labels(server: Any) -> set[str]:
+    exposition = httpx.get(server.url + "/metrics", timeout=10).text
+    return {
+        sample.labels["model"]
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if "model" in sample.labels
+    }
+
+
 def test_admission_refusals_are_counted_by_code_and_never_by_the_model_asked_for(
     live_asgi_server, http
 ):
     made_up = "my-own-model-7f3a9c"
+    # The registry is the process's: models that earlier tests served keep their series.
+    labelled_before = _model_labels(live_asgi_server)
     counts = Counts(
         refused("model_not_found"), refused("max_tokens_too_large"), refused("rate_limit_exceeded")
     )
@@ -120,13 +132,8 @@ def test_admission_refusals_are_counted_by_code_and_never_by_the_model_asked_for
     assert counts.changes() == [1, 1, 1]
     exposition = httpx.get(live_asgi_server.url + "/metrics", timeout=10).text
     assert made_up not in exposition
-    models = {
-        sample.labels["model"]
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if "model" in sample.labels
-    }
-    assert models <= {MODEL, FALLBACK}  # only served models, whatever clients ask for
+    # Only served models became label values, whatever clients asked for.
+    assert _model_labels(live_asgi_server) - labelled_before <= {MODEL, FALLBACK}
 
 
 def test_refused_images_are_counted_over_rest_and_the_websocket_and_settle_as_errors(

@@ -357,7 +357,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.conversation is None:
             self.conversation = await database_sync_to_async(chat_services.conversation_create)(
                 # The model asked for: "auto" stays routed turn by turn.
-                principal=self.principal, model=run.input.model
+                principal=self.principal,
+                model=run.input.model,
             )
         new_turn = inp.turns[-1]
         await database_sync_to_async(chat_services.conversation_turns_append)(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -170,7 +171,9 @@ class RedisStreamsClient(InferenceClient):
             weakref.WeakKeyDictionary()
         )
         # Images staged by put_image, by (tenant, sha256): sent with their request's enqueue.
+        # A lock, not the event loop, guards it: the client serves several loops (threads).
         self._staged: dict[tuple[str, str], _Staged] = {}
+        self._staged_lock = threading.Lock()
         # model -> (monotonic time it was read, its health)
         self._health: dict[str, tuple[float, ModelHealth]] = {}
 
@@ -210,29 +213,31 @@ class RedisStreamsClient(InferenceClient):
         """Stage the image for its request's enqueue (no round trip of its own)."""
         blob_check_digest(data=data, ref=ref)
         now = time.monotonic()
-        for key, old in list(self._staged.items()):
-            if now - old.staged_at > _STAGE_MAX_AGE_S:
-                del self._staged[key]
-        staged = self._staged.get((tenant_id, ref.sha256))
-        if staged is None:
-            self._staged[(tenant_id, ref.sha256)] = _Staged(data, 1, now)
-        else:
-            staged.holders += 1
-            staged.staged_at = now
+        with self._staged_lock:
+            for key, old in list(self._staged.items()):
+                if now - old.staged_at > _STAGE_MAX_AGE_S:
+                    del self._staged[key]
+            staged = self._staged.get((tenant_id, ref.sha256))
+            if staged is None:
+                self._staged[(tenant_id, ref.sha256)] = _Staged(data, 1, now)
+            else:
+                staged.holders += 1
+                staged.staged_at = now
 
     def _unstage(self, request: InferenceRequest) -> tuple[list[str], list[bytes]]:
         """The blob keys and bytes of the request's staged images, released by it."""
         keys: list[str] = []
         blobs: list[bytes] = []
-        for sha256 in dict.fromkeys(ref.sha256 for ref in request.image_refs()):
-            staged = self._staged.get((request.tenant_id, sha256))
-            if staged is None:
-                continue  # stored by an earlier request (a conversation's earlier turn)
-            keys.append(self.keys.blob(request.tenant_id, sha256))
-            blobs.append(staged.data)
-            staged.holders -= 1
-            if staged.holders <= 0:
-                del self._staged[(request.tenant_id, sha256)]
+        with self._staged_lock:
+            for sha256 in dict.fromkeys(ref.sha256 for ref in request.image_refs()):
+                staged = self._staged.get((request.tenant_id, sha256))
+                if staged is None:
+                    continue  # stored by an earlier request (a conversation's earlier turn)
+                keys.append(self.keys.blob(request.tenant_id, sha256))
+                blobs.append(staged.data)
+                staged.holders -= 1
+                if staged.holders <= 0:
+                    del self._staged[(request.tenant_id, sha256)]
         return keys, blobs
 
     async def submit(

@@ -151,3 +151,32 @@ def run_to_completion(engine: Any, max_steps: int = 10_000) -> list[tuple[str, A
             return events
         events.extend(engine.step())
     raise AssertionError("engine did not finish")
+
+
+@pytest.fixture
+def redis_settings() -> Iterator[Callable[..., Any]]:
+    """Make ``InferenceSettings`` for the Redis transport on the test Redis, each under a
+    fresh key prefix (deleted afterwards), serving the model ``fake``; keyword arguments
+    override the timings. Skips without a reachable Redis."""
+    from inference.settings import InferenceSettings
+    from tests.inference.fakes import delete_prefix, redis_url_for_tests, unique_prefix
+
+    url = redis_url_for_tests()
+    if url is None:
+        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
+    prefixes: list[str] = []
+
+    def make(**overrides: Any) -> InferenceSettings:
+        prefixes.append(unique_prefix())
+        fields: dict[str, Any] = {
+            "transport": "redis",
+            "redis_url": url,
+            "key_prefix": prefixes[-1],
+            "models": {"fake": {}},
+            **overrides,
+        }
+        return InferenceSettings(**fields)
+
+    yield make
+    for prefix in prefixes:
+        delete_prefix(url, prefix)

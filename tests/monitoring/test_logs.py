@@ -99,11 +99,11 @@ def test_json_logs_of_real_requests_carry_ids_and_no_secret(web, worker, owner):
         assert bad_image.status_code == 400, bad_image.text
         bad_image_id = bad_image.headers["x-request-id"]
         # A refused key and a bad request: the web side logs these (django.request).
-        bogus = key[:-8] + "XXXXXXXX"
+        wrong_secret = key[:-8] + "XXXXXXXX"  # the key with its last 8 characters changed
         refused = httpx.post(
             server.url + "/v1/chat/completions",
             json={"model": MODEL, "messages": []},
-            headers={"Authorization": f"Bearer {bogus}"},
+            headers={"Authorization": f"Bearer {wrong_secret}"},
             timeout=30,
         )
         assert refused.status_code == 401
@@ -162,7 +162,7 @@ def test_json_logs_of_real_requests_carry_ids_and_no_secret(web, worker, owner):
     for secret in (
         key,
         secret_part,
-        bogus.rsplit("_", 1)[1],
+        wrong_secret.rsplit("_", 1)[1],
         django_settings.SECRET_KEY,
         django_settings.API_KEY_HMAC_SECRET,
     ):

@@ -93,7 +93,8 @@ class DescribedField(serializers.Field):
     judges_absence = False
 
     def openapi(self, ref: SchemaRef) -> dict[str, Any]:
-        raise NotImplementedError
+        """The field's OpenAPI schema: each subclass states its own (there is no default)."""
+        raise NotImplementedError(f"{type(self).__name__} states no OpenAPI schema")
 
     def run_validation(self, data: Any = empty) -> Any:
         if self.judges_absence:

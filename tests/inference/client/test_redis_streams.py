@@ -27,11 +27,8 @@ from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.transport import Outgoing
 from tests.inference.fakes import (
     SAMPLE_EVENTS,
-    delete_prefix,
     make_heartbeat,
     make_request,
-    redis_url_for_tests,
-    unique_prefix,
 )
 
 pytestmark = pytest.mark.redis
@@ -40,27 +37,11 @@ MODEL = "fake"
 
 
 @pytest.fixture
-def redis_url() -> str:
-    url = redis_url_for_tests()
-    if url is None:
-        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
-    return url
-
-
-@pytest.fixture
-def settings_(redis_url: str):
-    prefix = unique_prefix()
-    yield InferenceSettings(
-        transport="redis",
-        redis_url=redis_url,
-        key_prefix=prefix,
-        models={MODEL: {}},
-        claim_idle_ms=200,
-        heartbeat_s=0.5,
-        request_timeout_s=5.0,
-        health_cache_s=0.0,  # every model_health reads Redis (the cache has its own test)
+def settings_(redis_settings):
+    # every model_health reads Redis (the health cache has its own test)
+    return redis_settings(
+        claim_idle_ms=200, heartbeat_s=0.5, request_timeout_s=5.0, health_cache_s=0.0
     )
-    delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture

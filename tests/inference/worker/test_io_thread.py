@@ -27,18 +27,14 @@ from inference.protocol import (
     decode_event,
     encode,
 )
-from inference.settings import InferenceSettings
 from inference.worker.loop import Worker, WorkerConfig
 from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.transport import TransportUnavailable
 from tests.inference.fakes import (
     FakeEngine,
     WorkerThread,
-    delete_prefix,
     fake_answer,
     make_request,
-    redis_url_for_tests,
-    unique_prefix,
 )
 
 pytestmark = pytest.mark.redis
@@ -47,21 +43,8 @@ MODEL = "fake"
 
 
 @pytest.fixture
-def settings_():
-    url = redis_url_for_tests()
-    if url is None:
-        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
-    prefix = unique_prefix()
-    yield InferenceSettings(
-        transport="redis",
-        redis_url=url,
-        key_prefix=prefix,
-        models={MODEL: {}},
-        claim_idle_ms=300,
-        heartbeat_s=0.05,
-        request_timeout_s=10.0,
-    )
-    delete_prefix(url, prefix)
+def settings_(redis_settings):
+    return redis_settings(claim_idle_ms=300, heartbeat_s=0.05, request_timeout_s=10.0)
 
 
 @pytest.fixture

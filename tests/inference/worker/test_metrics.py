@@ -33,16 +33,12 @@ from inference.protocol import (
     Usage,
     encode,
 )
-from inference.settings import InferenceSettings
 from inference.worker.loop import Worker, WorkerConfig
 from inference.worker.metrics import MetricsServer, WorkerMetrics
 from inference.worker.redis_streams import RedisWorkerTransport
 from tests.inference.fakes import (
     FakeEngine,
-    delete_prefix,
     make_request,
-    redis_url_for_tests,
-    unique_prefix,
 )
 
 MODEL = "fake"
@@ -179,21 +175,8 @@ def test_engine_statistics_are_exposed_as_the_last_heartbeat_saw_them():
 
 
 @pytest.fixture
-def settings_():
-    url = redis_url_for_tests()
-    if url is None:
-        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
-    prefix = unique_prefix()
-    yield InferenceSettings(
-        transport="redis",
-        redis_url=url,
-        key_prefix=prefix,
-        models={MODEL: {}},
-        claim_idle_ms=300,
-        heartbeat_s=0.05,
-        request_timeout_s=10.0,
-    )
-    delete_prefix(url, prefix)
+def settings_(redis_settings):
+    return redis_settings(claim_idle_ms=300, heartbeat_s=0.05, request_timeout_s=10.0)
 
 
 @pytest.mark.redis

@@ -15,11 +15,8 @@ from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.transport import Outgoing, ReplyState
 from tests.inference.fakes import (
     SAMPLE_EVENTS,
-    delete_prefix,
     make_heartbeat,
     make_request,
-    redis_url_for_tests,
-    unique_prefix,
 )
 
 pytestmark = pytest.mark.redis
@@ -28,21 +25,8 @@ MODEL = "fake"
 
 
 @pytest.fixture
-def settings_():
-    url = redis_url_for_tests()
-    if url is None:
-        pytest.skip("needs REDIS_URL pointing at a reachable Redis")
-    prefix = unique_prefix()
-    yield InferenceSettings(
-        transport="redis",
-        redis_url=url,
-        key_prefix=prefix,
-        models={MODEL: {}},
-        claim_idle_ms=200,
-        heartbeat_s=0.5,
-        request_timeout_s=5.0,
-    )
-    delete_prefix(url, prefix)
+def settings_(redis_settings):
+    return redis_settings(claim_idle_ms=200, heartbeat_s=0.5, request_timeout_s=5.0)
 
 
 def _transport(settings_: InferenceSettings, worker_id: str) -> RedisWorkerTransport:

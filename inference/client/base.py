@@ -45,7 +45,7 @@ class InferenceClient(abc.ABC):
         self, *, model: str, tenant_id: str, data: bytes, ref: ImageRef
     ) -> None:
         """``put_image`` for a request to ``model``: a client serving models several ways
-        (``inference.client.upstream.ModelDispatchClient``) stores it only where that model
+        (``inference.client.dispatch.ModelDispatchClient``) stores it only where that model
         reads it."""
         await self.put_image(tenant_id=tenant_id, data=data, ref=ref)
 

@@ -14,9 +14,10 @@ import threading
 from typing import Any
 
 from inference.client.base import InferenceClient
+from inference.client.dispatch import ModelDispatchClient, split_upstream_models
 from inference.client.inprocess import InProcessClient
 from inference.client.redis_streams import RedisStreamsClient
-from inference.client.upstream import ModelDispatchClient, UpstreamClient, split_upstream_models
+from inference.client.upstream import UpstreamClient
 from inference.settings import InferenceSettings
 
 

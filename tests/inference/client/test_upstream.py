@@ -11,14 +11,10 @@ import io
 import pytest
 from PIL import Image
 
+from inference.client.dispatch import ModelDispatchClient
 from inference.client.factory import build_inference_client
 from inference.client.inprocess import InProcessClient
-from inference.client.upstream import (
-    CircuitBreaker,
-    ModelDispatchClient,
-    UpstreamClient,
-    UpstreamSpec,
-)
+from inference.client.upstream import CircuitBreaker, UpstreamClient, UpstreamSpec
 from inference.protocol import (
     ErrorCode,
     ErrorEvent,

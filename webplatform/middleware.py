@@ -1,4 +1,7 @@
-"""Every HTTP request gets one id, made here before any view runs, and every response carries
+"""Two middlewares of every HTTP request: its id (``RequestIdMiddleware``) and the static
+files (``StaticFilesMiddleware``).
+
+Every HTTP request gets one id, made here before any view runs, and every response carries
 it as ``x-request-id``, errors included, so a client can always quote one. A view that
 starts a completion (``POST /v1/chat/completions``) gives the same id to the request path:
 the usage record and the worker know the request by it (``request_id_of``).
@@ -10,10 +13,12 @@ request per answer, takes one from there for each ``message`` frame.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponseBase
 from rest_framework.request import Request
+from whitenoise.middleware import WhiteNoiseMiddleware
 
 from inference.protocol import new_request_id
 from webplatform.log_context import log_context_start
@@ -66,4 +71,41 @@ class RequestIdMiddleware:
         return response
 
 
-__all__ = ["REQUEST_ID_HEADER", "RequestIdMiddleware", "request_id_of"]
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise, async-capable: under ASGI a request that is not for a static file goes
+    on to the next middleware on the event loop.
+
+    WhiteNoise's own middleware is sync-only, and one sync-only middleware in the stack makes
+    Django run it in a thread and the rest of the stack, view included, back on the event
+    loop from that thread: two thread hand-offs each way on every API request (about 1-2
+    ms of waiting at one client, docs/benchmarks.md "Platform path"). Serving a file stays
+    WhiteNoise's, in a thread (it stats and opens files).
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        super().__init__(get_response)
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._acall(request)
+        return super().__call__(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
+        if self.autorefresh:  # development: looks at the disk
+            static_file = await sync_to_async(self.find_file)(request.path_info)
+        else:
+            static_file = self.files.get(request.path_info)
+        if static_file is not None:
+            response: HttpResponseBase = await sync_to_async(self.serve)(static_file, request)
+            return response
+        response = await self.get_response(request)
+        return response
+
+
+__all__ = ["REQUEST_ID_HEADER", "RequestIdMiddleware", "StaticFilesMiddleware", "request_id_of"]

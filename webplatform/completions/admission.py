@@ -96,10 +96,17 @@ async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> A
     """Take a request, ``reserve_tokens`` and a concurrency lease from the tenant's quota;
     429 with the limit's own code (and ``retry-after``) when one is used up; 503
     ``service_unavailable`` when Redis is down or hung."""
+    # One thread hand-off for both steps (each costs a wake-up of a thread and of the loop).
+    return await sync_to_async(_admit, thread_sensitive=False)(
+        principal=principal, reserve_tokens=reserve_tokens
+    )
+
+
+def _admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:
     # The monthly spend limit first: it refuses without taking anything from the quota.
-    await sync_to_async(spend_limit_check, thread_sensitive=False)(tenant_id=principal.tenant_id)
+    spend_limit_check(tenant_id=principal.tenant_id)
     try:
-        return await sync_to_async(quota_admit, thread_sensitive=False)(
+        return quota_admit(
             tenant_id=principal.tenant_id, limits=principal.limits, reserve_tokens=reserve_tokens
         )
     except STORE_OUTAGES as exc:

@@ -97,6 +97,66 @@ class Settlement:
             image_tokens=self.image_tokens_seen,
         )
 
+    def _pay(
+        self,
+        *,
+        outcome: Outcome,
+        error_code: str,
+        answer: Answer | None,
+        usage: Usage,
+        ttft_ms: int | None,
+        latency_ms: int,
+    ) -> None:
+        """The quota, then the usage record and the content log (blocking: Redis and the
+        database). A failure of one is logged and does not stop the next."""
+        try:
+            # Our failure costs the tenant nothing; a request the client abandoned is charged
+            # what it consumed (see _usage).
+            if outcome is Outcome.ERROR:
+                quota_release(admission=self.admission)
+            else:
+                # Cache hits cost no model tokens; they still count as requests.
+                used = 0 if self.cache_hit else usage.prompt_tokens + usage.completion_tokens
+                if self.escalated_usage is not None:
+                    used += self.escalated_usage.total_tokens
+                quota_settle(admission=self.admission, used_tokens=used)
+        except Exception:  # Redis down: the lease expires on its own; the record is kept
+            logger.exception("settling the quota of request %s failed", self.request_id)
+        try:
+            principal = self.caller.principal
+            usage_record_create(
+                tenant=principal.tenant,
+                api_key=principal.api_key,
+                user=principal.user,
+                request_id=self.request_id,
+                channel=self.caller.entry_point.value,
+                model=self.model,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                image_tokens=usage.image_tokens,
+                image_count=len(self.images),
+                image_bytes=sum(img.original_size for img in self.images),
+                time_to_first_token_ms=ttft_ms,
+                total_latency_ms=latency_ms,
+                status=outcome.value,
+                error_code=error_code,
+                cache_hit=self.cache_hit,
+                route_rule=self.route_rule,
+                escalated_from=self.escalated_from,
+                escalated_prompt_tokens=(self.escalated_usage or Usage()).prompt_tokens,
+                escalated_completion_tokens=(self.escalated_usage or Usage()).completion_tokens,
+            )
+            if answer is not None:
+                # Kept only when the organisation turned content logging on (checked there).
+                content_log_record(
+                    tenant=principal.tenant,
+                    request_id=self.request_id,
+                    prompt=self.prompt_text,
+                    answer=answer.text,
+                )
+        except Exception:  # settlement must never turn a served answer into an error
+            logger.exception("settling request %s failed", self.request_id)
+
     async def settle_refused(self, exc: BaseException) -> None:
         """Settle a request that failed after admission and before it was submitted (an
         image refused, no worker, ...): quota given back untouched, a usage record with
@@ -119,55 +179,16 @@ class Settlement:
             if self.first_token_at is None
             else int((self.first_token_at - self.started_at) * 1000)
         )
-        try:
-            # Our failure costs the tenant nothing; a request the client abandoned is charged
-            # what it consumed (see _usage).
-            if outcome is Outcome.ERROR:
-                await sync_to_async(quota_release, thread_sensitive=False)(admission=self.admission)
-            else:
-                # Cache hits cost no model tokens; they still count as requests.
-                used = 0 if self.cache_hit else usage.prompt_tokens + usage.completion_tokens
-                if self.escalated_usage is not None:
-                    used += self.escalated_usage.total_tokens
-                await sync_to_async(quota_settle, thread_sensitive=False)(
-                    admission=self.admission, used_tokens=used
-                )
-        except Exception:  # Redis down: the lease expires on its own; the record is kept
-            logger.exception("settling the quota of request %s failed", self.request_id)
-        try:
-            principal = self.caller.principal
-            await sync_to_async(usage_record_create, thread_sensitive=False)(
-                tenant=principal.tenant,
-                api_key=principal.api_key,
-                user=principal.user,
-                request_id=self.request_id,
-                channel=self.caller.entry_point.value,
-                model=self.model,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                image_tokens=usage.image_tokens,
-                image_count=len(self.images),
-                image_bytes=sum(img.original_size for img in self.images),
-                time_to_first_token_ms=ttft_ms,
-                total_latency_ms=int((now - self.started_at) * 1000),
-                status=outcome.value,
-                error_code=error_code,
-                cache_hit=self.cache_hit,
-                route_rule=self.route_rule,
-                escalated_from=self.escalated_from,
-                escalated_prompt_tokens=(self.escalated_usage or Usage()).prompt_tokens,
-                escalated_completion_tokens=(self.escalated_usage or Usage()).completion_tokens,
-            )
-            if answer is not None:
-                # Kept only when the organisation turned content logging on (checked there).
-                await sync_to_async(content_log_record, thread_sensitive=False)(
-                    tenant=principal.tenant,
-                    request_id=self.request_id,
-                    prompt=self.prompt_text,
-                    answer=answer.text,
-                )
-        except Exception:  # settlement must never turn a served answer into an error
-            logger.exception("settling request %s failed", self.request_id)
+        # Quota, usage record and content log in one thread hand-off (each hand-off is a
+        # wake-up of a thread and of the event loop on the client's critical path).
+        await sync_to_async(self._pay, thread_sensitive=False)(
+            outcome=outcome,
+            error_code=error_code,
+            answer=answer,
+            usage=usage,
+            ttft_ms=ttft_ms,
+            latency_ms=int((now - self.started_at) * 1000),
+        )
         if outcome is Outcome.OK and answer is not None and self.cache_key is not None:
             await answer_cache_store(key=self.cache_key, answer=answer)  # never raises
         completion_observe(

@@ -26,6 +26,7 @@ import logging
 import socket
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -38,6 +39,9 @@ from webplatform.uploads.errors import UploadErrorCode, upload_error
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLAMD_TIMEOUT_SECONDS = 15.0
+# Scans in flight at once per process (``scan_executor``); more wait for a thread. Below
+# clamd's own default MaxThreads (10), so one web process cannot fill clamd's queue alone.
+SCAN_THREADS = 8
 _CHUNK_SIZE = 64 * 1024
 _MAX_REPLY_BYTES = 4096
 
@@ -240,6 +244,13 @@ def image_scan(*, data: bytes, param: str | None = None) -> ScanVerdict:
             param=param,
         )
     return ScanVerdict.CLEAN
+
+
+@functools.cache
+def scan_executor() -> ThreadPoolExecutor:
+    """The threads ``image_validate`` scans in while it decodes (made on first use, in the
+    process that scans: never before a fork)."""
+    return ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="clamd-scan")
 
 
 def _client() -> ClamdClient:

@@ -7,7 +7,9 @@ Its order puts cheap checks first and lets the virus scanner see the client's by
 2. type by magic bytes: JPEG, PNG, WEBP or GIF; never the file name or a declared type;
 3. header-only open (Pillow reads headers lazily) restricted to the detected format, and the
    pixel cap on the declared dimensions, before any pixel is decoded;
-4. virus scan of the original bytes (``scanning.image_scan``);
+4. virus scan of the original bytes (``scanning.image_scan``), in a thread of its own while
+   steps 5-7 run here; nothing is returned before its verdict, and its refusal (malware,
+   or no scanner when one is required) is the error even when the decode failed too;
 5. decode of the first frame (truncated data is an error, never grey padding), at reduced
    size where the format allows and the image is larger than the model's pixel budget
    (JPEG's DCT scaling, ``Image.draft``: a 12 MP photo decodes at 1/2 or 1/4 scale);
@@ -37,6 +39,7 @@ already refused by our own check.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import hashlib
 import io
@@ -54,7 +57,7 @@ from inference.protocol import ImageRef
 from tenants.errors import ApplicationError
 from webplatform.uploads.decoding import image_size_check
 from webplatform.uploads.errors import UploadErrorCode, upload_error
-from webplatform.uploads.scanning import ScanVerdict, image_scan
+from webplatform.uploads.scanning import ScanVerdict, image_scan, scan_executor
 
 logger = logging.getLogger(__name__)
 
@@ -176,19 +179,32 @@ def image_validate(
     with image:
         original_width, original_height = image.size
         _pixels_check(image.size, max_pixels=max_pixels, param=param)
-        verdict = image_scan(data=data, param=param)
-        with _decoding(param):
-            target = budget_fit(image.size, pixel_budget)
-            if target is not None and image_type is ImageType.JPEG:
-                # Decode at the smallest DCT scale (1/2, 1/4, 1/8) still >= the target.
-                image.draft("RGB", target)
-            image.load()  # the first frame only, for animations
-            clean = _clean_rgb(image)
-            fitted = budget_fit(clean.size, pixel_budget)
-            if fitted is not None:
-                clean = clean.resize(fitted, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)
-            buffer = io.BytesIO()
-            clean.save(buffer, format="PPM")
+        # The scan (clamd, another process; a socket call that releases the GIL) runs while
+        # this thread decodes (Pillow's decoder releases it too). Nothing leaves this
+        # function before the verdict, and a scan refusal wins over a decode error, as when
+        # the scan ran first.
+        scan = scan_executor().submit(
+            contextvars.copy_context().run, image_scan, data=data, param=param
+        )
+        try:
+            with _decoding(param):
+                target = budget_fit(image.size, pixel_budget)
+                if target is not None and image_type is ImageType.JPEG:
+                    # Decode at the smallest DCT scale (1/2, 1/4, 1/8) still >= the target.
+                    image.draft("RGB", target)
+                image.load()  # the first frame only, for animations
+                clean = _clean_rgb(image)
+                fitted = budget_fit(clean.size, pixel_budget)
+                if fitted is not None:
+                    clean = clean.resize(
+                        fitted, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP
+                    )
+                buffer = io.BytesIO()
+                clean.save(buffer, format="PPM")
+        except BaseException:
+            scan.result()  # raises the scan's refusal, if any, instead of the decode error
+            raise
+        verdict = scan.result()
     encoded = buffer.getvalue()
     return ValidatedImage(
         data=encoded,

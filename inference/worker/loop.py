@@ -357,7 +357,7 @@ class Worker:
             self.observer.step(time.monotonic() - started)
             self._step_failed(exc)
             return
-        self.observer.step(time.monotonic() - started)
+        self.observer.step(time.monotonic() - started, events)
         self._step_failures = 0
         for rid, event in events:
             self._route(rid, event)
@@ -378,7 +378,9 @@ class Worker:
         for rid in list(self._inflight):
             flight = self._inflight[rid]
             self._safe_abort(rid)
-            self._route(rid, ErrorEvent.fixed(code, retryable=not flight.sent_text))
+            error = ErrorEvent.fixed(code, retryable=not flight.sent_text)
+            self.observer.event(flight.delivery.request, error)
+            self._route(rid, error)
         if self._step_failures >= self.config.max_step_failures:
             raise RuntimeError("engine failed repeatedly; stopping this worker") from exc
 
@@ -392,17 +394,21 @@ class Worker:
         flight = self._inflight.get(rid)
         if flight is None:
             return  # already finished here (e.g. failed with its batch): late engine output
-        self.observer.event(flight.delivery.request, event)
-        terminal = isinstance(event, TERMINAL_EVENTS)
-        if isinstance(event, StartEvent) and flight.skip_start:
-            return
-        if isinstance(event, ErrorEvent) and event.code in SERVER_ERRORS:
-            # The engine's wording of its own failure is for our log, not for the client.
-            if event.message != ERROR_MESSAGES[event.code]:
-                logger.warning("request %s failed: %s (%s)", rid, event.message, event.code)
-            event = ErrorEvent.fixed(event.code, retryable=event.retryable)
-        if isinstance(event, DeltaEvent) and (event.text or event.reasoning):
-            flight.sent_text = True
+        # Tested most frequent first: a step of a full batch is mostly one delta per request.
+        terminal = False
+        if isinstance(event, DeltaEvent):
+            if event.text or event.reasoning:
+                flight.sent_text = True
+        elif isinstance(event, StartEvent):
+            if flight.skip_start:
+                return
+        else:
+            terminal = True  # DoneEvent or ErrorEvent (TERMINAL_EVENTS)
+            if isinstance(event, ErrorEvent) and event.code in SERVER_ERRORS:
+                # The engine's wording of its own failure is for our log, not the client's.
+                if event.message != ERROR_MESSAGES[event.code]:
+                    logger.warning("request %s failed: %s (%s)", rid, event.message, event.code)
+                event = ErrorEvent.fixed(event.code, retryable=event.retryable)
         ack = flight.delivery.token if terminal else None
         if flight.delivery.request.stream:
             self._outbox.append(Outgoing(rid, [event], ack_token=ack))

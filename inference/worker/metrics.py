@@ -15,6 +15,15 @@ Names and meanings follow vLLM's (``vllm:num_requests_running`` ...) under the p
   requests by reason, errors by code;
 - the loop itself: wall time of each ``engine.step()``, readiness and draining.
 
+The loop's thread drives the engine, so its hooks only note what happened (the step's
+event list as the engine returned it, and one wall and one monotonic clock reading per
+hook, not per event) in a queue; the histograms, counters and request log lines are
+applied from that queue by a thread of their own (``metrics-apply``, running between the
+loop's ``ready`` and ``stopped``), usually while the engine's next step runs. A scrape
+applies whatever is still queued first, so ``/metrics`` shows every event routed before it
+began. Outside those bounds (tests driving ``Worker.run_once``, hooks called by hand) each
+hook is applied at once, on its caller's thread.
+
 Label cardinality is bounded by construction: ``model_name`` (one per worker process),
 ``finished_reason`` (``FinishReason``), ``code`` (``ErrorCode``), ``phase`` (two values),
 ``device`` and ``engine_kind`` (one per process). No tenant, request or worker id is ever a
@@ -31,9 +40,11 @@ and ``docker compose`` health checks use them.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -86,16 +97,22 @@ STEP_BUCKETS = (
 )  # fmt: skip
 
 
-@dataclass
+@dataclass(slots=True)
 class _Timing:
-    """One admitted request's clock readings (loop thread only)."""
+    """One admitted request's clock readings (touched only while applying)."""
 
-    created_at: float  # wall clock, stamped by the web side
-    admitted: float  # monotonic, from here on
+    request: InferenceRequest
+    admitted: float  # monotonic, from here on (``request.created_at`` is the web's wall)
     started: float | None = None  # StartEvent: prefill done
     last_token: float | None = None
     queue_s: float = 0.0
     ttft_s: float | None = None
+
+
+# What a hook noted for the applying thread: the method that applies it, and its arguments.
+_Noted = tuple[Callable[..., None], tuple[object, ...]]
+_STOP = object()  # tells the applying thread to return
+_STOP_TIMEOUT_S = 5.0
 
 
 class WorkerMetrics(LoopObserver):
@@ -103,6 +120,12 @@ class WorkerMetrics(LoopObserver):
 
     Each instance has its own ``CollectorRegistry`` (``registry``), so tests and the
     embedded mode can hold several without clashing in the process-wide default one.
+
+    Threads: the hooks are called from the loop's thread and only note (see the module
+    docstring); ``_timings`` and ``_unstarted`` are touched only by whoever applies, one
+    thread at a time under ``_apply_lock`` (the ``metrics-apply`` thread, or a scrape's
+    ``flush``), in the order the hooks were called. The state, the last tick and the
+    last engine statistics are plain attributes the loop's thread replaces whole.
     """
 
     def __init__(
@@ -124,6 +147,11 @@ class WorkerMetrics(LoopObserver):
         self._mono = monotonic
         self.registry = registry if registry is not None else CollectorRegistry()
         self._timings: dict[str, _Timing] = {}
+        self._unstarted = 0  # of _timings, those whose StartEvent has not come yet
+        self._noted: deque[_Noted] = deque()  # appended by the loop, popped when applied
+        self._wake: queue.SimpleQueue[object] = queue.SimpleQueue()  # never blocks a put
+        self._apply_lock = threading.Lock()
+        self._applier: threading.Thread | None = None  # only the loop's thread sets it
         self.last_stats: EngineStats | None = None  # replaced whole: read by the HTTP thread
         self.backlog = 0
         self._state = "starting"  # starting, loading, ready, draining, stopped
@@ -242,7 +270,7 @@ class WorkerMetrics(LoopObserver):
     def _tick(self) -> None:
         self._last_tick = self._mono()
 
-    # --- LoopObserver ---------------------------------------------------------------
+    # --- LoopObserver (the loop's thread: note, do not apply) -----------------------
 
     def loading(self) -> None:
         self._state = "loading"
@@ -250,6 +278,11 @@ class WorkerMetrics(LoopObserver):
     def ready(self) -> None:
         self._tick()
         self._state = "ready"
+        if self._applier is None:
+            self._applier = threading.Thread(
+                target=self._apply_until_stopped, name="metrics-apply", daemon=True
+            )
+            self._applier.start()
 
     def draining(self) -> None:
         self._tick()
@@ -257,60 +290,143 @@ class WorkerMetrics(LoopObserver):
 
     def stopped(self) -> None:
         self._state = "stopped"
-        self._timings.clear()
+        self._note(self._timings.clear)
+        applier, self._applier = self._applier, None
+        if applier is not None:
+            self._wake.put(_STOP)
+            applier.join(_STOP_TIMEOUT_S)
+            if applier.is_alive():  # stuck in a request log line: do not hang the stop
+                logger.warning("the metrics thread did not stop in %.0fs", _STOP_TIMEOUT_S)
+                return
+        self.flush()  # what came after the applying thread's last round
 
     def admitted(self, request: InferenceRequest) -> None:
-        self._tick()
-        queue_s = max(0.0, self._wall() - request.created_at)
-        self._timings[request.request_id] = _Timing(
-            created_at=request.created_at, admitted=self._mono(), queue_s=queue_s
-        )
-        self.queue_time.observe(queue_s)
+        now = self._mono()
+        self._last_tick = now
+        self._note(self._apply_admitted, request, now, self._wall())
 
     def event(self, request: InferenceRequest, event: Event) -> None:
-        timing = self._timings.get(request.request_id)
-        if timing is None:
-            return
+        self._note(self._apply_event, request.request_id, event, self._mono(), self._wall())
+
+    def finished_early(self, request: InferenceRequest, event: Event) -> None:
+        self._note(self._apply_finished_early, request, event, self._wall())
+
+    def step(self, seconds: float, events: Sequence[tuple[str, Event]] = ()) -> None:
         now = self._mono()
-        if isinstance(event, StartEvent):
-            if timing.started is None:
-                timing.started = now
-                self.prefill_time.observe(now - timing.admitted)
-            self.prompt_tokens.inc(event.prompt_tokens)
-        elif isinstance(event, DeltaEvent):
-            if event.tokens > 0:
-                self.generation_tokens.inc(event.tokens)
+        self._last_tick = now
+        self._note(self._apply_step, seconds, events, now, self._wall())
+
+    def engine_stats(self, stats: EngineStats, *, backlog: int) -> None:
+        self._tick()
+        self.backlog = backlog
+        self.last_stats = stats
+
+    def _note(self, apply: Callable[..., None], *args: object) -> None:
+        """Queue ``apply(*args)``; apply it now when no applying thread runs."""
+        self._noted.append((apply, args))
+        if self._applier is not None:
+            self._wake.put(None)
+        else:
+            self.flush()
+
+    # --- applying (one thread at a time, in the order noted) ---------------------------
+
+    def flush(self) -> None:
+        """Apply everything noted so far (on the caller's thread, after the applying
+        thread's current round)."""
+        with self._apply_lock:
+            noted = self._noted
+            while noted:
+                apply, args = noted.popleft()
+                try:
+                    apply(*args)
+                except Exception:  # a metric must never stop the loop, nor this thread
+                    logger.exception("applying worker metrics failed")
+
+    def _apply_until_stopped(self) -> None:
+        wake = self._wake
+        while True:
+            token = wake.get()
+            try:  # one round for every hook noted meanwhile, not one per hook
+                while token is not _STOP:
+                    token = wake.get_nowait()
+            except queue.Empty:
+                pass
+            self.flush()
+            if token is _STOP:
+                return
+
+    def _apply_admitted(self, request: InferenceRequest, mono: float, wall: float) -> None:
+        queue_s = max(0.0, wall - request.created_at)
+        old = self._timings.get(request.request_id)
+        if old is not None and old.started is None:
+            self._unstarted -= 1  # admitted again: the new timing replaces it
+        self._timings[request.request_id] = _Timing(request=request, admitted=mono, queue_s=queue_s)
+        self._unstarted += 1
+        self.queue_time.observe(queue_s)
+
+    def _apply_step(
+        self, seconds: float, events: Sequence[tuple[str, Event]], mono: float, wall: float
+    ) -> None:
+        # Noted before the step's events: a request not started yet was (or was waiting
+        # to be) prefilled in this step.
+        (self.step_prefill if self._unstarted else self.step_decode).observe(seconds)
+        for rid, event in events:
+            self._apply_event(rid, event, mono, wall)
+
+    def _apply_event(self, rid: str, event: Event, mono: float, wall: float) -> None:
+        timing = self._timings.get(rid)
+        if timing is None:
+            return  # not admitted here, or finished already: the loop drops it too
+        if isinstance(event, DeltaEvent):
+            tokens = event.tokens
+            if tokens > 0:
+                self.generation_tokens.inc(tokens)
                 if timing.last_token is None:
-                    timing.ttft_s = max(0.0, self._wall() - timing.created_at)
+                    timing.ttft_s = max(0.0, wall - timing.request.created_at)
                     self.ttft.observe(timing.ttft_s)
                 else:
-                    gap = (now - timing.last_token) / event.tokens
-                    for _ in range(event.tokens):
+                    gap = (mono - timing.last_token) / tokens
+                    for _ in range(tokens):
                         self.itl.observe(gap)
-                timing.last_token = now
+                timing.last_token = mono
+        elif isinstance(event, StartEvent):
+            if timing.started is None:
+                timing.started = mono
+                self._unstarted -= 1
+                self.prefill_time.observe(mono - timing.admitted)
+            self.prompt_tokens.inc(event.prompt_tokens)
         elif isinstance(event, DoneEvent):
-            del self._timings[request.request_id]
+            self._forget(rid, timing)
             self._done(event)
-            e2e = max(0.0, self._wall() - timing.created_at)
+            e2e = max(0.0, wall - timing.request.created_at)
             if event.finish_reason is not FinishReason.CANCELLED:
                 self.e2e.observe(e2e)
                 if timing.started is not None:
-                    self.decode_time.observe(now - timing.started)
-            self._summarise(request, event, timing, e2e)
+                    self.decode_time.observe(mono - timing.started)
+            self._summarise(timing.request, event, timing, e2e)
         elif isinstance(event, ErrorEvent):
-            del self._timings[request.request_id]
+            self._forget(rid, timing)
             self.errors.labels(self.model, event.code.value).inc()
-            self._summarise(request, event, timing, max(0.0, self._wall() - timing.created_at))
+            e2e = max(0.0, wall - timing.request.created_at)
+            self._summarise(timing.request, event, timing, e2e)
 
-    def finished_early(self, request: InferenceRequest, event: Event) -> None:
-        timing = self._timings.pop(request.request_id, None)
+    def _apply_finished_early(self, request: InferenceRequest, event: Event, wall: float) -> None:
+        timing = self._timings.get(request.request_id)
+        if timing is not None:
+            self._forget(request.request_id, timing)
         if isinstance(event, DoneEvent):
             self._done(event)
         elif isinstance(event, ErrorEvent):
             self.errors.labels(self.model, event.code.value).inc()
         else:
             return
-        self._summarise(request, event, timing, max(0.0, self._wall() - request.created_at))
+        self._summarise(request, event, timing, max(0.0, wall - request.created_at))
+
+    def _forget(self, rid: str, timing: _Timing) -> None:
+        del self._timings[rid]
+        if timing.started is None:
+            self._unstarted -= 1
 
     def _summarise(
         self,
@@ -349,21 +465,11 @@ class WorkerMetrics(LoopObserver):
         self.request_prompt_tokens.observe(event.usage.prompt_tokens)
         self.request_generation_tokens.observe(event.usage.completion_tokens)
 
-    def step(self, seconds: float) -> None:
-        self._tick()
-        # The loop calls this before routing the step's events: a request not started
-        # yet was (or was waiting to be) prefilled in this step.
-        prefilling = any(t.started is None for t in self._timings.values())
-        (self.step_prefill if prefilling else self.step_decode).observe(seconds)
-
-    def engine_stats(self, stats: EngineStats, *, backlog: int) -> None:
-        self._tick()
-        self.backlog = backlog
-        self.last_stats = stats
-
     # --- exposition ---------------------------------------------------------------------
 
     def exposition(self) -> bytes:
+        """The exposition text, after applying what the loop noted before this call."""
+        self.flush()
         return generate_latest(self.registry)
 
 

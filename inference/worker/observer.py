@@ -5,10 +5,13 @@ class does nothing, so the loop (and the embedded mode, which runs the same loop
 thread of the web process) needs no metrics library. ``WorkerMetrics`` implements them.
 
 Every hook is called from the loop's thread and must not raise or block: it runs between
-engine steps.
+engine steps, so a hook that has real work to do should note what it needs and do it on a
+thread of its own (``WorkerMetrics`` does).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from inference.engine.config import EngineStats
 from inference.protocol import Event, InferenceRequest
@@ -33,7 +36,9 @@ class LoopObserver:
         """``request`` was handed to the engine (called once per delivery admitted)."""
 
     def event(self, request: InferenceRequest, event: Event) -> None:
-        """The engine produced ``event`` for an admitted request (before it is routed)."""
+        """``event`` ends an admitted request without coming from ``engine.step()``: the
+        error each request of a failed step gets (before it is routed). The events of a
+        step come with ``step``."""
 
     def finished_early(self, request: InferenceRequest, event: Event) -> None:
         """``request`` ended without running to its end in the engine (cancelled or too old
@@ -41,8 +46,12 @@ class LoopObserver:
         at the drain bound); ``event`` is its terminal event. A request left pending for
         another worker to reclaim is not reported: it has not ended."""
 
-    def step(self, seconds: float) -> None:
-        """One ``engine.step()`` took ``seconds`` of wall time (raised or not)."""
+    def step(self, seconds: float, events: Sequence[tuple[str, Event]] = ()) -> None:
+        """One ``engine.step()`` took ``seconds`` of wall time (raised or not) and returned
+        ``events``, ``(request id, event)`` pairs in the engine's order, before the loop
+        routes them. Called once per step, so an observer's cost does not grow with the
+        batch; an id that is not (or no longer) admitted is late engine output the loop
+        drops. The loop does not change ``events`` afterwards: it may be kept."""
 
     def engine_stats(self, stats: EngineStats, *, backlog: int) -> None:
         """The engine's statistics at a heartbeat; ``backlog``: taken, not yet admitted."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,7 @@ from inference.worker.metrics import MetricsServer, WorkerMetrics
 from inference.worker.redis_streams import RedisWorkerTransport
 from tests.inference.fakes import (
     FakeEngine,
+    WorkerThread,
     make_request,
 )
 
@@ -242,6 +244,151 @@ def test_the_loop_feeds_counts_by_reason_and_code_without_tenant_labels(settings
     assert label_names <= {
         "model_name", "finished_reason", "code", "phase", "le", "device", "engine_kind"
     }  # fmt: skip
+
+
+def test_a_step_batch_counts_like_its_events_one_by_one():
+    clock = Clock()
+    m = WorkerMetrics(model=MODEL, wall_clock=clock.wall, monotonic=clock.mono)
+    first, second = (
+        msgspec.structs.replace(make_request(text), created_at=clock.now) for text in "ab"
+    )
+    m.admitted(first)
+    m.admitted(second)
+    clock.now += 0.5
+    m.step(0.5, [(first.request_id, StartEvent(prompt_tokens=2))])  # second still waits
+    clock.now += 0.1
+    m.step(
+        0.1,
+        [
+            ("req_unknown", DeltaEvent(text="late", tokens=1)),  # not admitted: ignored
+            (first.request_id, DeltaEvent(text="a", tokens=1)),
+            (second.request_id, StartEvent(prompt_tokens=3)),
+        ],
+    )
+    clock.now += 0.2
+    m.step(
+        0.2,
+        [
+            (first.request_id, DeltaEvent(text="bc", tokens=2)),
+            (
+                first.request_id,
+                DoneEvent(FinishReason.STOP, Usage(prompt_tokens=2, completion_tokens=3)),
+            ),
+            (second.request_id, ErrorEvent.fixed(ErrorCode.OUT_OF_MEMORY)),
+        ],
+    )
+    m.step(0.05, [(first.request_id, DeltaEvent(text="late", tokens=1))])  # finished: ignored
+
+    # Both steps before the second request's StartEvent prefilled; the last two decoded.
+    assert value(m, "inference:engine_step_duration_seconds_count", phase="prefill") == 2
+    assert value(m, "inference:engine_step_duration_seconds_count", phase="decode") == 2
+    assert value(m, "inference:prompt_tokens_total") == 5
+    assert value(m, "inference:generation_tokens_total") == 3
+    assert value(m, "inference:request_prefill_time_seconds_sum") == pytest.approx(0.5 + 0.6)
+    assert value(m, "inference:time_to_first_token_seconds_sum") == pytest.approx(0.6)
+    assert value(m, "inference:inter_token_latency_seconds_count") == 2
+    assert value(m, "inference:inter_token_latency_seconds_sum") == pytest.approx(0.2)
+    assert value(m, "inference:e2e_request_latency_seconds_sum") == pytest.approx(0.8)
+    assert value(m, "inference:request_decode_time_seconds_sum") == pytest.approx(0.3)
+    assert value(m, "inference:request_success_total", finished_reason="stop") == 1
+    assert value(m, "inference:request_errors_total", code="out_of_memory") == 1
+
+
+def test_while_the_loop_serves_the_metrics_are_applied_off_its_thread_and_a_scrape_sees_all():
+    streams, steps = 32, 50
+    finished = threading.Event()
+    log_threads: set[int] = set()
+
+    def on_finished(summary) -> None:
+        log_threads.add(threading.get_ident())
+        if summary.request_id == requests[-1].request_id:
+            finished.set()
+
+    m = WorkerMetrics(model=MODEL, on_finished=on_finished)
+    requests = [make_request(f"q{i}") for i in range(streams)]
+    m.ready()  # the loop joined the queue: from here on the hooks only note
+    try:
+        for request in requests:
+            m.admitted(request)
+        m.step(0.005, [(q.request_id, StartEvent(prompt_tokens=1)) for q in requests])
+        for _ in range(steps):
+            m.step(0.005, [(q.request_id, DeltaEvent(text="x", tokens=1)) for q in requests])
+        # Scraped at once, whatever the metrics thread applied by now: every step is in it.
+        assert value(m, "inference:generation_tokens_total") == streams * steps
+        assert value(m, "inference:inter_token_latency_seconds_count") == streams * (steps - 1)
+        assert value(m, "inference:time_to_first_token_seconds_count") == streams
+        step_count = "inference:engine_step_duration_seconds_count"
+        assert value(m, step_count, phase="prefill") + value(m, step_count, phase="decode") == (
+            steps + 1
+        )
+        # Without a scrape, the metrics thread applies (and logs) what the loop noted.
+        done = [
+            (
+                q.request_id,
+                DoneEvent(FinishReason.LENGTH, Usage(prompt_tokens=1, completion_tokens=steps)),
+            )
+            for q in requests
+        ]
+        m.step(0.005, done)
+        assert finished.wait(5.0), "the noted steps were not applied"
+        assert log_threads and threading.get_ident() not in log_threads
+    finally:
+        m.stopped()
+    assert value(m, "inference:request_success_total", finished_reason="length") == streams
+    assert value(m, "inference:request_generation_tokens_sum") == streams * steps
+    assert not any(t.name == "metrics-apply" for t in threading.enumerate())
+
+
+@pytest.mark.redis
+def test_the_threaded_loop_feeds_exact_counts_from_the_metrics_thread(settings_):
+    r = redis.Redis.from_url(settings_.redis_url)
+    keys = KeySpace(settings_.key_prefix)
+    good = [make_request(f"question {i}", max_tokens=4) for i in range(3)]
+    bad = make_request("FAIL_REQUEST now")  # an error event out of the engine's step
+    all_logged = threading.Event()
+    logged: list[tuple[str, str]] = []  # (request id, thread name)
+
+    def on_finished(summary) -> None:
+        logged.append((summary.request_id, threading.current_thread().name))
+        if len(logged) == 4:
+            all_logged.set()
+
+    metrics = WorkerMetrics(model=MODEL, on_finished=on_finished)
+    transport = RedisWorkerTransport.from_url(
+        settings_.redis_url, settings=settings_, model=MODEL, worker_id="w1"
+    )
+    engine = FakeEngine(max_batch_size=4, step_delay_s=0.002)
+    worker = Worker(
+        engine=engine,
+        transport=transport,
+        config=WorkerConfig(model=MODEL, worker_id="w1", idle_block_ms=10),
+        observer=metrics,
+    )
+    thread = WorkerThread(worker)
+    try:
+        transport.setup()
+        for request in [*good, bad]:
+            r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(request)})
+        thread.start()
+        assert all_logged.wait(10.0), "not every request was logged"
+    finally:
+        thread.stop()
+        transport.close()
+        r.close()
+
+    assert {rid for rid, _ in logged} == {q.request_id for q in [*good, bad]}
+    assert {name for _, name in logged} == {"metrics-apply"}  # not the engine's thread
+    assert value(metrics, "inference:request_success_total", finished_reason="length") == 3
+    assert value(metrics, "inference:request_errors_total", code="invalid_request") == 1
+    assert value(metrics, "inference:generation_tokens_total") == 12
+    assert value(metrics, "inference:time_to_first_token_seconds_count") == 3
+    assert value(metrics, "inference:inter_token_latency_seconds_count") == 9
+    assert value(metrics, "inference:request_queue_time_seconds_count") == 4
+    steps = sum(
+        value(metrics, "inference:engine_step_duration_seconds_count", phase=phase)
+        for phase in ("prefill", "decode")
+    )
+    assert steps == engine.steps
 
 
 def test_an_error_event_from_the_engine_counts_once_by_its_code():

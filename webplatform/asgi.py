@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from webplatform.api.body_cap import caller_body_cap  # noqa: E402
 from webplatform.asgi_limits import BodyLimits  # noqa: E402
 from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
 from webplatform.chat.security import websocket_stack  # noqa: E402
@@ -34,8 +35,9 @@ _preload_embedded_models()
 
 application = ProtocolTypeRouter(
     {
-        # Bodies bounded in size and time before Django buffers them (asgi_limits.py).
-        "http": BodyLimits(django_asgi_app),
+        # Bodies bounded in size and time before Django buffers them (asgi_limits.py), in
+        # size by the caller's plan where the route's cap depends on it (api/body_cap.py).
+        "http": BodyLimits(django_asgi_app, caller_cap=caller_body_cap),
         "websocket": websocket_stack(URLRouter(websocket_urlpatterns)),
     }
 )

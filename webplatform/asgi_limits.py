@@ -5,25 +5,29 @@ before any middleware or view runs, with no size limit and no deadline, and uvic
 setting for either: a client could send 1 GB, or keep a half-sent body open forever, each
 holding a connection and a task. ``BodyLimits`` wraps the HTTP application:
 
-- a declared ``Content-Length`` above ``max_bytes`` is answered 413 at once, nothing read;
-- a body (chunked or not) that grows past ``max_bytes`` is cut there: 413;
+- a declared ``Content-Length`` above the cap is answered 413 at once, nothing read;
+- a body (chunked or not) that grows past the cap is cut there: 413;
 - a body that takes longer than ``total_s`` from the headers, or pauses longer than
   ``idle_s`` between two chunks, is cut: 408.
 
-Either way the answer carries ``Connection: close`` and the connection ends; under ``/v1/``
-the body is the OpenAI error object, elsewhere plain text. Django saw a client that went
-away (``RequestAborted``), so no view ran. ``max_bytes`` is ``REQUEST_BODY_MAX_BYTES``,
-at least the largest plan's chat body; the chat view then applies the caller's own plan
-cap (``webplatform.api.chat_completions``). The header deadline is the server's
-(``webplatform.server``): a request is not an ASGI request until its headers are complete.
+The cap is ``max_bytes`` (``REQUEST_BODY_MAX_BYTES``, at least the largest plan's chat
+body), or the caller's own where ``caller_cap`` knows a smaller one: for
+``POST /v1/chat/completions`` the plan's (``webplatform.api.body_cap``), looked up from the
+API key before the body is read when the body may exceed the smallest plan's cap. Either
+way the answer carries ``Connection: close`` and the connection ends; under ``/v1/`` the
+body is the OpenAI error object, elsewhere plain text. Django saw a client that went away
+(``RequestAborted``), so no view ran. The chat view checks the plan cap again (a body under
+it passes unchanged). The header deadline is the server's (``webplatform.server``): a
+request is not an ASGI request until its headers are complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from asgiref.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from django.conf import settings
@@ -42,6 +46,30 @@ _ERRORS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class CallerRefusal:
+    """How a 413 at a caller's own cap reads: its message, and headers to add."""
+
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class CallerCap(Protocol):
+    """A cap on one request's body narrower than ``max_bytes``, from who is calling."""
+
+    @property
+    def limit(self) -> int: ...
+
+    async def refused(self, *, size: int | None) -> CallerRefusal:
+        """Called once when the body is refused at ``limit`` (``size``: the declared
+        length, None when the body grew past it)."""
+        ...
+
+
+# The caller's cap for a request (its scope and declared Content-Length), or None.
+CallerCapLookup = Callable[[Scope, int | None], Awaitable[CallerCap | None]]
+
+
 def _declared_length(scope: Scope) -> int | None:
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", [])  # type: ignore[assignment]
     for name, value in headers:
@@ -53,8 +81,16 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def send_refusal(send: ASGISendCallable, *, status: int, path: str) -> None:
-    code, message = _ERRORS[status]
+async def send_refusal(
+    send: ASGISendCallable,
+    *,
+    status: int,
+    path: str,
+    message: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    code, default_message = _ERRORS[status]
+    message = message or default_message
     if path.startswith("/v1/"):
         body = json.dumps(
             {
@@ -77,6 +113,7 @@ async def send_refusal(send: ASGISendCallable, *, status: int, path: str) -> Non
                 (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                *headers,
             ],
             "trailers": False,
         }
@@ -94,11 +131,15 @@ class BodyLimits:
         max_bytes: int | None = None,
         total_s: float | None = None,
         idle_s: float | None = None,
+        caller_cap: CallerCapLookup | None = None,
     ) -> None:
         """Each limit not given is read from its setting at every request
         (``REQUEST_BODY_MAX_BYTES``, ``REQUEST_BODY_TIMEOUT_SECONDS``,
-        ``REQUEST_BODY_IDLE_SECONDS``)."""
+        ``REQUEST_BODY_IDLE_SECONDS``). ``caller_cap`` is awaited for every request
+        declaring at most ``max_bytes``, before its body is read: keep it cheap where the
+        caller cannot matter."""
         self.app = app
+        self._caller_cap = caller_cap
         self._max_bytes = max_bytes
         self._total_s = total_s
         self._idle_s = idle_s
@@ -116,6 +157,23 @@ class BodyLimits:
         declared = _declared_length(scope)
         if declared is not None and declared > max_bytes:
             await send_refusal(send, status=413, path=path)
+            return
+        caller = await self._caller_cap(scope, declared) if self._caller_cap else None
+        if caller is not None and caller.limit >= max_bytes:
+            caller = None
+        limit = max_bytes if caller is None else caller.limit
+
+        async def refuse_too_large(size: int | None) -> None:
+            if caller is None:
+                await send_refusal(send, status=413, path=path)
+                return
+            refusal = await caller.refused(size=size)
+            await send_refusal(
+                send, status=413, path=path, message=refusal.message, headers=refusal.headers
+            )
+
+        if declared is not None and declared > limit:
+            await refuse_too_large(declared)
             return
 
         loop = asyncio.get_running_loop()
@@ -137,7 +195,7 @@ class BodyLimits:
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > max_bytes:
+                if received > limit:
                     cut = 413
                     return {"type": "http.disconnect"}
                 body_done = not message.get("more_body", False)
@@ -150,5 +208,7 @@ class BodyLimits:
             await send(message)
 
         await self.app(scope, limited_receive, tracking_send)
-        if cut is not None and not started:
+        if cut == 413 and not started:
+            await refuse_too_large(None)
+        elif cut is not None and not started:
             await send_refusal(send, status=cut, path=path)

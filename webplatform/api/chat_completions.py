@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
@@ -25,9 +24,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.errors import ApplicationError
-from tenants.principals import ApiPrincipal
 from webplatform.api import openai_wire
 from webplatform.api.base import AuthenticatedApiView, principal_of
+from webplatform.api.body_cap import principal_body_cap
 from webplatform.api.request_body import json_body_read
 from webplatform.api.schema import error_responses
 from webplatform.completions.answer import Answer, AnswerEvent
@@ -51,24 +50,11 @@ STREAM_ERROR = ApplicationError(
 )
 
 
-def _body_limit(principal: ApiPrincipal) -> int:
-    """The largest request body this caller may send, text and images counted apart: the
-    text at its cap (``CHAT_MAX_TEXT_CHARS``, each character at its longest JSON escape,
-    plus room for the JSON around it) and the plan's images at their largest, base64-encoded.
-    Django's global ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default) is far below one
-    allowed image, so this view applies its own; the ASGI layer's ``REQUEST_BODY_MAX_BYTES``
-    bounds what is buffered before any view runs."""
-    per_image = math.ceil(principal.limits.max_image_bytes / 3) * 4 + 1024
-    text_bytes = 6 * settings.CHAT_MAX_TEXT_CHARS + 64 * 1024
-    return max(
-        settings.IMAGE_MAX_PER_REQUEST * per_image + text_bytes,
-        settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0,
-    )
-
-
 def _request_body(request: Request, *, limit: int) -> Any:
     """The JSON body, read with the caller's own size limit (413 ``request_too_large``),
-    parsed strictly (``webplatform.api.request_body``)."""
+    parsed strictly (``webplatform.api.request_body``). ``BodyLimits`` has applied the same
+    limit while the body streamed in (``webplatform.api.body_cap``); checked again here for
+    a caller it could not look up then."""
     media_type = request.content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise exceptions.UnsupportedMediaType(media_type or "(none)")
@@ -84,7 +70,7 @@ def _no_store(cache_control: str) -> bool:
 def _parse_input(request: Request) -> ChatCompletionInput:
     principal = principal_of(request)
     serializer = ChatCompletionRequestSerializer(
-        data=_request_body(request, limit=_body_limit(principal))
+        data=_request_body(request, limit=principal_body_cap(principal))
     )
     if not serializer.is_valid():
         raise chat_request_error(serializer.errors)

@@ -218,6 +218,9 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True):
     step_ms_p99: float | None = None
     compiled_batch_sizes: tuple[int, ...] = ()  # decode buckets running compiled code
     compile_error: str | None = None  # why compiling failed (every bucket then eager)
+    # The worker holds a subscription to its presence channel (``KeySpace.presence``) while
+    # its process lives; False from a worker that does not (an older one).
+    presence: bool = False
 
     @property
     def batch_occupancy(self) -> float:
@@ -268,3 +271,26 @@ class KeySpace(msgspec.Struct, frozen=True):
     def registry(self, model: str) -> str:
         """ZSET of the model's worker ids scored by last heartbeat (unix seconds)."""
         return f"{self.prefix}:{model}:workers"
+
+    def presence(self, model: str, worker_id: str) -> str:
+        """A pub/sub channel (not a key) the worker stays subscribed to while its process
+        lives: Redis drops the subscription the moment the worker's connection closes, so
+        ``PUBSUB NUMSUB`` of it turns 0 at a crash, not a heartbeat TTL later."""
+        return f"{self.prefix}:{model}:presence:{worker_id}"
+
+
+class Liveness(enum.Enum):
+    """What the web side and the other workers make of one registered worker."""
+
+    LIVE = "live"  # its heartbeat is fresh and (if it declares one) its presence is held
+    GONE = "gone"  # its process is gone: its presence connection closed, or nothing is left
+    SILENT = "silent"  # connected but no heartbeat for a TTL: stuck, or only late
+
+
+def worker_liveness(beat: WorkerHeartbeat | None, subscribers: int) -> Liveness:
+    """One worker's state from its heartbeat key (None: expired) and the subscriber count of
+    its presence channel. A closed connection is proof of a dead process (Redis unsubscribes
+    it at once); a missing heartbeat alone may be a late one, hence ``SILENT``."""
+    if beat is not None:
+        return Liveness.LIVE if subscribers > 0 or not beat.presence else Liveness.GONE
+    return Liveness.SILENT if subscribers > 0 else Liveness.GONE

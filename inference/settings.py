@@ -44,3 +44,11 @@ class InferenceSettings:
     def heartbeat_ttl_s(self) -> float:
         # Three missed beats before a worker counts as dead.
         return max(3 * self.heartbeat_s, 1.0)
+
+    @property
+    def presence_grace_s(self) -> float:
+        # A worker checks its presence subscription with every heartbeat and takes it again
+        # at once when Redis lost it (a dropped connection, a failover): one found gone is
+        # acted on (its requests taken, a waiting client told) only if it stays gone this
+        # long. Routing counts it out at once.
+        return 1.5 * self.heartbeat_s

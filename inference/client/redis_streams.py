@@ -6,8 +6,9 @@
   a reader that starts late (or reconnects) misses nothing the stream still holds.
 - ``cancel`` sets ``{prefix}:cancel:{request_id}`` with a TTL; the worker checks it each
   step for its running requests and before starting a queued one.
-- ``model_health`` reads the worker registry (a ZSET) and each worker's heartbeat key, and
-  the group's lag / pending counts from ``XINFO GROUPS``, in one script, and keeps the
+- ``model_health`` reads the worker registry (a ZSET), each worker's heartbeat key and
+  presence subscription, and the group's lag / pending counts from ``XINFO GROUPS``, in
+  one script, and keeps the
   answer for ``health_cache_s`` (a quarter second by default, the heartbeat interval), so
   routing costs a round trip per model and process a few times a second, not per request.
 - ``put_image`` only stages the bytes in this process; ``submit`` sends the staged images
@@ -25,12 +26,16 @@ Faults (docs/reliability.md):
   and the enqueue, a script that adds the entry only once per request id (a marker key
   ``{prefix}:submitted:{request_id}``), so a retry after a lost reply never runs a request
   twice. A broker outage raises ``redis.ConnectionError`` / ``redis.TimeoutError``.
-- A request whose model has no live worker left while it waits (every worker crashed; a
-  worker is live while its heartbeat key, renewed every ``heartbeat_s`` with a TTL of
-  ``heartbeat_ttl_s``, exists) ends with a retryable ``worker_lost`` error once none has
-  been live for one more TTL (about two seconds after the crash with the defaults), instead
-  of waiting out the request timeout. While another worker is live it waits: that worker
-  takes a dead one's requests over.
+- A request whose model has no live worker left while it waits ends with a retryable
+  ``worker_lost`` error instead of waiting out the request timeout. A worker is live while
+  its heartbeat key (renewed every ``heartbeat_s``, TTL ``heartbeat_ttl_s``) exists and its
+  presence subscription is held (``inference.protocol.worker_liveness``). Every worker
+  gone (a crash closes its connection, and Redis drops the subscription at once): given up
+  once they stayed gone ``presence_grace_s`` (a live worker whose connection dropped
+  subscribes again within a beat), well under a second after the crash. A worker still
+  connected but silent (heartbeat expired: stuck, or late): given up once it stayed so for
+  one more TTL. While another worker is live it waits: that
+  worker takes a dead one's requests over.
 
 Two ``redis.asyncio.Redis`` per event loop (a connection belongs to the loop that opened
 it, and Django runs sync views' async calls in short-lived loops of their own): one for
@@ -70,9 +75,12 @@ from inference.protocol import (
     ImageRef,
     InferenceRequest,
     KeySpace,
+    Liveness,
+    WorkerHeartbeat,
     decode_event,
     decode_heartbeat,
     encode,
+    worker_liveness,
 )
 from inference.settings import InferenceSettings
 
@@ -80,7 +88,9 @@ logger = logging.getLogger(__name__)
 
 # Longest single XREAD block: short enough to notice the overall timeout, and a model left
 # without a live worker, promptly.
-_READ_BLOCK_MS = 500
+_READ_BLOCK_MS = 250
+# How long the workers' states read for one waiting request serve the others of the process.
+_LIVENESS_CACHE_S = 0.1
 _READ_COUNT = 256
 # Retries on connection errors: 20 ms, 40 ms... with jitter, at most 250 ms apart.
 _RETRY_BASE_S = 0.02
@@ -102,26 +112,43 @@ end
 return false
 """
 
-# A model's health in one round trip: KEYS[1] the worker registry, KEYS[2] the request
-# stream; ARGV[1] the heartbeat keys' prefix (``KeySpace.heartbeat`` less the worker id;
-# keys built in the script, so this needs a single Redis, not a cluster), ARGV[2] the
-# consumer group. Forgets workers whose heartbeat expired. Returns
-# ``{waiting, pending, heartbeats...}``.
-_HEALTH_LUA = """
-local beats = {}
-local dead = {}
+# Each registered worker's heartbeat and presence, as the pairs ``beat (or false),
+# subscribers`` after the reply's first ``n`` items; workers with neither (gone, or never
+# seen) are dropped from the registry. KEYS[1] the worker registry; ARGV[1] the heartbeat
+# keys' prefix and ARGV[2] the presence channels' prefix (``KeySpace.heartbeat`` /
+# ``presence`` less the worker id; keys built in the script, so this needs a single Redis,
+# not a cluster).
+_WORKERS_LUA = """
+local workers = {}
+local gone = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local beat = redis.call('GET', ARGV[1] .. id)
-  if beat then beats[#beats + 1] = beat else dead[#dead + 1] = id end
+  local subscribers = redis.call('PUBSUB', 'NUMSUB', ARGV[2] .. id)[2]
+  if beat or subscribers > 0 then
+    workers[#workers + 1] = beat
+    workers[#workers + 1] = subscribers
+  else
+    gone[#gone + 1] = id
+  end
 end
-if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+"""
+
+_LIVENESS_LUA = _WORKERS_LUA + "return workers\n"
+
+# A model's health in one round trip: the workers as above, then KEYS[2] the request
+# stream and ARGV[3] the consumer group. Returns ``{waiting, pending, beat, subscribers,
+# ...}``.
+_HEALTH_LUA = (
+    _WORKERS_LUA
+    + """
 local waiting, pending = 0, 0
 if redis.call('EXISTS', KEYS[2]) == 1 then
   waiting = redis.call('XLEN', KEYS[2])
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
     local fields = {}
     for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
-    if fields['name'] == ARGV[2] then
+    if fields['name'] == ARGV[3] then
       pending = fields['pending']
       -- No lag when Redis cannot compute it (entries deleted past the group's position):
       -- finished entries are deleted, so the stream holds waiting + pending.
@@ -130,9 +157,10 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   end
 end
 local reply = {waiting, pending}
-for _, beat in ipairs(beats) do reply[#reply + 1] = beat end
+for _, item in ipairs(workers) do reply[#reply + 1] = item end
 return reply
 """
+)
 
 # A staged image nobody submitted (its request was abandoned before its stream) is dropped
 # after this long.
@@ -157,6 +185,7 @@ class _LoopClients:
     blocking: aioredis.Redis  # XREAD with BLOCK
     submit_script: AsyncScript
     health_script: AsyncScript
+    liveness_script: AsyncScript
 
 
 class RedisStreamsClient(InferenceClient):
@@ -174,8 +203,9 @@ class RedisStreamsClient(InferenceClient):
         # A lock, not the event loop, guards it: the client serves several loops (threads).
         self._staged: dict[tuple[str, str], _Staged] = {}
         self._staged_lock = threading.Lock()
-        # model -> (monotonic time it was read, its health)
+        # model -> (monotonic time it was read, its health / its workers' states)
         self._health: dict[str, tuple[float, ModelHealth]] = {}
+        self._liveness_cache: dict[str, tuple[float, set[Liveness]]] = {}
 
     def _connect(self, *, socket_timeout_s: float) -> aioredis.Redis:
         s = self.settings
@@ -202,6 +232,7 @@ class RedisStreamsClient(InferenceClient):
                 blocking=self._connect(socket_timeout_s=timeout + _READ_BLOCK_MS / 1000),
                 submit_script=commands.register_script(_SUBMIT_LUA),
                 health_script=commands.register_script(_HEALTH_LUA),
+                liveness_script=commands.register_script(_LIVENESS_LUA),
             )
             self._clients[loop] = clients
         return clients
@@ -298,12 +329,15 @@ class RedisStreamsClient(InferenceClient):
         last_id: bytes | str = after
         clients = self._loop_clients()
         client = clients.blocking
-        # When a wait with nothing new first found no live worker of ``model``: a worker
-        # counts as dead only if it stays without a heartbeat for one more TTL, so a worker
-        # whose beat is late (a long engine step, a starved CPU) is not given up.
+        # Since when a wait with nothing new found no live worker of ``model``. Workers all
+        # gone (connections closed) are given up once they stay so ``presence_grace_s`` (a
+        # live worker whose connection dropped subscribes again within a beat); a silent
+        # one (connected, heartbeat expired) once it stays so one more TTL, so a worker whose
+        # beat is late (a long step, a starved CPU) is not given up.
         none_live_since: float | None = None
         while True:
-            remaining_ms = int((deadline - loop.time()) * 1000)
+            now = loop.time()
+            remaining_ms = int((deadline - now) * 1000)
             if remaining_ms <= 0:
                 yield ErrorEvent(
                     ErrorCode.TIMEOUT,
@@ -311,23 +345,34 @@ class RedisStreamsClient(InferenceClient):
                     retryable=True,
                 )
                 return
-            resp = await client.xread(
-                {key: last_id}, count=_READ_COUNT, block=min(remaining_ms, _READ_BLOCK_MS)
-            )
+            block_ms = min(remaining_ms, _READ_BLOCK_MS)
+            if none_live_since is not None:  # look again as soon as the grace is over
+                grace_end = none_live_since + self.settings.presence_grace_s
+                block_ms = max(1, min(block_ms, int((grace_end - now) * 1000) + 1))
+            resp = await client.xread({key: last_id}, count=_READ_COUNT, block=block_ms)
             entries = _xread_entries(resp)
             if entries or model is None:
                 none_live_since = None
-            elif await self._live_workers(clients.commands, model) > 0:
-                none_live_since = None
-            elif none_live_since is None:
-                none_live_since = loop.time()
-            elif loop.time() - none_live_since >= self.settings.heartbeat_ttl_s:
-                yield ErrorEvent(
-                    ErrorCode.WORKER_LOST,
-                    f"No worker of the model '{model}' is serving any more; retry shortly.",
-                    retryable=True,
-                )
-                return
+            else:
+                states = await self._liveness(clients, model)
+                now = loop.time()
+                if Liveness.LIVE in states:
+                    none_live_since = None
+                elif none_live_since is None:
+                    none_live_since = now
+                else:
+                    grace = (
+                        self.settings.heartbeat_ttl_s
+                        if Liveness.SILENT in states
+                        else self.settings.presence_grace_s
+                    )
+                    if now - none_live_since >= grace:
+                        yield ErrorEvent(
+                            ErrorCode.WORKER_LOST,
+                            f"No worker of the model '{model}' is serving any more; retry shortly.",
+                            retryable=True,
+                        )
+                        return
             for entry_id, fields in entries:
                 last_id = entry_id
                 try:
@@ -358,25 +403,33 @@ class RedisStreamsClient(InferenceClient):
             return cached[1]
         reply = await self._loop_clients().health_script(
             keys=[self.keys.registry(model), self.keys.requests(model)],
-            args=[self.keys.heartbeat(model, ""), GROUP],
+            args=[self.keys.heartbeat(model, ""), self.keys.presence(model, ""), GROUP],
         )
-        waiting, pending, *beats = cast("list[Any]", reply)
+        waiting, pending, *workers = cast("list[Any]", reply)
         health = model_health_from_heartbeats(
             model,
-            [decode_heartbeat(_raw(beat)) for beat in beats],
+            [beat for beat, state in _workers(workers) if state is Liveness.LIVE and beat],
             waiting=int(waiting),
             pending=int(pending),
         )
         self._health[model] = (now, health)
+        self._liveness_cache[model] = (now, {state for _beat, state in _workers(workers)})
         return health
 
-    async def _live_workers(self, client: aioredis.Redis, model: str) -> int:
-        """How many of ``model``'s registered workers still hold their heartbeat key."""
-        worker_ids = [_text(w) for w in await client.zrange(self.keys.registry(model), 0, -1)]
-        if not worker_ids:
-            return 0
-        raw = await client.mget([self.keys.heartbeat(model, w) for w in worker_ids])
-        return sum(value is not None for value in raw)
+    async def _liveness(self, clients: _LoopClients, model: str) -> set[Liveness]:
+        """The states of ``model``'s registered workers, read at most every
+        ``_LIVENESS_CACHE_S`` per process: every request waiting on the model shares it."""
+        now = time.monotonic()
+        cached = self._liveness_cache.get(model)
+        if cached is not None and now - cached[0] < _LIVENESS_CACHE_S:
+            return cached[1]
+        reply = await clients.liveness_script(
+            keys=[self.keys.registry(model)],
+            args=[self.keys.heartbeat(model, ""), self.keys.presence(model, "")],
+        )
+        states = {state for _beat, state in _workers(cast("list[Any]", reply))}
+        self._liveness_cache[model] = (now, states)
+        return states
 
     async def aclose(self) -> None:
         """Close the connection pools of the current loop (tests; shutdown)."""
@@ -401,6 +454,15 @@ def _xread_entries(reply: XReadResponse) -> list[tuple[bytes, dict[bytes, bytes]
     """
     pairs = cast("list[list[Any]]", reply)
     return [entry for _stream, entries in pairs or [] for entry in entries]
+
+
+def _workers(items: list[Any]) -> list[tuple[WorkerHeartbeat | None, Liveness]]:
+    """The ``beat, subscribers`` pairs of the workers scripts, decoded and judged."""
+    judged: list[tuple[WorkerHeartbeat | None, Liveness]] = []
+    for raw, subscribers in zip(items[::2], items[1::2], strict=True):
+        beat = None if raw is None else decode_heartbeat(_raw(raw))
+        judged.append((beat, worker_liveness(beat, int(subscribers))))
+    return judged
 
 
 def _text(value: object) -> str:

@@ -9,12 +9,19 @@ half is ``inference.client.redis_streams``. What this side adds:
   after that event.
 - A reply stream's TTL is set at its first write, refreshed every quarter of the reply TTL
   and set again with its terminal event, not at every token.
-- Reclaiming: a pending entry is taken over only when its consumer's heartbeat key has
-  expired (the worker is dead) *and* it has been idle longer than the claim timeout. The
-  liveness check matters: a long generation keeps its entry idle for minutes while its
-  worker is healthy, and ``XAUTOCLAIM`` alone would hand it to a second worker.
-  ``XCLAIM`` with the same min-idle time makes concurrent claimers safe (the first resets
-  the idle time, so the others skip the entry).
+- Liveness: besides its heartbeat key, a worker holds a pub/sub subscription to its
+  presence channel (``KeySpace.presence``) on a connection of its own. The kernel closes a
+  killed process's sockets and Redis drops the subscription at once, so ``PUBSUB NUMSUB``
+  tells a crash within milliseconds, where the heartbeat key lives on for its TTL; a stuck
+  process (connected, no heartbeat) is told by the key's expiry
+  (``inference.protocol.worker_liveness``).
+- Reclaiming: a pending entry is taken over only when its consumer is not live: gone (its
+  presence connection closed, and still so ``presence_grace_s`` later) or silent (its heartbeat key expired while still
+  connected: once the entry was idle longer than the claim timeout). The liveness check
+  matters: a long generation keeps its entry idle for minutes while its worker is healthy,
+  and ``XAUTOCLAIM`` alone would hand it to a second worker. ``XCLAIM`` with a min-idle
+  time makes concurrent claimers safe (the first resets the idle time, so the others skip
+  the entry).
 - The delivery count (``times_delivered`` from ``XPENDING``) tells poison requests apart.
 """
 
@@ -27,6 +34,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
+from redis.client import PubSub
 from redis.typing import XClaimResponse, XReadGroupResponse
 
 from inference.protocol import (
@@ -35,12 +43,15 @@ from inference.protocol import (
     REQUEST_FIELD,
     TERMINAL_EVENTS,
     KeySpace,
+    Liveness,
     StartEvent,
     WorkerHeartbeat,
     decode_event,
+    decode_heartbeat,
     decode_request,
     encode,
     encode_heartbeat,
+    worker_liveness,
 )
 from inference.settings import InferenceSettings
 from inference.worker.transport import (
@@ -56,7 +67,10 @@ _CLAIM_BATCH = 16
 # A dead consumer with nothing pending is removed from the group after this long.
 _FORGET_CONSUMER_AFTER_MS = 10 * 60 * 1000
 _REGISTRY_TTL_S = 24 * 3600  # a model nobody serves any more leaves no registry behind
-_TTL_MEMORY = 10_000  # replies whose TTL time is remembered before the old ones are dropped
+_TTL_MEMORY = 10_000
+# The idle time a claim asks of a gone worker's entries: XCLAIM with a min-idle time is what
+# keeps two workers claiming at once from both taking an entry (the first resets it).
+_GONE_CLAIM_IDLE_MS = 100  # replies whose TTL time is remembered before the old ones are dropped
 
 _T = TypeVar("_T")
 
@@ -100,6 +114,9 @@ class RedisWorkerTransport:
         self._worker_id = worker_id
         self._stream = self._keys.requests(model)
         self._ttl_set: dict[str, float] = {}  # reply key -> when publish last set its TTL
+        self._presence_channel = self._keys.presence(model, worker_id)
+        self._presence: PubSub | None = None  # held from the first heartbeat on
+        self._gone_seen: dict[str, float] = {}  # consumer -> when a claim pass first saw it gone
 
     @classmethod
     def from_url(
@@ -149,14 +166,34 @@ class RedisWorkerTransport:
         names = [_text(c["name"]) for c in others]
         pipe = self._r.pipeline(transaction=False)
         for name in names:
-            pipe.exists(self._keys.heartbeat(self._model, name))
-        alive = pipe.execute()
-        min_idle = self._settings.claim_idle_ms
+            pipe.get(self._keys.heartbeat(self._model, name))
+            pipe.pubsub_numsub(self._keys.presence(self._model, name))
+        replies = pipe.execute()
+        beats = [_beat_or_none(beat) for beat in replies[::2]]
+        states = [
+            worker_liveness(beat, int(numsub[0][1]) if numsub else 0)
+            for beat, numsub in zip(beats, replies[1::2], strict=True)
+        ]
+        now = time.monotonic()
+        gone_seen, self._gone_seen = self._gone_seen, {}
         claimed: list[Delivery] = []
-        for consumer, name, is_alive in zip(others, names, alive, strict=True):
-            if is_alive and name != self._worker_id:
-                continue
+        for consumer, name, beat, state in zip(others, names, beats, states, strict=True):
             own = name == self._worker_id
+            if state is Liveness.LIVE and not own:
+                continue
+            if state is Liveness.GONE and beat is not None and not own:
+                # Its connection closed while its heartbeat lasts: claimed once still gone
+                # ``presence_grace_s`` later (a live worker that lost its subscription takes
+                # it again within a beat). Without heartbeat either, it is gone for good.
+                self._gone_seen[name] = first = gone_seen.get(name, now)
+                if now - first < self._settings.presence_grace_s:
+                    continue
+            # A closed presence connection proves the process is gone: its requests are
+            # taken at once (a short idle keeps concurrent claimers apart). Only a silent
+            # worker (connected, no heartbeat: stuck, or late) waits out the claim timeout.
+            min_idle = (
+                self._settings.claim_idle_ms if state is Liveness.SILENT else _GONE_CLAIM_IDLE_MS
+            )
             if consumer["pending"] == 0:
                 if not own and consumer["idle"] > _FORGET_CONSUMER_AFTER_MS:
                     self._r.xgroup_delconsumer(self._stream, GROUP, name)
@@ -278,15 +315,55 @@ class RedisWorkerTransport:
             self._ttl_set = {k: t for k, t in self._ttl_set.items() if now - t < refresh_s}
 
     def heartbeat(self, beat: WorkerHeartbeat) -> None:
+        """Write the heartbeat key (TTL ``heartbeat_ttl_s``) and the registry, and hold the
+        presence subscription: subscribed before the first beat that declares it, checked
+        (``PUBSUB NUMSUB``) with every beat and taken again at once if Redis lost it (a
+        restart, a dropped connection)."""
+
+        def run() -> None:
+            if self._presence is None:
+                self._subscribe_presence()
+            subscribers = self._beat_pipeline(beat)
+            if subscribers == 0:  # the subscription's connection was lost: take it again
+                logger.warning("presence subscription lost; subscribing again")
+                self._subscribe_presence()
+                self._beat_pipeline(beat)
+
+        _redis_call(run)
+
+    def _beat_pipeline(self, beat: WorkerHeartbeat) -> int:
         registry = self._keys.registry(self._model)
         ttl_ms = int(self._settings.heartbeat_ttl_s * 1000)
         pipe = self._r.pipeline(transaction=False)
         pipe.set(
-            self._keys.heartbeat(self._model, self._worker_id), encode_heartbeat(beat), px=ttl_ms
+            self._keys.heartbeat(self._model, self._worker_id),
+            encode_heartbeat(msgspec.structs.replace(beat, presence=True)),
+            px=ttl_ms,
         )
         pipe.zadd(registry, {self._worker_id: time.time()})
         pipe.expire(registry, _REGISTRY_TTL_S)
-        _redis_call(pipe.execute)
+        pipe.pubsub_numsub(self._presence_channel)
+        *_, numsub = pipe.execute()
+        return int(numsub[0][1]) if numsub else 0
+
+    def _subscribe_presence(self) -> None:
+        """A connection of its own, subscribed to this worker's presence channel; nothing is
+        ever published there and nothing is read from it but the confirmation."""
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
+        presence = PubSub(self._r.connection_pool)
+        try:
+            presence.subscribe(self._presence_channel)
+            # SUBSCRIBE is confirmed by a message; wait for it, so NUMSUB counts us.
+            deadline = time.monotonic() + max(self._settings.heartbeat_ttl_s, 1.0)
+            while presence.get_message(timeout=0.1) is None:
+                if time.monotonic() > deadline:
+                    raise redis.TimeoutError("no confirmation of the presence subscription")
+        except BaseException:
+            presence.close()
+            raise
+        self._presence = presence
 
     def unregister(self) -> None:
         def run() -> None:
@@ -299,10 +376,17 @@ class RedisWorkerTransport:
             )
             if not own:  # deleting a consumer drops its pending entries: only when none
                 self._r.xgroup_delconsumer(self._stream, GROUP, self._worker_id)
+            self._close_presence()
 
         _redis_call(run)
 
+    def _close_presence(self) -> None:
+        if self._presence is not None:
+            presence, self._presence = self._presence, None
+            presence.close()
+
     def close(self) -> None:
+        self._close_presence()
         self._r.close()
 
 
@@ -335,6 +419,33 @@ def _xclaim_entries(reply: XClaimResponse) -> list[tuple[bytes, dict[bytes, byte
         for entry_id, fields in claimed
         if entry_id is not None and fields is not None
     ]
+
+
+def _beat_or_none(raw: bytes | None) -> WorkerHeartbeat | None:
+    """A heartbeat key's value (None: expired); one that does not decode counts as a beat
+    without presence, so only its expiry can make the worker look dead."""
+    if raw is None:
+        return None
+    try:
+        return decode_heartbeat(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _UNREADABLE_BEAT
+
+
+_UNREADABLE_BEAT = WorkerHeartbeat(
+    worker_id="",
+    model="",
+    running=0,
+    waiting=0,
+    max_batch_size=0,
+    kv_used_tokens=0,
+    kv_capacity_tokens=0,
+    tokens_per_second=0.0,
+    memory_bytes=0,
+    device="",
+    started_at=0.0,
+    updated_at=0.0,
+)
 
 
 def _raw(value: bytes | str) -> bytes:

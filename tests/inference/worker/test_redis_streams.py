@@ -77,3 +77,69 @@ def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings
     other = _transport(settings_, "other")
     other.heartbeat(make_heartbeat("other"))
     assert other.claim_stale() == []
+
+
+def _stuck_with(settings_: InferenceSettings, worker_id: str, count: int) -> RedisWorkerTransport:
+    """A worker with a heartbeat and ``count`` requests taken (pending, idle from now)."""
+    r = redis.Redis.from_url(settings_.redis_url)
+    worker = _transport(settings_, worker_id)
+    worker.heartbeat(make_heartbeat(worker_id))
+    for i in range(count):
+        r.xadd(
+            KeySpace(settings_.key_prefix).requests(MODEL),
+            {REQUEST_FIELD: encode(make_request(f"{worker_id}-{i}"))},
+        )
+    assert len(worker.fetch(count, 0)) == count
+    return worker
+
+
+def test_a_worker_whose_connection_closed_is_claimed_after_the_grace_not_the_claim_timeout(
+    redis_settings,
+):
+    """A crash closes the worker's connections: its requests are taken once it stayed gone
+    presence_grace_s, though its heartbeat key lives on and the claim timeout is a minute."""
+    settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
+    rescuer = _transport(settings_, "rescuer")
+    rescuer.heartbeat(make_heartbeat("rescuer"))
+    victim = _stuck_with(settings_, "victim", 2)
+    victim.close()  # what the kernel does to a SIGKILLed process's sockets
+    assert (
+        redis.Redis.from_url(settings_.redis_url).pttl(
+            KeySpace(settings_.key_prefix).heartbeat(MODEL, "victim")
+        )
+        > 0
+    )
+    assert rescuer.claim_stale() == []  # first seen gone: not yet
+    time.sleep(settings_.presence_grace_s + 0.05)
+    assert len(rescuer.claim_stale()) == 2
+
+
+def test_a_worker_that_lost_its_subscription_and_took_it_again_is_not_claimed(redis_settings):
+    settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
+    rescuer = _transport(settings_, "rescuer")
+    rescuer.heartbeat(make_heartbeat("rescuer"))
+    worker = _stuck_with(settings_, "blip", 1)
+    assert worker._presence is not None
+    worker._presence.close()  # the connection dropped; the process lives
+    assert rescuer.claim_stale() == []
+    worker.heartbeat(make_heartbeat("blip"))  # its next beat finds NUMSUB 0 and subscribes
+    time.sleep(settings_.presence_grace_s + 0.05)
+    assert rescuer.claim_stale() == []
+    assert worker.fetch(1, 0) == []  # nothing was taken from it either way
+
+
+def test_a_silent_worker_still_connected_waits_out_the_claim_timeout(redis_settings):
+    """Connected but without heartbeat (an engine stuck, or a beat only late): its requests
+    are taken only once idle claim_idle_ms."""
+    settings_ = redis_settings(claim_idle_ms=800, heartbeat_s=0.1, request_timeout_s=5.0)
+    rescuer = _transport(settings_, "rescuer")
+    rescuer.heartbeat(make_heartbeat("rescuer"))
+    silent = _stuck_with(settings_, "silent", 1)  # held: its connections stay open
+    redis.Redis.from_url(settings_.redis_url).delete(
+        KeySpace(settings_.key_prefix).heartbeat(MODEL, "silent")
+    )
+    time.sleep(settings_.presence_grace_s + 0.05)
+    assert rescuer.claim_stale() == []  # presence held: not gone, only silent
+    time.sleep(0.8)
+    assert len(rescuer.claim_stale()) == 1
+    silent.close()

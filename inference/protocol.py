@@ -175,7 +175,25 @@ class ErrorEvent(msgspec.Struct, frozen=True, tag="error"):
         return cls(code, ERROR_MESSAGES[code], retryable=retryable)
 
 
-Event = StartEvent | DeltaEvent | DoneEvent | ErrorEvent
+class NoticeEvent(msgspec.Struct, frozen=True, tag="notice"):
+    """Why a request still waits, for a client that sees nothing else meanwhile: the answer
+    goes on after it. ``code`` is one of ``NOTICE_MESSAGES``."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def fixed(cls, code: str) -> NoticeEvent:
+        return cls(code, NOTICE_MESSAGES[code])
+
+
+TAKEN_OVER = "taken_over"
+NOTICE_MESSAGES = {
+    TAKEN_OVER: "The worker serving this request stopped; another worker took it over and "
+    "starts it again.",
+}
+
+Event = StartEvent | DeltaEvent | DoneEvent | ErrorEvent | NoticeEvent
 TERMINAL_EVENTS = (DoneEvent, ErrorEvent)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -41,9 +41,11 @@ from inference.protocol import (
     EVENT_FIELD,
     GROUP,
     REQUEST_FIELD,
+    TAKEN_OVER,
     TERMINAL_EVENTS,
     KeySpace,
     Liveness,
+    NoticeEvent,
     StartEvent,
     WorkerHeartbeat,
     decode_event,
@@ -70,7 +72,9 @@ _REGISTRY_TTL_S = 24 * 3600  # a model nobody serves any more leaves no registry
 _TTL_MEMORY = 10_000
 # The idle time a claim asks of a gone worker's entries: XCLAIM with a min-idle time is what
 # keeps two workers claiming at once from both taking an entry (the first resets it).
-_GONE_CLAIM_IDLE_MS = 100  # replies whose TTL time is remembered before the old ones are dropped
+_GONE_CLAIM_IDLE_MS = 100
+# A reply holding this many entries has text in it: only a start and notices come before.
+_REPLY_STATE_SCAN = 8  # replies whose TTL time is remembered before the old ones are dropped
 
 _T = TypeVar("_T")
 
@@ -231,6 +235,17 @@ class RedisWorkerTransport:
                     )
             if len(claimed) >= _CLAIM_BATCH:
                 break
+        # A streaming client of a request taken over has seen nothing yet (or only its
+        # start): tell it why it waits. One that had text ends with worker_lost instead.
+        self.publish(
+            [
+                Outgoing(d.request.request_id, [NoticeEvent.fixed(TAKEN_OVER)])
+                for d in claimed
+                if d.request.stream
+                and 1 < d.attempt <= self._settings.max_deliveries  # not one given up
+                and d.reply_state in (ReplyState.EMPTY, ReplyState.STARTED)
+            ]
+        )
         return claimed
 
     def _delivery(
@@ -252,19 +267,25 @@ class RedisWorkerTransport:
         return Delivery(request=request, token=eid, attempt=attempt, reply_state=state)
 
     def _reply_state(self, request_id: str) -> ReplyState:
+        """What the request's client was sent already: nothing (or only notices), its start,
+        text, or everything."""
         key = self._keys.reply(request_id)
         pipe = self._r.pipeline(transaction=False)
-        pipe.xlen(key)
         pipe.xrevrange(key, count=1)
-        length, last = pipe.execute()
-        if not length:
+        pipe.xrange(key, count=_REPLY_STATE_SCAN)
+        last, first = pipe.execute()
+        if not last:
             return ReplyState.EMPTY
-        last_event = decode_event(last[0][1][EVENT_FIELD])
-        if isinstance(last_event, TERMINAL_EVENTS):
+        if isinstance(decode_event(last[0][1][EVENT_FIELD]), TERMINAL_EVENTS):
             return ReplyState.FINISHED
-        if length == 1 and isinstance(last_event, StartEvent):
+        events = [decode_event(fields[EVENT_FIELD]) for _id, fields in first]
+        if len(events) == _REPLY_STATE_SCAN or any(
+            not isinstance(e, StartEvent | NoticeEvent) for e in events
+        ):
+            return ReplyState.STREAMED  # text went out (a delta, even empty, counts as text)
+        if any(isinstance(e, StartEvent) for e in events):
             return ReplyState.STARTED
-        return ReplyState.STREAMED
+        return ReplyState.EMPTY
 
     def fetch_images(self, tenant_id: str, sha256s: Sequence[str]) -> dict[str, bytes]:
         keys = [self._keys.blob(tenant_id, sha) for sha in sha256s]

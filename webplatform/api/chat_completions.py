@@ -29,7 +29,7 @@ from webplatform.api.base import AuthenticatedApiView, principal_of
 from webplatform.api.body_cap import principal_body_cap
 from webplatform.api.request_body import json_body_read
 from webplatform.api.schema import error_responses
-from webplatform.completions.answer import Answer, AnswerEvent
+from webplatform.completions.answer import Answer, AnswerEvent, NoticeEvent
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, EntryPoint
 from webplatform.completions.serializers import (
@@ -106,7 +106,9 @@ async def _sse_stream(
     )
 
     def rendered(event: AnswerEvent) -> Iterator[bytes]:
-        if isinstance(event, Answer):
+        if isinstance(event, NoticeEvent):
+            yield openai_wire.sse_comment(event.message)
+        elif isinstance(event, Answer):
             yield openai_wire.sse(chunks.last(event))
             if chunks.include_usage:
                 yield openai_wire.sse(chunks.usage(event))

@@ -255,6 +255,12 @@ def sse(obj: msgspec.Struct) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
 
+def sse_comment(text: str) -> bytes:
+    """An SSE comment line: clients (OpenAI's SDKs included) skip it, people and proxies
+    see it. One line: line breaks in ``text`` become spaces."""
+    return b": " + " ".join(text.splitlines()).encode() + b"\n\n"
+
+
 SSE_DONE = b"data: [DONE]\n\n"
 
 __all__ = [

@@ -42,11 +42,12 @@ from webplatform.chat.frames import (
     delta_frame,
     done_frame,
     error_frame,
+    notice_frame,
     ready_frame,
     start_frame,
 )
 from webplatform.chat.tickets import chat_ticket_redeem
-from webplatform.completions.answer import Answer
+from webplatform.completions.answer import Answer, NoticeEvent
 from webplatform.completions.json_input import json_value_parse
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
@@ -322,6 +323,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 async for event in events:
                     if isinstance(event, Answer):
                         answer = event
+                    elif isinstance(event, NoticeEvent):
+                        await self.send_json(notice_frame(event))
                     else:
                         await self.send_json(delta_frame(event))
             assert answer is not None

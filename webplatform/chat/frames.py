@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.protocol import DeltaEvent
+from inference.protocol import DeltaEvent, NoticeEvent
 from tenants.errors import ApplicationError
 from webplatform.completions.answer import Answer
 
@@ -26,6 +26,11 @@ def ready_frame(*, conversation_id: str | None, models: list[str]) -> Frame:
 
 def start_frame(*, request_id: str, model: str) -> Frame:
     return {"type": "start", "request_id": request_id, "model": model}
+
+
+def notice_frame(event: NoticeEvent) -> Frame:
+    """Why the answer is late (``inference.protocol.NOTICE_MESSAGES``); it goes on after."""
+    return {"type": "notice", "code": event.code, "message": event.message}
 
 
 def delta_frame(event: DeltaEvent) -> Frame:

@@ -13,7 +13,7 @@ from typing import TypeAlias
 
 import msgspec
 
-from inference.protocol import DeltaEvent, FinishReason, Usage
+from inference.protocol import DeltaEvent, FinishReason, NoticeEvent, Usage
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -26,7 +26,8 @@ class Answer(msgspec.Struct, frozen=True):
     usage: Usage
 
 
-# What a run's stream yields: DeltaEvent items, then exactly one Answer.
-AnswerEvent: TypeAlias = DeltaEvent | Answer
+# What a run's stream yields: DeltaEvent items (and, rarely, a NoticeEvent saying why the
+# answer is late: its worker died and another took it over), then exactly one Answer.
+AnswerEvent: TypeAlias = DeltaEvent | NoticeEvent | Answer
 
-__all__ = ["Answer", "AnswerEvent", "DeltaEvent"]
+__all__ = ["Answer", "AnswerEvent", "DeltaEvent", "NoticeEvent"]

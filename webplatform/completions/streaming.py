@@ -28,6 +28,7 @@ from inference.protocol import (
     Event,
     FinishReason,
     InferenceRequest,
+    NoticeEvent,
     StartEvent,
 )
 from tenants.errors import ApplicationError
@@ -145,6 +146,8 @@ class CompletionRun:
                 elif isinstance(event, ErrorEvent):
                     error_code = event.code.value
                     raise inference_error(event)
+                elif isinstance(event, NoticeEvent):
+                    yield event  # a streamed answer shows it; a whole one has no room
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer went away (client disconnected, task cancelled): stop the work in
             # the worker so its batch slot frees at the next step. Once the answer is out

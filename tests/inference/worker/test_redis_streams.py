@@ -9,7 +9,16 @@ import time
 import pytest
 import redis
 
-from inference.protocol import REQUEST_FIELD, KeySpace, decode_request, encode
+from inference.protocol import (
+    EVENT_FIELD,
+    REQUEST_FIELD,
+    TAKEN_OVER,
+    KeySpace,
+    NoticeEvent,
+    decode_event,
+    decode_request,
+    encode,
+)
 from inference.settings import InferenceSettings
 from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.transport import Outgoing, ReplyState
@@ -143,3 +152,55 @@ def test_a_silent_worker_still_connected_waits_out_the_claim_timeout(redis_setti
     time.sleep(0.8)
     assert len(rescuer.claim_stale()) == 1
     silent.close()
+
+
+def test_a_streamed_request_taken_over_tells_its_client_why(redis_settings):
+    """The claimer appends a notice to the reply of each streamed request whose client saw
+    no text yet; the notice does not count as text, so a second takeover still re-runs it."""
+    settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
+    keys = KeySpace(settings_.key_prefix)
+    r = redis.Redis.from_url(settings_.redis_url)
+    requests = {
+        "empty": make_request("empty"),
+        "started": make_request("started"),
+        "whole": make_request("whole", stream=False),
+    }
+    for request in requests.values():
+        r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(request)})
+    victim = _transport(settings_, "victim")
+    victim.heartbeat(make_heartbeat("victim"))
+    assert len(victim.fetch(3, 0)) == 3
+    victim.publish([Outgoing(requests["started"].request_id, SAMPLE_EVENTS[:1])])
+    victim.close()
+
+    def replies() -> dict[str, list]:
+        return {
+            name: [decode_event(f[EVENT_FIELD]) for _i, f in r.xrange(keys.reply(req.request_id))]
+            for name, req in requests.items()
+        }
+
+    def claimed_by(rescuer: RedisWorkerTransport) -> dict[str, ReplyState]:
+        assert rescuer.claim_stale() == []  # gone, first seen
+        time.sleep(settings_.presence_grace_s + 0.05)
+        by_id = {d.request.request_id: d.reply_state for d in rescuer.claim_stale()}
+        return {name: by_id[req.request_id] for name, req in requests.items()}
+
+    first = _transport(settings_, "first")
+    first.heartbeat(make_heartbeat("first"))
+    assert claimed_by(first) == {
+        "empty": ReplyState.EMPTY,
+        "started": ReplyState.STARTED,
+        "whole": ReplyState.EMPTY,
+    }
+    notice = NoticeEvent.fixed(TAKEN_OVER)
+    assert replies() == {"empty": [notice], "started": [SAMPLE_EVENTS[0], notice], "whole": []}
+
+    first.close()  # the rescuer dies too, before any text
+    second = _transport(settings_, "second")
+    second.heartbeat(make_heartbeat("second"))
+    assert claimed_by(second) == {
+        "empty": ReplyState.EMPTY,
+        "started": ReplyState.STARTED,
+        "whole": ReplyState.EMPTY,
+    }
+    assert replies()["empty"] == [notice, notice]

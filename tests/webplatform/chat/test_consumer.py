@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 from channels.db import database_sync_to_async
 
-from inference.protocol import new_request_id
+from inference.protocol import NOTICE_MESSAGES, TAKEN_OVER, new_request_id
 from tenants.models import ApiKey, Membership, UsageRecord
 from tenants.selectors.tenants import member_principal_get, tenant_limits_get
 from tenants.services.api_keys import api_key_authenticate, api_key_revoke
@@ -30,6 +30,7 @@ from tests.webplatform.chat.support import (
     settled_usage_record,
     wait_for,
 )
+from tests.webplatform.notice_client import TakenOverClient
 from webplatform.completions.answer import Answer
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, EntryPoint
@@ -107,6 +108,26 @@ async def test_the_same_connection_answers_again_after_done(connect_chat, owner_
     assert_streamed_answer(first)
     assert_streamed_answer(second)
     assert first[-1]["conversation_id"] == second[-1]["conversation_id"] is not None
+
+
+async def test_a_takeover_notice_is_a_frame_before_the_text(connect_chat, owner_key, monkeypatch):
+    """The request's worker died and another took it over: the chat says so, then answers."""
+    from webplatform.completions import pipeline
+
+    taken_over = TakenOverClient(pipeline.get_inference_client())
+    monkeypatch.setattr(pipeline, "get_inference_client", lambda: taken_over)
+    chat = await connect_chat(key=owner_key)
+    await chat.receive()
+
+    frames = await chat.ask("Hello!", max_tokens=8)
+
+    assert [f["type"] for f in frames[:2]] == ["start", "notice"]
+    assert frames[1] == {
+        "type": "notice",
+        "code": TAKEN_OVER,
+        "message": NOTICE_MESSAGES[TAKEN_OVER],
+    }
+    assert_streamed_answer([frames[0], *frames[2:]])
 
 
 # --- cancel and disconnect ------------------------------------------------------------------

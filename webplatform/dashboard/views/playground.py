@@ -68,6 +68,7 @@ def playground(request: OrgRequest) -> HttpResponse:
             "connecting": _("Connecting…"),
             "ready": _("Ready"),
             "streaming": _("Streaming…"),
+            "taken_over": _("The server answering stopped; another one took over…"),
             "stopped": _("Stopped"),
             "done": _("Done"),
             "error": _("Error"),

@@ -154,6 +154,8 @@
     } else if (data.type === "start") {
       setStatus(t.streaming);
       if (image) imageSent = true;
+    } else if (data.type === "notice") {
+      setStatus(data.code === "taken_over" ? t.taken_over : data.message);
     } else if (data.type === "delta") {
       if (!firstTokenAt) {
         firstTokenAt = performance.now();

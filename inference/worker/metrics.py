@@ -39,6 +39,7 @@ and ``docker compose`` health checks use them.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -152,6 +153,9 @@ class WorkerMetrics(LoopObserver):
         self._wake: queue.SimpleQueue[object] = queue.SimpleQueue()  # never blocks a put
         self._apply_lock = threading.Lock()
         self._applier: threading.Thread | None = None  # only the loop's thread sets it
+        # The loop's context (the log fields bound to it: model, worker id), in which
+        # every later application runs, so request log lines carry them from any thread.
+        self._context: contextvars.Context | None = None
         self.last_stats: EngineStats | None = None  # replaced whole: read by the HTTP thread
         self.backlog = 0
         self._state = "starting"  # starting, loading, ready, draining, stopped
@@ -279,6 +283,7 @@ class WorkerMetrics(LoopObserver):
         self._tick()
         self._state = "ready"
         if self._applier is None:
+            self._context = contextvars.copy_context()
             self._applier = threading.Thread(
                 target=self._apply_until_stopped, name="metrics-apply", daemon=True
             )
@@ -335,13 +340,19 @@ class WorkerMetrics(LoopObserver):
         """Apply everything noted so far (on the caller's thread, after the applying
         thread's current round)."""
         with self._apply_lock:
-            noted = self._noted
-            while noted:
-                apply, args = noted.popleft()
-                try:
-                    apply(*args)
-                except Exception:  # a metric must never stop the loop, nor this thread
-                    logger.exception("applying worker metrics failed")
+            if self._context is None:
+                self._apply_noted()
+            else:  # entered by one thread at a time: under the lock
+                self._context.run(self._apply_noted)
+
+    def _apply_noted(self) -> None:
+        noted = self._noted
+        while noted:
+            apply, args = noted.popleft()
+            try:
+                apply(*args)
+            except Exception:  # a metric must never stop the loop, nor this thread
+                logger.exception("applying worker metrics failed")
 
     def _apply_until_stopped(self) -> None:
         wake = self._wake

@@ -18,6 +18,7 @@ import urllib.request
 import msgspec
 import pytest
 import redis
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference.engine.config import EngineStats, GlmEngineStats
@@ -298,15 +299,18 @@ def test_while_the_loop_serves_the_metrics_are_applied_off_its_thread_and_a_scra
     streams, steps = 32, 50
     finished = threading.Event()
     log_threads: set[int] = set()
+    log_fields: list[dict] = []
 
     def on_finished(summary) -> None:
         log_threads.add(threading.get_ident())
+        log_fields.append(structlog.contextvars.get_contextvars())
         if summary.request_id == requests[-1].request_id:
             finished.set()
 
     m = WorkerMetrics(model=MODEL, on_finished=on_finished)
     requests = [make_request(f"q{i}") for i in range(streams)]
-    m.ready()  # the loop joined the queue: from here on the hooks only note
+    with structlog.contextvars.bound_contextvars(worker_id="w-7"):  # main.py's bind_process
+        m.ready()  # the loop joined the queue: from here on the hooks only note
     try:
         for request in requests:
             m.admitted(request)
@@ -332,6 +336,9 @@ def test_while_the_loop_serves_the_metrics_are_applied_off_its_thread_and_a_scra
         m.step(0.005, done)
         assert finished.wait(5.0), "the noted steps were not applied"
         assert log_threads and threading.get_ident() not in log_threads
+        # Logged on another thread, with the fields the loop's thread had bound.
+        assert len(log_fields) == streams
+        assert all(fields.get("worker_id") == "w-7" for fields in log_fields)
     finally:
         m.stopped()
     assert value(m, "inference:request_success_total", finished_reason="length") == streams

@@ -28,6 +28,7 @@ from django.conf import settings
 
 from inference.protocol import FinishReason, new_request_id
 from tenants.errors import ApplicationError
+from tenants.outages import STORE_OUTAGES, StoreUnavailable, store_unavailable_error
 from tenants.principals import ApiPrincipal
 from tenants.selectors.accounts import user_get
 from tenants.selectors.tenants import member_principal_get, tenant_get
@@ -59,9 +60,13 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455's "Try Again Later": Redis is unavailable
 # While an answer streams, how often the key is checked for revocation (one cache read):
 # a key revoked mid-answer stops it within this time plus a frame.
 REVOCATION_POLL_SECONDS = 0.25
+# What a Redis outage raises here: the store's own errors, and the API-key authentication's
+# DRF-typed one (``tenants.outages``).
+_OUTAGES: tuple[type[Exception], ...] = (StoreUnavailable, *STORE_OUTAGES)
 
 
 def _first(query: dict[str, list[str]], name: str) -> str | None:
@@ -139,6 +144,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
             await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
+            return
+        except _OUTAGES:
+            # Not the client's fault and not for long: say so and let it reconnect.
+            logger.warning("websocket authentication: Redis unavailable", exc_info=True)
+            await self.send_json(error_frame(store_unavailable_error()))
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
         self.principal, self.entry_point = principal, entry_point
         conversation_id = _first(query, "conversation")
@@ -279,6 +290,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 self.revoked = exc
                 answer_task.cancel()
                 return
+            except _OUTAGES:
+                # The answer needs Redis too and reports its own failure; look again later.
+                logger.warning("revocation watch: Redis unavailable", exc_info=True)
 
     async def _answer(self, frame: dict[str, Any]) -> None:
         try:
@@ -286,6 +300,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except ApplicationError as exc:
             await self.send_json(error_frame(exc))
             await self.close(code=CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHENTICATED)
+            return
+        except _OUTAGES:
+            # This message is refused; the connection stays for the next one.
+            logger.warning("websocket message: Redis unavailable", exc_info=True)
+            await self.send_json(error_frame(store_unavailable_error()))
             return
         current = asyncio.current_task()
         assert current is not None
@@ -341,6 +360,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json(error_frame(exc))
             if exc.status == 401:
                 await self.close(code=CLOSE_UNAUTHENTICATED)
+        except _OUTAGES:
+            logger.warning("websocket request: Redis unavailable", exc_info=True)
+            await self.send_json(error_frame(store_unavailable_error()))
         except Exception:
             logger.exception("websocket request failed")
             await self.send_json(

@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import redis
 from channels.db import database_sync_to_async
 
 from inference.protocol import NOTICE_MESSAGES, TAKEN_OVER, new_request_id
@@ -575,3 +576,48 @@ async def test_a_request_cancelled_before_its_stream_starts_is_settled(
     status = await database_sync_to_async(quota_of_owner)()
     assert status.in_flight == 0
     assert status.remaining_tokens == status.limit_tokens
+
+
+# --- Redis outages ----------------------------------------------------------------------------
+
+
+class _DownCache:
+    """A cache whose every call fails as redis-py does when Redis is down."""
+
+    def __getattr__(self, name: str):
+        def down(*args, **kwargs):
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")
+
+        return down
+
+
+async def test_redis_down_while_a_connection_authenticates_is_a_retry_later(
+    connect_chat, owner_key, monkeypatch
+):
+    from tenants.services import api_keys
+
+    monkeypatch.setattr(api_keys, "cache", _DownCache())
+    chat = await connect_chat(key=owner_key)
+
+    frame = await chat.receive()
+
+    assert frame["type"] == "error" and frame["code"] == "service_unavailable", frame
+    assert await chat.closed_with() == 1013  # Try Again Later, not a crash (1011)
+
+
+async def test_redis_down_during_a_message_refuses_it_and_keeps_the_connection(
+    connect_chat, owner_key, monkeypatch
+):
+    from tenants.services import api_keys
+
+    chat = await connect_chat(key=owner_key)
+    await chat.receive()
+    working = api_keys.cache
+    monkeypatch.setattr(api_keys, "cache", _DownCache())
+
+    refused = await chat.ask("Hello!", max_tokens=8)
+
+    assert [f["type"] for f in refused] == ["error"]
+    assert refused[0]["code"] == "service_unavailable"
+    monkeypatch.setattr(api_keys, "cache", working)
+    assert_streamed_answer(await chat.ask("Hello again!", max_tokens=8))

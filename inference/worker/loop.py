@@ -403,7 +403,7 @@ class Worker:
             if flight.skip_start:
                 return
         else:
-            terminal = True  # DoneEvent or ErrorEvent (TERMINAL_EVENTS)
+            terminal = isinstance(event, TERMINAL_EVENTS)
             if isinstance(event, ErrorEvent) and event.code in SERVER_ERRORS:
                 # The engine's wording of its own failure is for our log, not the client's.
                 if event.message != ERROR_MESSAGES[event.code]:

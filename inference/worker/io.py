@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -203,7 +204,12 @@ class WorkerIO:
     def start(self, stop: threading.Event) -> None:
         """Run the IO on its own thread (``prepare``, then ``io_once`` until ``close``)."""
         self._stop = stop
-        self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
+        # In the caller's context: its log lines carry the fields bound for the process
+        # (``inference.worker.logs.bind_process``: the model and worker id).
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="worker-io", daemon=True
+        )
         self._thread.start()
 
     def wait_ready(self, stop: threading.Event) -> bool:

@@ -270,3 +270,36 @@ def test_the_one_thread_loop_is_still_there(r, settings_):
     for request in requests:
         assert text_of(reply(r, settings_, request.request_id)) == fake_answer(request)
     assert set().union(*transport.calls.values()) == {thread.ident} == engine.step_threads
+
+
+def test_the_io_threads_log_lines_carry_the_processs_bound_fields(settings_):
+    """The worker binds its model and id once (``bind_process``); the IO thread it starts
+    logs in that context too (a reclaim warning names the worker that took the request)."""
+    import structlog
+
+    from inference.worker.io import WorkerIO
+
+    seen: dict[str, object] = {}
+    transport = RecordingTransport(
+        RedisWorkerTransport.from_url(
+            settings_.redis_url, settings=settings_, model=MODEL, worker_id="ctx-worker"
+        )
+    )
+    original_setup = transport.setup
+
+    def setup():
+        seen.update(structlog.contextvars.get_contextvars())
+        return original_setup()
+
+    transport.setup = setup
+    io = WorkerIO(transport=transport, max_batch_size=4, claim_interval_s=1.0, idle_block_ms=10)
+    stop = threading.Event()
+    structlog.contextvars.bind_contextvars(worker_id="ctx-worker", model=MODEL)
+    try:
+        io.start(stop)
+        assert io.wait_ready(stop)
+    finally:
+        structlog.contextvars.unbind_contextvars("worker_id", "model")
+        stop.set()
+        io.close(unregister=True)
+    assert seen.get("worker_id") == "ctx-worker" and seen.get("model") == MODEL

@@ -297,6 +297,25 @@ class KeySpace(msgspec.Struct, frozen=True):
         return f"{self.prefix}:{model}:presence:{worker_id}"
 
 
+class HeartbeatPresence(msgspec.Struct, frozen=True):
+    """The one field of a heartbeat that liveness reads (a heartbeat decoded as this skips
+    the rest); ``WorkerHeartbeat`` has it too."""
+
+    presence: bool = False
+
+
+_presence_decoder = msgspec.msgpack.Decoder(HeartbeatPresence)
+
+
+def decode_heartbeat_presence(data: bytes) -> HeartbeatPresence:
+    """Whether a heartbeat declares presence; one that does not decode declares none, so
+    only its key's expiry can make its worker look dead."""
+    try:
+        return _presence_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return HeartbeatPresence()
+
+
 class Liveness(enum.Enum):
     """What the web side and the other workers make of one registered worker."""
 
@@ -305,7 +324,7 @@ class Liveness(enum.Enum):
     SILENT = "silent"  # connected but no heartbeat for a TTL: stuck, or only late
 
 
-def worker_liveness(beat: WorkerHeartbeat | None, subscribers: int) -> Liveness:
+def worker_liveness(beat: WorkerHeartbeat | HeartbeatPresence | None, subscribers: int) -> Liveness:
     """One worker's state from its heartbeat key (None: expired) and the subscriber count of
     its presence channel. A closed connection is proof of a dead process (Redis unsubscribes
     it at once); a missing heartbeat alone may be a late one, hence ``SILENT``."""

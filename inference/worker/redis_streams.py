@@ -49,7 +49,7 @@ from inference.protocol import (
     StartEvent,
     WorkerHeartbeat,
     decode_event,
-    decode_heartbeat,
+    decode_heartbeat_presence,
     decode_request,
     encode,
     encode_heartbeat,
@@ -173,7 +173,7 @@ class RedisWorkerTransport:
             pipe.get(self._keys.heartbeat(self._model, name))
             pipe.pubsub_numsub(self._keys.presence(self._model, name))
         replies = pipe.execute()
-        beats = [_beat_or_none(beat) for beat in replies[::2]]
+        beats = [None if raw is None else decode_heartbeat_presence(raw) for raw in replies[::2]]
         states = [
             worker_liveness(beat, int(numsub[0][1]) if numsub else 0)
             for beat, numsub in zip(beats, replies[1::2], strict=True)
@@ -440,33 +440,6 @@ def _xclaim_entries(reply: XClaimResponse) -> list[tuple[bytes, dict[bytes, byte
         for entry_id, fields in claimed
         if entry_id is not None and fields is not None
     ]
-
-
-def _beat_or_none(raw: bytes | None) -> WorkerHeartbeat | None:
-    """A heartbeat key's value (None: expired); one that does not decode counts as a beat
-    without presence, so only its expiry can make the worker look dead."""
-    if raw is None:
-        return None
-    try:
-        return decode_heartbeat(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return _UNREADABLE_BEAT
-
-
-_UNREADABLE_BEAT = WorkerHeartbeat(
-    worker_id="",
-    model="",
-    running=0,
-    waiting=0,
-    max_batch_size=0,
-    kv_used_tokens=0,
-    kv_capacity_tokens=0,
-    tokens_per_second=0.0,
-    memory_bytes=0,
-    device="",
-    started_at=0.0,
-    updated_at=0.0,
-)
 
 
 def _raw(value: bytes | str) -> bytes:

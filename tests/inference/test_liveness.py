@@ -6,7 +6,13 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from inference.protocol import Liveness, worker_liveness
+from inference.protocol import (
+    HeartbeatPresence,
+    Liveness,
+    decode_heartbeat_presence,
+    encode_heartbeat,
+    worker_liveness,
+)
 from tests.inference.fakes import make_heartbeat
 
 _BEAT = msgspec.structs.replace(make_heartbeat("w"), presence=True)
@@ -25,3 +31,12 @@ _OLD_BEAT = make_heartbeat("w")  # a worker that holds no presence subscription
 )
 def test_a_workers_state(beat, subscribers, state):
     assert worker_liveness(beat, subscribers) is state
+
+
+def test_the_presence_field_is_read_alone_and_garbage_declares_none():
+    assert decode_heartbeat_presence(encode_heartbeat(_BEAT)) == HeartbeatPresence(True)
+    assert decode_heartbeat_presence(encode_heartbeat(_OLD_BEAT)) == HeartbeatPresence(False)
+    garbage = decode_heartbeat_presence(b"\xc1 not msgpack")
+    assert garbage == HeartbeatPresence(False)
+    # A beat nobody can read still counts while its key lasts: only its expiry tells.
+    assert worker_liveness(garbage, 0) is Liveness.LIVE

@@ -46,6 +46,13 @@ def _transport(settings_: InferenceSettings, worker_id: str) -> RedisWorkerTrans
     return t
 
 
+def _live(settings_: InferenceSettings, worker_id: str) -> RedisWorkerTransport:
+    """A worker that has sent its heartbeat (and holds its presence)."""
+    worker = _transport(settings_, worker_id)
+    worker.heartbeat(make_heartbeat(worker_id))
+    return worker
+
+
 def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings_):
     keys = KeySpace(settings_.key_prefix)
     r = redis.Redis.from_url(settings_.redis_url)
@@ -83,8 +90,7 @@ def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings
         decode_request(encode(claimed[requests["empty"].request_id].request)) == requests["empty"]
     )
     # A second rescuer right after finds nothing: the claim reset the idle time.
-    other = _transport(settings_, "other")
-    other.heartbeat(make_heartbeat("other"))
+    other = _live(settings_, "other")
     assert other.claim_stale() == []
 
 
@@ -108,8 +114,7 @@ def test_a_worker_whose_connection_closed_is_claimed_after_the_grace_not_the_cla
     """A crash closes the worker's connections: its requests are taken once it stayed gone
     presence_grace_s, though its heartbeat key lives on and the claim timeout is a minute."""
     settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
-    rescuer = _transport(settings_, "rescuer")
-    rescuer.heartbeat(make_heartbeat("rescuer"))
+    rescuer = _live(settings_, "rescuer")
     victim = _stuck_with(settings_, "victim", 2)
     victim.close()  # what the kernel does to a SIGKILLed process's sockets
     assert (
@@ -125,8 +130,7 @@ def test_a_worker_whose_connection_closed_is_claimed_after_the_grace_not_the_cla
 
 def test_a_worker_that_lost_its_subscription_and_took_it_again_is_not_claimed(redis_settings):
     settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
-    rescuer = _transport(settings_, "rescuer")
-    rescuer.heartbeat(make_heartbeat("rescuer"))
+    rescuer = _live(settings_, "rescuer")
     worker = _stuck_with(settings_, "blip", 1)
     assert worker._presence is not None
     worker._presence.close()  # the connection dropped; the process lives
@@ -141,8 +145,7 @@ def test_a_silent_worker_still_connected_waits_out_the_claim_timeout(redis_setti
     """Connected but without heartbeat (an engine stuck, or a beat only late): its requests
     are taken only once idle claim_idle_ms."""
     settings_ = redis_settings(claim_idle_ms=800, heartbeat_s=0.1, request_timeout_s=5.0)
-    rescuer = _transport(settings_, "rescuer")
-    rescuer.heartbeat(make_heartbeat("rescuer"))
+    rescuer = _live(settings_, "rescuer")
     silent = _stuck_with(settings_, "silent", 1)  # held: its connections stay open
     redis.Redis.from_url(settings_.redis_url).delete(
         KeySpace(settings_.key_prefix).heartbeat(MODEL, "silent")
@@ -167,8 +170,7 @@ def test_a_streamed_request_taken_over_tells_its_client_why(redis_settings):
     }
     for request in requests.values():
         r.xadd(keys.requests(MODEL), {REQUEST_FIELD: encode(request)})
-    victim = _transport(settings_, "victim")
-    victim.heartbeat(make_heartbeat("victim"))
+    victim = _live(settings_, "victim")
     assert len(victim.fetch(3, 0)) == 3
     victim.publish([Outgoing(requests["started"].request_id, SAMPLE_EVENTS[:1])])
     victim.close()
@@ -185,8 +187,7 @@ def test_a_streamed_request_taken_over_tells_its_client_why(redis_settings):
         by_id = {d.request.request_id: d.reply_state for d in rescuer.claim_stale()}
         return {name: by_id[req.request_id] for name, req in requests.items()}
 
-    first = _transport(settings_, "first")
-    first.heartbeat(make_heartbeat("first"))
+    first = _live(settings_, "first")
     assert claimed_by(first) == {
         "empty": ReplyState.EMPTY,
         "started": ReplyState.STARTED,
@@ -196,8 +197,7 @@ def test_a_streamed_request_taken_over_tells_its_client_why(redis_settings):
     assert replies() == {"empty": [notice], "started": [SAMPLE_EVENTS[0], notice], "whole": []}
 
     first.close()  # the rescuer dies too, before any text
-    second = _transport(settings_, "second")
-    second.heartbeat(make_heartbeat("second"))
+    second = _live(settings_, "second")
     assert claimed_by(second) == {
         "empty": ReplyState.EMPTY,
         "started": ReplyState.STARTED,

@@ -1,5 +1,5 @@
-"""Two middlewares of every HTTP request: its id (``RequestIdMiddleware``) and the static
-files (``StaticFilesMiddleware``).
+"""The middleware of every HTTP request: its id (``RequestIdMiddleware``), the static files
+(``StaticFilesMiddleware``), and Django's own middleware made cheap on the event loop.
 
 Every HTTP request gets one id, made here before any view runs, and every response carries
 it as ``x-request-id``, errors included, so a client can always quote one. A view that
@@ -8,6 +8,21 @@ the usage record and the worker know the request by it (``request_id_of``).
 
 Ids come from ``inference.protocol.new_request_id``; the websocket chat, which has no HTTP
 request per answer, takes one from there for each ``message`` frame.
+
+Django runs an old-style middleware (``MiddlewareMixin``) under ASGI by sending each of its
+hooks through ``sync_to_async`` to the one sync thread and back: with Django's nine in
+``settings.MIDDLEWARE`` that was 17 thread hand-offs on every API request, ~5 ms of waiting
+at one client and CPU the engine lacks under load (docs/benchmarks.md, "Platform path"). So
+``settings.MIDDLEWARE`` names the subclasses below:
+
+- ``OnEventLoop``: the middleware whose hooks only read the request and set headers
+  (security, CSP, locale, common, clickjacking) run them on the event loop, no hand-off;
+- ``BrowserOnly``: the middleware of the browser's pages (sessions, CSRF, authentication by
+  session, messages) do nothing under ``/v1/``, whose views authenticate by API key and are
+  CSRF-exempt; elsewhere they run as Django runs them (a session is read and saved in the
+  database, which must not happen on the event loop).
+
+Under WSGI (and Django's test ``Client``) all of them run as Django's own.
 """
 
 from __future__ import annotations
@@ -16,11 +31,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from csp.middleware import CSPMiddleware as DjangoCsp
+from django.contrib.auth.middleware import AuthenticationMiddleware as DjangoAuthentication
+from django.contrib.messages.middleware import MessageMiddleware as DjangoMessages
+from django.contrib.sessions.middleware import SessionMiddleware as DjangoSessions
 from django.http import HttpRequest, HttpResponseBase
+from django.middleware.clickjacking import XFrameOptionsMiddleware as DjangoXFrameOptions
+from django.middleware.common import CommonMiddleware as DjangoCommon
+from django.middleware.csrf import CsrfViewMiddleware as DjangoCsrf
+from django.middleware.locale import LocaleMiddleware as DjangoLocale
+from django.middleware.security import SecurityMiddleware as DjangoSecurity
 from rest_framework.request import Request
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from inference.protocol import new_request_id
+from webplatform.api.errors import API_PATH_PREFIX
 from webplatform.log_context import log_context_start
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -108,4 +133,117 @@ class StaticFilesMiddleware(WhiteNoiseMiddleware):
         return response
 
 
-__all__ = ["REQUEST_ID_HEADER", "RequestIdMiddleware", "StaticFilesMiddleware", "request_id_of"]
+class OnEventLoop:
+    """Mixed into a ``MiddlewareMixin`` whose ``process_request`` and ``process_response``
+    neither block nor touch the database: under ASGI they run on the event loop, where
+    Django would hand each of them to the sync thread and back."""
+
+    get_response: Any  # MiddlewareMixin's: in async mode, a coroutine function
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response: HttpResponseBase | None = None
+        process_request = getattr(self, "process_request", None)
+        if process_request is not None:
+            response = process_request(request)
+        response = response or await self.get_response(request)
+        process_response = getattr(self, "process_response", None)
+        if process_response is not None:
+            response = process_response(request, response)
+        return response
+
+
+def _is_api_request(request: HttpRequest) -> bool:
+    return request.path_info.startswith(API_PATH_PREFIX)
+
+
+class BrowserOnly:
+    """Mixed into a ``MiddlewareMixin`` that serves the browser's pages: under ASGI a
+    request under ``/v1/`` goes past it untouched (its ``process_view`` too); any other
+    runs it as Django does."""
+
+    get_response: Any  # MiddlewareMixin's: in async mode, a coroutine function
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if _is_api_request(request):
+            response: HttpResponseBase = await self.get_response(request)
+            return response
+        handled: HttpResponseBase = await super().__acall__(request)  # type: ignore[misc]
+        return handled
+
+
+class SecurityMiddleware(OnEventLoop, DjangoSecurity):
+    pass
+
+
+class CSPMiddleware(OnEventLoop, DjangoCsp):
+    pass
+
+
+class LocaleMiddleware(OnEventLoop, DjangoLocale):
+    pass
+
+
+class CommonMiddleware(OnEventLoop, DjangoCommon):
+    pass
+
+
+class XFrameOptionsMiddleware(OnEventLoop, DjangoXFrameOptions):
+    pass
+
+
+class SessionMiddleware(BrowserOnly, DjangoSessions):
+    pass
+
+
+class AuthenticationMiddleware(BrowserOnly, DjangoAuthentication):
+    pass
+
+
+class MessageMiddleware(BrowserOnly, DjangoMessages):
+    pass
+
+
+class CsrfViewMiddleware(BrowserOnly, DjangoCsrf):
+    """Django's, and under ASGI its ``process_view`` is a coroutine that lets a request under
+    ``/v1/`` pass without a hand-off (every view there is CSRF-exempt anyway; Django adapts a
+    sync ``process_view`` with a hand-off for every request)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        super().__init__(get_response)
+        if self.async_mode:
+            # An attribute of the instance: Django reads process_view when it loads the
+            # middleware, after __init__, and awaits a coroutine function as it is.
+            self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
+
+    async def _aprocess_view(
+        self,
+        request: HttpRequest,
+        callback: Callable[..., Any],
+        callback_args: Any,
+        callback_kwargs: Any,
+    ) -> HttpResponseBase | None:
+        if _is_api_request(request):
+            return None
+        response: HttpResponseBase | None = await sync_to_async(
+            DjangoCsrf.process_view, thread_sensitive=True
+        )(self, request, callback, callback_args, callback_kwargs)
+        return response
+
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "AuthenticationMiddleware",
+    "BrowserOnly",
+    "CSPMiddleware",
+    "CommonMiddleware",
+    "CsrfViewMiddleware",
+    "LocaleMiddleware",
+    "MessageMiddleware",
+    "OnEventLoop",
+    "RequestIdMiddleware",
+    "SecurityMiddleware",
+    "SessionMiddleware",
+    "StaticFilesMiddleware",
+    "XFrameOptionsMiddleware",
+    "request_id_of",
+]

@@ -74,18 +74,22 @@ INSTALLED_APPS = [
     "webplatform",
 ]
 
+# Django's middleware, each through a subclass in webplatform.middleware that runs it on the
+# event loop (it only reads the request and sets headers) or skips it under /v1/ (the
+# browser's: sessions, CSRF, log-in, messages); Django's own would hand every hook of every
+# request to a thread and back under ASGI.
 MIDDLEWARE = [
     "webplatform.middleware.RequestIdMiddleware",
-    "django.middleware.security.SecurityMiddleware",
-    "csp.middleware.CSPMiddleware",
+    "webplatform.middleware.SecurityMiddleware",
+    "webplatform.middleware.CSPMiddleware",
     "webplatform.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.locale.LocaleMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "webplatform.middleware.SessionMiddleware",
+    "webplatform.middleware.LocaleMiddleware",
+    "webplatform.middleware.CommonMiddleware",
+    "webplatform.middleware.CsrfViewMiddleware",
+    "webplatform.middleware.AuthenticationMiddleware",
+    "webplatform.middleware.MessageMiddleware",
+    "webplatform.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "webplatform.urls"

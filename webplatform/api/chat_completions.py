@@ -17,11 +17,10 @@ from typing import Any
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions
 from rest_framework.request import Request
-from rest_framework.response import Response
 
 from tenants.errors import ApplicationError
 from webplatform.api import openai_wire
@@ -190,7 +189,7 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         "from the answer cache, and `x-model-fallback` names the model that answered "
         "when the plan's fallback did.",
     )
-    async def post(self, request: Request) -> Response | StreamingHttpResponse:
+    async def post(self, request: Request) -> HttpResponse | StreamingHttpResponse:
         # Parsing and validating a body of several MB of base64 takes tens of ms of CPU:
         # off the event loop, which meanwhile streams other requests' answers.
         inp = await sync_to_async(_parse_input, thread_sensitive=False)(request)
@@ -223,5 +222,10 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         body = openai_wire.completion_object(
             request_id=run.request_id, model=run.model, created=run.created, answer=answer
         )
-        # Headers read after the answer: an escalation changes the model that answered.
-        return Response(openai_wire.as_json_data(body), headers=_response_headers(run))
+        # Rendered here, once, by msgspec: a DRF Response would be rendered by Django in a
+        # thread hand-off after the view. Headers read after the answer: an escalation
+        # changes the model that answered.
+        whole = HttpResponse(openai_wire.json_body(body), content_type="application/json")
+        for name, value in _response_headers(run).items():
+            whole[name] = value
+        return whole

@@ -251,6 +251,12 @@ def as_json_data(obj: msgspec.Struct) -> Any:
 _json = msgspec.json.Encoder()
 
 
+def json_body(obj: msgspec.Struct) -> bytes:
+    """``obj`` as a JSON response body: encoded once, by msgspec (a DRF ``Response`` would
+    convert it to builtins, then render it with ``json.dumps`` in a thread hand-off)."""
+    return _json.encode(obj)
+
+
 def sse(obj: msgspec.Struct) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
@@ -272,5 +278,6 @@ __all__ = [
     "as_json_data",
     "completion_object",
     "error_object",
+    "json_body",
     "sse",
 ]

@@ -46,6 +46,38 @@ def test_a_record_is_written_once_per_request_id(owner):
     assert first.total_tokens == 15
 
 
+@pytest.mark.django_db(transaction=True)
+def test_in_autocommit_a_record_is_one_statement_and_a_duplicate_leaves_the_connection_usable(
+    owner, monkeypatch
+):
+    """Settlement writes the record in autocommit: no BEGIN/COMMIT around the INSERT (two
+    round trips more on every request), and a duplicate still returns the first record."""
+    switched: list[bool] = []
+    original = connection.set_autocommit
+
+    def recording(autocommit: bool, *args, **kwargs):  # type: ignore[no-untyped-def]
+        switched.append(autocommit)
+        return original(autocommit, *args, **kwargs)
+
+    monkeypatch.setattr(connection, "set_autocommit", recording)
+    assert connection.get_autocommit() and not connection.in_atomic_block
+
+    first = _record(owner.tenant, request_id="req-auto")
+    again = _record(owner.tenant, request_id="req-auto")
+
+    assert switched == []  # never left autocommit: no transaction of its own
+    assert again.pk == first.pk
+    assert UsageRecord.objects.filter(request_id="req-auto").count() == 1
+
+
+def test_in_a_transaction_a_duplicate_does_not_abort_it(owner):
+    first = _record(owner.tenant, request_id="req-tx")
+    again = _record(owner.tenant, request_id="req-tx")  # a savepoint took the failure
+
+    assert again.pk == first.pk
+    assert UsageRecord.objects.filter(tenant=owner.tenant).count() == 1
+
+
 def test_a_record_refuses_another_tenants_key(owner, outsider):
     their_key = api_key_for(outsider.tenant).api_key
 

@@ -106,6 +106,44 @@ assert main.main(["--model", "ocr-lite"]) == 0
     assert not report["torch"]
 
 
+_REALLOCATE = """
+import json, resource, sys
+from inference.worker.main import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+def request():  # what each request does: the same buffers (a step's tensors) again
+    held = [bytearray(1 << 20) for _ in range(16)]
+    del held
+
+request()  # the first one faults its pages in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    request()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"kept": kept, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_worker_reuses_freed_memory_instead_of_faulting_it_in_again():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+
+    def run(mode: str, extra: dict[str, str] | None = None) -> dict[str, object]:
+        argv = [sys.executable, "-c", _REALLOCATE, mode]
+        out = subprocess.run(
+            argv, cwd=ROOT, env={**env, **(extra or {})}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    pages = 20 * 16 * (1 << 20) // 4096
+    # glibc's default: trimmed from the heap (or unmapped) when freed, faulted in again.
+    assert run("default")["faults"] > pages // 2
+    kept = run("keep")
+    assert kept["kept"] is True and kept["faults"] < pages // 20
+    # An operator's own malloc settings are left alone.
+    assert run("keep", {"MALLOC_TOP_PAD_": "0"})["kept"] is False
+
+
 def test_bad_arguments_are_refused_before_any_model_loads():
     env = {**os.environ, "INFERENCE_MODELS": json.dumps({"ocr-lite": {"kind": "ocr-lite"}})}
     cases = {

@@ -12,7 +12,8 @@
   answer for ``health_cache_s`` (a quarter second by default, the heartbeat interval), so
   routing costs a round trip per model and process a few times a second, not per request.
 - ``put_image`` only stages the bytes in this process; ``submit`` sends the staged images
-  of its request with the enqueue, in one script. Before a worker sees a request the web
+  of its request with the enqueue, in one pipeline (their ``SET``s, then the enqueue
+  script; not as the script's arguments, which Redis copies). Before a worker sees a request the web
   side then makes three round trips: the API key's cache, the quota script, and this one
   (an answer-cache lookup adds one for deterministic requests). A staged image is kept
   until every request that staged it was submitted, or ``_STAGE_MAX_AGE_S`` passed (a
@@ -23,7 +24,7 @@ Faults (docs/reliability.md):
 - Connections recover by themselves: short socket and connect timeouts, a PING before
   reusing a connection idle longer than ``redis_health_check_s``, and retries with backoff
   on connection errors (never on timeouts). Every command may be repeated: reads, ``SET``,
-  and the enqueue, a script that adds the entry only once per request id (a marker key
+  and the enqueue, whose script adds the entry only once per request id (a marker key
   ``{prefix}:submitted:{request_id}``), so a retry after a lost reply never runs a request
   twice. A broker outage raises ``redis.ConnectionError`` / ``redis.TimeoutError``.
 - A request whose model has no live worker left while it waits ends with a retryable
@@ -96,17 +97,14 @@ _READ_COUNT = 256
 _RETRY_BASE_S = 0.02
 _RETRY_CAP_S = 0.25
 
-# Enqueue once per request id, with the request's images: KEYS[1] the model's request
-# stream, KEYS[2] the request's marker, KEYS[3..] the blobs; ARGV[1] the encoded request,
-# ARGV[2] the marker's TTL (ms), ARGV[3] the field, ARGV[4] the blobs' TTL (s), ARGV[5..]
-# the blobs' bytes, in the order of their keys. A blob is stored once per tenant and
-# content (NX) and its TTL renewed, so a re-upload keeps it alive for the new request.
+# Enqueue once per request id: KEYS[1] the model's request stream, KEYS[2] the request's
+# marker; ARGV[1] the encoded request, ARGV[2] the marker's TTL (ms), ARGV[3] the field.
+# The request's images are not arguments of the script: they go as plain SETs in the same
+# pipeline, before it (``_enqueue``). A script copies every argument into Lua and back into
+# a Redis value, ~2 ms for the 0.77 MB of a 520 px image's pixels, where a SET stores the
+# bytes Redis read (``benchmarks/worker_hop.py``).
 _SUBMIT_LUA = """
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
-  for i = 3, #KEYS do
-    redis.call('SET', KEYS[i], ARGV[i + 2], 'NX', 'EX', ARGV[4])
-    redis.call('EXPIRE', KEYS[i], ARGV[4])
-  end
   return redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[1])
 end
 return false
@@ -278,21 +276,7 @@ class RedisStreamsClient(InferenceClient):
             yield ErrorEvent(ErrorCode.MODEL_NOT_FOUND, f"Unknown model '{request.model}'.")
             return
         time_limit_s = time_limit_s or self.settings.request_timeout_s
-        blob_keys, blobs = self._unstage(request)
-        await self._loop_clients().submit_script(
-            keys=[
-                self.keys.requests(request.model),
-                self._submitted_key(request.request_id),
-                *blob_keys,
-            ],
-            args=[
-                encode(request),
-                int(time_limit_s * 1000) + 1,
-                REQUEST_FIELD,
-                self.settings.blob_ttl_s,
-                *blobs,
-            ],
-        )
+        await self._enqueue(request, time_limit_s)
         finished = False
         try:
             async for event in self.events(
@@ -304,6 +288,36 @@ class RedisStreamsClient(InferenceClient):
             if not finished:
                 # The caller stopped listening (client gone) or we timed out: free the slot.
                 await self._cancel_quietly(request.request_id)
+
+    async def _enqueue(self, request: InferenceRequest, time_limit_s: float) -> None:
+        """The request's staged images, then the request once per id, in one round trip.
+
+        Each image is stored once per tenant and content (``SET NX``) and its TTL renewed,
+        so a re-upload keeps it alive for the new request; the images come before the
+        script in the pipeline, so Redis has them when a worker reads the entry. Every
+        command may be repeated: a retry after a lost reply stores nothing twice and the
+        script adds the entry only once (its marker)."""
+        blob_keys, blobs = self._unstage(request)
+        clients = self._loop_clients()
+        ttl = self.settings.blob_ttl_s
+        args: list[bytes | str | int] = [
+            encode(request),
+            int(time_limit_s * 1000) + 1,
+            REQUEST_FIELD,
+        ]
+        keys = [self.keys.requests(request.model), self._submitted_key(request.request_id)]
+        if not blob_keys:
+            await clients.submit_script(keys=keys, args=args)
+            return
+        async with clients.commands.pipeline(transaction=False) as pipe:
+            for key, blob in zip(blob_keys, blobs, strict=True):
+                pipe.set(key, blob, nx=True, ex=ttl)
+                pipe.expire(key, ttl)
+            # EVAL, not the Script object: a Script in a pipeline makes redis-py check with
+            # SCRIPT EXISTS first, a round trip more on every call. Redis caches the
+            # compiled body by its digest; the ~150 bytes of text cost nothing here.
+            pipe.eval(_SUBMIT_LUA, len(keys), *keys, *args)
+            await pipe.execute()
 
     def _submitted_key(self, request_id: str) -> str:
         return f"{self.keys.prefix}:submitted:{request_id}"

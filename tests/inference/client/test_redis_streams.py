@@ -216,12 +216,27 @@ async def test_an_enqueue_with_images_is_one_round_trip(client, settings_, monke
     assert worker.fetch_images("tA", [r.sha256 for r in refs]) == {
         ref.sha256: data for ref, data in zip(refs, images, strict=True)
     }
-    # The enqueue script (blobs + marker + XADD), and the blocking XREAD of the reply
-    # stream, which may or may not have been sent yet.
+    # The enqueue pipeline (the blobs' SETs, then the script: marker + XADD), and the
+    # blocking XREAD of the reply stream, which may or may not have been sent yet.
     assert sent_before_the_worker_saw_it in (1, 2)
     worker.publish([Outgoing(request.request_id, SAMPLE_EVENTS, ack_token=deliveries[0].token)])
     await asyncio.wait_for(reader, 5)
     await agen.aclose()
+
+
+async def test_an_enqueue_sent_twice_with_its_images_adds_the_request_once(client, settings_):
+    """What redis-py's retry after a lost reply does: the whole pipeline again."""
+    data = b"\x89PNG retried"
+    ref = ImageRef(sha256=hashlib.sha256(data).hexdigest(), width=1, height=1)
+    request = make_request("retried", tenant_id="tA", image_refs=[ref])
+    keys = KeySpace(settings_.key_prefix)
+    r = redis.Redis.from_url(settings_.redis_url)
+    for _ in range(2):
+        await client.put_image(tenant_id="tA", data=data, ref=ref)
+        await client._enqueue(request, 30.0)
+    assert r.xlen(keys.requests(MODEL)) == 1
+    assert r.get(keys.blob("tA", ref.sha256)) == data
+    assert 0 < r.ttl(keys.blob("tA", ref.sha256)) <= settings_.blob_ttl_s
 
 
 async def test_model_health_is_one_round_trip_and_reused_briefly(settings_, monkeypatch):

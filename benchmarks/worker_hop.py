@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # stage before. "enqueued": the enqueue script returned (in-process: the queue put).
 STAGES = [
     ("created", "request built (created_at)"),
-    ("enqueued", "enqueue (the script with the image)"),
+    ("enqueued", "enqueue (the pipeline with the image)"),
     ("fetched", "to the worker's XREADGROUP return"),
     ("marks", "cancel-mark read"),
     ("images", "blob read"),

@@ -24,7 +24,7 @@ request, while the engine held it: each thread's CPU time and minor page faults 
 
 ``--worker-env NAME=VALUE`` sets a variable of the worker process, for trials:
 ``GLIBC_TUNABLES=glibc.malloc.perturb=0`` (glibc's default malloc, as before the worker
-set its own: ``inference.worker.main.keep_freed_memory`` leaves a tuned malloc alone),
+set its own: ``inference.allocator.keep_freed_memory`` leaves a tuned malloc alone),
 ``OMP_WAIT_POLICY=PASSIVE``...
 
 It uses a Redis database (``--redis-url``, default db 3, as ``api.py``) under a key prefix of

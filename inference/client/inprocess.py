@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from inference.allocator import keep_freed_memory
 from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
 from inference.client.blobs import LocalBlobStore, blob_check_digest
 from inference.protocol import (
@@ -46,9 +47,12 @@ _NOMINAL_CAPACITY = 8
 
 
 def load_engine(model: str, spec: Mapping[str, Any]) -> EngineLike:
-    """The default engine factory: the real engine from an ``INFERENCE_MODELS`` spec."""
+    """The default engine factory: the real engine from an ``INFERENCE_MODELS`` spec, in a
+    process whose allocator keeps freed memory, as a worker's does
+    (``inference.allocator``)."""
     from inference.worker.engines import engine_for_spec
 
+    keep_freed_memory()
     return engine_for_spec(spec)
 
 

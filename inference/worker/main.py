@@ -10,15 +10,15 @@ model to share the load.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
+from inference.allocator import keep_freed_memory
 from inference.worker.engines import engine_for_spec
 from inference.worker.logs import (
     bind_process,
@@ -32,45 +32,6 @@ from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.settings import log_level, worker_settings
 
 logger = logging.getLogger("inference.worker")
-
-# glibc's mallopt parameters (malloc.h) and the values the worker sets (keep_freed_memory).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its adaptive threshold
-_TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024
-
-
-def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
-    """Have glibc's malloc keep memory the engine frees for its next allocation.
-
-    Every request allocates the same tensors again (a step's activations, the image's
-    pixels, the blob read from Redis). With glibc's defaults the larger ones come from a
-    fresh ``mmap`` and go back to the kernel when freed, and the main heap's top is trimmed
-    from 128 KB free, so each request page-faults its working set in anew: about 2,400
-    faults (9 MB zeroed by the kernel) per standard request on the tiny CPU model, 5 ms of
-    a 48 ms request (``benchmarks/worker_hop.py``). Allocations up to 32 MB from the heap,
-    and up to 128 MB free kept at its top, make them reuse warm pages. The process keeps
-    that much more resident at its peak; it holds a model many times that size.
-
-    Left alone when the operator tuned malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or the C
-    library is not glibc. True when set.
-    """
-    env = os.environ if environ is None else environ
-    if "GLIBC_TUNABLES" in env or any(
-        name.startswith("MALLOC_") and name.endswith("_") for name in env
-    ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # no mallopt: not glibc (macOS)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # musl has a mallopt that does nothing and answers 0.
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-        and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-    )
 
 
 def install_stop_signals(stop: threading.Event) -> None:

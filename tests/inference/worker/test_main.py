@@ -108,7 +108,7 @@ assert main.main(["--model", "ocr-lite"]) == 0
 
 _REALLOCATE = """
 import json, resource, sys
-from inference.worker.main import keep_freed_memory
+from inference.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 def request():  # what each request does: the same buffers (a step's tensors) again
     held = [bytearray(1 << 20) for _ in range(16)]

@@ -11,16 +11,19 @@ request per answer, takes one from there for each ``message`` frame.
 
 Django runs an old-style middleware (``MiddlewareMixin``) under ASGI by sending each of its
 hooks through ``sync_to_async`` to the one sync thread and back: with Django's nine in
-``settings.MIDDLEWARE`` that was 17 thread hand-offs on every API request, ~5 ms of waiting
-at one client and CPU the engine lacks under load (docs/benchmarks.md, "Platform path"). So
-``settings.MIDDLEWARE`` names the subclasses below:
+``settings.MIDDLEWARE`` that was 17 thread hand-offs on every API request, CPU the engine
+lacks under load (docs/benchmarks.md, "Platform path"). So ``settings.MIDDLEWARE`` names
+the subclasses below:
 
-- ``OnEventLoop``: the middleware whose hooks only read the request and set headers
-  (security, CSP, locale, common, clickjacking) run them on the event loop, no hand-off;
-- ``BrowserOnly``: the middleware of the browser's pages (sessions, CSRF, authentication by
-  session, messages) do nothing under ``/v1/``, whose views authenticate by API key and are
-  CSRF-exempt; elsewhere they run as Django runs them (a session is read and saved in the
-  database, which must not happen on the event loop).
+- ``OnEventLoop``: the middleware whose hooks only read the request and set headers (CSP,
+  locale, common) run them on the event loop, no hand-off;
+- ``BrowserOnly``: the middleware of the browser's pages (sessions, authentication by
+  session, messages) do nothing under ``/v1/``, whose views authenticate by API key;
+  elsewhere they run as Django runs them (a session is read and saved in the database,
+  which must not happen on the event loop).
+
+Django's security, CSRF and clickjacking middleware stay Django's own (6 hand-offs): the
+deployment checks (``security.W001``-``W003``) look for their exact names.
 
 Under WSGI (and Django's test ``Client``) all of them run as Django's own.
 """
@@ -36,11 +39,8 @@ from django.contrib.auth.middleware import AuthenticationMiddleware as DjangoAut
 from django.contrib.messages.middleware import MessageMiddleware as DjangoMessages
 from django.contrib.sessions.middleware import SessionMiddleware as DjangoSessions
 from django.http import HttpRequest, HttpResponseBase
-from django.middleware.clickjacking import XFrameOptionsMiddleware as DjangoXFrameOptions
 from django.middleware.common import CommonMiddleware as DjangoCommon
-from django.middleware.csrf import CsrfViewMiddleware as DjangoCsrf
 from django.middleware.locale import LocaleMiddleware as DjangoLocale
-from django.middleware.security import SecurityMiddleware as DjangoSecurity
 from rest_framework.request import Request
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -158,8 +158,7 @@ def _is_api_request(request: HttpRequest) -> bool:
 
 class BrowserOnly:
     """Mixed into a ``MiddlewareMixin`` that serves the browser's pages: under ASGI a
-    request under ``/v1/`` goes past it untouched (its ``process_view`` too); any other
-    runs it as Django does."""
+    request under ``/v1/`` goes past it untouched; any other runs it as Django does."""
 
     get_response: Any  # MiddlewareMixin's: in async mode, a coroutine function
 
@@ -171,10 +170,6 @@ class BrowserOnly:
         return handled
 
 
-class SecurityMiddleware(OnEventLoop, DjangoSecurity):
-    pass
-
-
 class CSPMiddleware(OnEventLoop, DjangoCsp):
     pass
 
@@ -184,10 +179,6 @@ class LocaleMiddleware(OnEventLoop, DjangoLocale):
 
 
 class CommonMiddleware(OnEventLoop, DjangoCommon):
-    pass
-
-
-class XFrameOptionsMiddleware(OnEventLoop, DjangoXFrameOptions):
     pass
 
 
@@ -203,47 +194,17 @@ class MessageMiddleware(BrowserOnly, DjangoMessages):
     pass
 
 
-class CsrfViewMiddleware(BrowserOnly, DjangoCsrf):
-    """Django's, and under ASGI its ``process_view`` is a coroutine that lets a request under
-    ``/v1/`` pass without a hand-off (every view there is CSRF-exempt anyway; Django adapts a
-    sync ``process_view`` with a hand-off for every request)."""
-
-    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
-        super().__init__(get_response)
-        if self.async_mode:
-            # An attribute of the instance: Django reads process_view when it loads the
-            # middleware, after __init__, and awaits a coroutine function as it is.
-            self.process_view = self._aprocess_view  # type: ignore[method-assign, assignment]
-
-    async def _aprocess_view(
-        self,
-        request: HttpRequest,
-        callback: Callable[..., Any],
-        callback_args: Any,
-        callback_kwargs: Any,
-    ) -> HttpResponseBase | None:
-        if _is_api_request(request):
-            return None
-        response: HttpResponseBase | None = await sync_to_async(
-            DjangoCsrf.process_view, thread_sensitive=True
-        )(self, request, callback, callback_args, callback_kwargs)
-        return response
-
-
 __all__ = [
     "REQUEST_ID_HEADER",
     "AuthenticationMiddleware",
     "BrowserOnly",
     "CSPMiddleware",
     "CommonMiddleware",
-    "CsrfViewMiddleware",
     "LocaleMiddleware",
     "MessageMiddleware",
     "OnEventLoop",
     "RequestIdMiddleware",
-    "SecurityMiddleware",
     "SessionMiddleware",
     "StaticFilesMiddleware",
-    "XFrameOptionsMiddleware",
     "request_id_of",
 ]

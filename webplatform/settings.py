@@ -74,22 +74,23 @@ INSTALLED_APPS = [
     "webplatform",
 ]
 
-# Django's middleware, each through a subclass in webplatform.middleware that runs it on the
+# Django's middleware, most through a subclass in webplatform.middleware that runs it on the
 # event loop (it only reads the request and sets headers) or skips it under /v1/ (the
-# browser's: sessions, CSRF, log-in, messages); Django's own would hand every hook of every
-# request to a thread and back under ASGI.
+# browser's: sessions, log-in, messages); Django's own hands every hook of every request to
+# a thread and back under ASGI. Security, CSRF and clickjacking stay Django's: the
+# deployment checks look for these names.
 MIDDLEWARE = [
     "webplatform.middleware.RequestIdMiddleware",
-    "webplatform.middleware.SecurityMiddleware",
+    "django.middleware.security.SecurityMiddleware",
     "webplatform.middleware.CSPMiddleware",
     "webplatform.middleware.StaticFilesMiddleware",  # WhiteNoise, async-capable
     "webplatform.middleware.SessionMiddleware",
     "webplatform.middleware.LocaleMiddleware",
     "webplatform.middleware.CommonMiddleware",
-    "webplatform.middleware.CsrfViewMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
     "webplatform.middleware.AuthenticationMiddleware",
     "webplatform.middleware.MessageMiddleware",
-    "webplatform.middleware.XFrameOptionsMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "webplatform.urls"

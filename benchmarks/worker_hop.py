@@ -304,28 +304,12 @@ def standard_images(count: int, image_format: str) -> list[tuple[bytes, Any]]:
 
 async def one_request(client: Any, data: bytes, ref: Any, mode: str) -> tuple[str, float]:
     """Send one standard request; its id and its latency (submit to terminal event)."""
-    from apibench.request import MAX_TOKENS, MODEL, QUESTION
+    from apibench.request import inference_request
 
-    from inference.protocol import (
-        DoneEvent,
-        ErrorEvent,
-        ImagePart,
-        InferenceRequest,
-        Message,
-        SamplingParams,
-        TextPart,
-        new_request_id,
-    )
+    from inference.protocol import DoneEvent, ErrorEvent
 
     await client.put_image(tenant_id="bench", data=data, ref=ref)
-    request = InferenceRequest(
-        request_id=new_request_id(),
-        tenant_id="bench",
-        model=MODEL,
-        messages=[Message(role="user", content=[ImagePart(image=ref), TextPart(QUESTION)])],
-        sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
-        stream=False,
-    )
+    request = inference_request(ref)
     rid = request.request_id
     TRACE.mark(rid, "created", request.created_at)
     started = time.perf_counter()
@@ -344,6 +328,7 @@ async def one_request(client: Any, data: bytes, ref: Any, mode: str) -> tuple[st
 def worker_process(
     args: argparse.Namespace, model_dir: Path, trace_path: Path, log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
+    from apibench.processes import process
     from apibench.request import MODEL, model_spec
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
@@ -359,17 +344,8 @@ def worker_process(
         name, _, value = item.partition("=")
         env[name] = value
     command = [sys.executable, __file__, "serve-worker", str(trace_path), "--model", MODEL]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with process(command, env, log) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cleanup_keys(redis_url: str, prefix: str) -> None:

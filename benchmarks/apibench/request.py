@@ -11,11 +11,34 @@ import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 MODEL = "glm-4.6v-flash"
 QUESTION = "What is in this image?"
 MAX_TOKENS = 8
 JPEG_TARGET_BYTES = 200_000
+
+
+def inference_request(ref: Any) -> Any:
+    """The standard request as the inference client takes it, for the image ``ref`` (an
+    ``inference.protocol.ImageRef``): what the engine-alone setups send."""
+    from inference.protocol import (
+        ImagePart,
+        InferenceRequest,
+        Message,
+        SamplingParams,
+        TextPart,
+        new_request_id,
+    )
+
+    return InferenceRequest(
+        request_id=new_request_id(),
+        tenant_id="bench",
+        model=MODEL,
+        messages=[Message(role="user", content=[ImagePart(image=ref), TextPart(QUESTION)])],
+        sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
+        stream=False,
+    )
 
 
 def model_spec(model_dir: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .request import MAX_TOKENS, MODEL, QUESTION, model_spec, request_body
+from .request import MODEL, inference_request, model_spec, request_body
 
 
 class Target(abc.ABC):
@@ -99,27 +99,11 @@ class EngineTarget(Target):
         return png, ImageRef(sha256=sha, width=image.width, height=image.height)
 
     async def call(self, item: tuple[bytes, Any]) -> str | None:
-        from inference.protocol import (
-            DoneEvent,
-            ErrorEvent,
-            ImagePart,
-            InferenceRequest,
-            Message,
-            SamplingParams,
-            TextPart,
-            new_request_id,
-        )
+        from inference.protocol import DoneEvent, ErrorEvent
 
         png, ref = item
         await self.client.put_image(tenant_id="bench", data=png, ref=ref)
-        request = InferenceRequest(
-            request_id=new_request_id(),
-            tenant_id="bench",
-            model=MODEL,
-            messages=[Message(role="user", content=[ImagePart(image=ref), TextPart(QUESTION)])],
-            sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0),
-            stream=False,
-        )
+        request = inference_request(ref)
         async for event in self.client.submit(request):
             if isinstance(event, ErrorEvent):
                 return event.code.value

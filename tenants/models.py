@@ -283,12 +283,15 @@ class AuditLogEntry(models.Model):
         ORGANISATION_CREATED = "organisation_created", "Organisation created"
         KEY_CREATED = "key_created", "API key created"
         KEY_REVOKED = "key_revoked", "API key revoked"
+        KEY_RENAMED = "key_renamed", "API key renamed"
         MEMBER_INVITED = "member_invited", "Member invited"
         INVITATION_CANCELLED = "invitation_cancelled", "Invitation cancelled"
         MEMBER_JOINED = "member_joined", "Member joined"
         MEMBER_REMOVED = "member_removed", "Member removed"
         ROLE_CHANGED = "role_changed", "Role changed"
         PLAN_CHANGED = "plan_changed", "Plan changed"
+        ORGANISATION_RENAMED = "organisation_renamed", "Organisation renamed"
+        SPEND_LIMIT_CHANGED = "spend_limit_changed", "Monthly spend limit changed"
         CONTENT_LOGGING_CHANGED = "content_logging_changed", "Content logging changed"
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="audit_log")

@@ -249,6 +249,22 @@ def api_key_revoke_audited(*, api_key: ApiKey, actor: User) -> ApiKey:
     return api_key
 
 
+@transaction.atomic
+def api_key_rename_audited(*, api_key: ApiKey, name: str, actor: User) -> ApiKey:
+    """``api_key_rename`` by a member, recorded in the audit log (not when the name stays)."""
+    previous = api_key.name
+    api_key = api_key_rename(api_key=api_key, name=name)
+    if api_key.name != previous:
+        audit_log_record(
+            tenant=api_key.tenant,
+            actor=actor,
+            action=AuditLogEntry.Action.KEY_RENAMED,
+            target=api_key.public_id,
+            details={"from": previous, "to": api_key.name},
+        )
+    return api_key
+
+
 def api_key_rename(*, api_key: ApiKey, name: str) -> ApiKey:
     """Give ``api_key`` a new name (what the dashboard and usage show; the secret stays)."""
     name = name.strip()

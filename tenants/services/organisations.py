@@ -64,15 +64,27 @@ def organisation_plan_change(
     return tenant
 
 
-def organisation_rename(*, tenant: Tenant, name: str) -> Tenant:
-    """Give the organisation a new display name (its id and slug stay)."""
+@transaction.atomic
+def organisation_rename(*, tenant: Tenant, name: str, actor: User | None) -> Tenant:
+    """Give the organisation a new display name (its id and slug stay); recorded in the
+    audit log when it changes."""
     name = name.strip()
     if not name:
         raise ApplicationError(
             _("An organisation needs a name."), code="invalid_value", param="name"
         )
+    previous = tenant.name
+    if name == previous:
+        return tenant
     Tenant.objects.filter(pk=tenant.pk).update(name=name)
     tenant.name = name
+    audit_log_record(
+        tenant=tenant,
+        actor=actor,
+        action=AuditLogEntry.Action.ORGANISATION_RENAMED,
+        target=name,
+        details={"from": previous, "to": name},
+    )
     return tenant
 
 

@@ -18,11 +18,13 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.db import transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
 from tenants.errors import ApplicationError
-from tenants.models import Plan, Tenant, UsageRecord
+from tenants.models import AuditLogEntry, Plan, Tenant, UsageRecord
+from tenants.services.audit_log import audit_log_record
 
 THOUSAND = Decimal(1000)
 
@@ -95,11 +97,24 @@ def spend_limit_check(*, tenant_id: int) -> None:
         )
 
 
+@transaction.atomic
 def spend_limit_set(*, tenant: Tenant, limit: Decimal | None, actor: User) -> Tenant:
     """Set (or, with None, remove) the organisation's monthly spend limit; effective for
-    new requests within ``SPEND_CHECK_CACHE_SECONDS``, at once in this process."""
+    new requests within ``SPEND_CHECK_CACHE_SECONDS``, at once in this process. A change
+    is recorded in the audit log (amounts in US dollars, as text: JSON has no decimal)."""
+    previous = tenant.monthly_spend_limit
     Tenant.objects.filter(pk=tenant.pk).update(monthly_spend_limit=limit)
     tenant.monthly_spend_limit = limit
+    if limit != previous:
+        audit_log_record(
+            tenant=tenant,
+            actor=actor,
+            action=AuditLogEntry.Action.SPEND_LIMIT_CHANGED,
+            details={
+                "from": None if previous is None else f"${previous:.2f}",
+                "to": None if limit is None else f"${limit:.2f}",
+            },
+        )
     with _checked_lock:
         _checked.pop(tenant.pk, None)
     return tenant

@@ -356,3 +356,39 @@ def test_a_key_is_renamed_only_in_its_own_organisation(owner, outsider, client_f
     assert client_for(owner).post(own, {"name": "x"}).status_code == 404
     client_for(outsider).post(own, {"name": "  "})
     assert ApiKey.objects.get(pk=theirs.pk).name == "theirs"
+
+
+@pytest.mark.django_db
+def test_renames_and_spend_limit_changes_are_in_the_audit_log(owner, client_for) -> None:
+    from tenants.models import AuditLogEntry
+    from tests.factories import api_key_for
+
+    key = api_key_for(owner.tenant, name="old key name").api_key
+    client = client_for(owner)
+    tenant_id = owner.tenant.pk
+    old_org_name = owner.tenant.name
+    client.post(reverse("dashboard:key-rename", args=[tenant_id, key.public_id]), {"name": "ci"})
+    client.post(reverse("dashboard:key-rename", args=[tenant_id, key.public_id]), {"name": "ci"})
+    client.post(reverse("dashboard:org-rename", args=[tenant_id]), {"name": "Acme Labels"})
+    client.post(reverse("dashboard:spend-limit", args=[tenant_id]), {"limit": "2.50"})
+    client.post(reverse("dashboard:spend-limit", args=[tenant_id]), {"limit": ""})
+
+    entries = list(
+        AuditLogEntry.objects.filter(
+            tenant=owner.tenant,
+            action__in=["key_renamed", "organisation_renamed", "spend_limit_changed"],
+        ).order_by("id")
+    )
+    # The second rename to the same name changed nothing and left no entry.
+    assert [(e.action, e.target, e.details) for e in entries] == [
+        ("key_renamed", key.public_id, {"from": "old key name", "to": "ci"}),
+        ("organisation_renamed", "Acme Labels", {"from": old_org_name, "to": "Acme Labels"}),
+        ("spend_limit_changed", "", {"from": None, "to": "$2.50"}),
+        ("spend_limit_changed", "", {"from": "$2.50", "to": None}),
+    ]
+    assert all(e.actor_id == owner.user.pk for e in entries)
+    page = client.get(
+        reverse("dashboard:audit", args=[tenant_id]), HTTP_ACCEPT_LANGUAGE="zh-hans"
+    ).content.decode()
+    for label in ("重命名了 API 密钥", "重命名了组织", "更改了每月支出上限"):
+        assert label in page

@@ -16,7 +16,7 @@ from tenants.selectors.tenants import tenant_limits_get
 from tenants.selectors.usage import KeyActivity, usage_by_key_for_tenant
 from tenants.services.api_keys import (
     api_key_create_audited,
-    api_key_rename,
+    api_key_rename_audited,
     api_key_revoke_audited,
 )
 from webplatform.dashboard.access import OrgRequest, org_view
@@ -107,7 +107,7 @@ def key_rename(request: OrgRequest, public_id: str) -> HttpResponse:
         raise Http404(error.message) from error
     form = ApiKeyRenameForm(request.POST)
     if form.is_valid():
-        api_key_rename(api_key=api_key, name=form.cleaned_data["name"])
+        api_key_rename_audited(api_key=api_key, name=form.cleaned_data["name"], actor=request.user)
         messages.success(request, _("Key renamed to %(name)s.") % {"name": api_key.name})
     else:
         messages.error(request, _("A key needs a name (up to 100 characters)."))

@@ -223,7 +223,7 @@ def org_rename(request: OrgRequest) -> HttpResponse:
     form = OrganisationForm(request.POST)
     if not form.is_valid():
         return _settings_page(request, name_form=form, status=400)
-    organisation_rename(tenant=request.tenant, name=form.cleaned_data["name"])
+    organisation_rename(tenant=request.tenant, name=form.cleaned_data["name"], actor=request.user)
     messages.success(request, _("Organisation renamed."))
     return redirect("dashboard:settings", request.tenant.pk)
 

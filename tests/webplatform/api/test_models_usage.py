@@ -238,3 +238,30 @@ def test_embedded_mode_gives_the_same_answers_from_this_process(owner, api_clien
 def test_every_response_carries_a_request_id(path, api_client_for, key) -> None:
     response = api_client_for(key).get(path)
     assert response["x-request-id"].startswith("req_")
+
+
+def test_auto_is_listed_with_a_slow_model_and_retrievable_when_usable(api_client_for, settings, db):
+    settings.INFERENCE_MODELS = {"small": {}, "large": {}, "other": {}}
+    settings.ROUTING = {"fast_model": "small", "slow_model": "large"}
+    client = api_client_for(api_key_for(TenantFactory(plan=PlanFactory())).raw_key)
+
+    listed = client.get("/v1/models").json()["data"]
+    auto = client.get("/v1/models/auto")
+
+    assert [m["id"] for m in listed] == ["small", "large", "other", "auto"]
+    assert auto.status_code == 200
+    assert auto.json() == {"id": "auto", "object": "model", "created": 0, "owned_by": "system"}
+
+    # Without a slow model "auto" is the fast model under another name: still accepted, so
+    # retrievable, but not offered as a choice.
+    settings.ROUTING = {"fast_model": "small", "slow_model": ""}
+    assert "auto" not in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert client.get("/v1/models/auto").status_code == 200
+
+    # A plan that allows neither routed model: neither listed nor retrievable.
+    settings.ROUTING = {"fast_model": "small", "slow_model": "large"}
+    other_only = api_client_for(
+        api_key_for(TenantFactory(plan=PlanFactory(allowed_models=["other"]))).raw_key
+    )
+    assert [m["id"] for m in other_only.get("/v1/models").json()["data"]] == ["other"]
+    _assert_openai_error(other_only.get("/v1/models/auto"), 404, "model_not_found")

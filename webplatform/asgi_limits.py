@@ -48,10 +48,14 @@ _ERRORS = {
 
 @dataclass(frozen=True, slots=True)
 class CallerRefusal:
-    """How a 413 at a caller's own cap reads: its message, and headers to add."""
+    """How a refusal at a caller's own cap reads: its message, and headers to add; a 413
+    ``request_too_large`` unless the caller is refused for another reason (a 401 for a
+    caller that does not authenticate: what the view would answer, without its body)."""
 
     message: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    status: int = 413
+    code: str = "request_too_large"
 
 
 class CallerCap(Protocol):
@@ -88,8 +92,10 @@ async def send_refusal(
     path: str,
     message: str | None = None,
     headers: Iterable[tuple[bytes, bytes]] = (),
+    code: str | None = None,
 ) -> None:
-    code, default_message = _ERRORS[status]
+    default_code, default_message = _ERRORS.get(status, ("", ""))
+    code = code or default_code
     message = message or default_message
     if path.startswith("/v1/"):
         body = json.dumps(
@@ -169,7 +175,12 @@ class BodyLimits:
                 return
             refusal = await caller.refused(size=size)
             await send_refusal(
-                send, status=413, path=path, message=refusal.message, headers=refusal.headers
+                send,
+                status=refusal.status,
+                path=path,
+                message=refusal.message,
+                headers=refusal.headers,
+                code=refusal.code,
             )
 
         if declared is not None and declared > limit:

@@ -14,9 +14,12 @@ only a chunked body or a larger declared one on a capped route costs one more
 ``api_key_authenticate`` (one cache read and an HMAC; on a cache miss one SELECT) before
 its body is read. The view authenticates again as usual.
 
-The lookup never answers: an unknown, revoked or expired key, no key, or a cache outage
-during the lookup leaves the global cap, and the view then answers its 401 or 503 as
-without this module.
+A caller that does not authenticate (no key, an unknown, revoked or expired one) has no
+plan, and its request can only end in the view's 401: its body is read up to the floor and
+no further (a body over it, declared or grown, gets that 401 at once, with the view's
+message, ``WWW-Authenticate`` and an ``x-request-id``), so a client without a valid key
+cannot make the server read 128 MiB. A cache outage during the lookup leaves the global
+cap, and the view then answers its 503 as without this module.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tenants.outages import StoreUnavailable
 from tenants.principals import ApiPrincipal
 from tenants.services.api_keys import api_key_authenticate
 from tenants.services.usage import usage_record_create
+from webplatform.api.errors import MISSING_KEY_MESSAGE
 from webplatform.api.request_body import too_large
 from webplatform.asgi_limits import CallerRefusal
 from webplatform.middleware import REQUEST_ID_HEADER
@@ -104,6 +108,29 @@ class PlanBodyCap:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class UnauthenticatedCap:
+    """The floor, for a caller without a valid key: what it sends past it is refused with
+    the 401 the view would answer (``webplatform.api.errors``), nothing more read."""
+
+    error: ApplicationError
+
+    @property
+    def limit(self) -> int:
+        return chat_body_cap_floor()
+
+    async def refused(self, *, size: int | None) -> CallerRefusal:
+        return CallerRefusal(
+            message=self.error.message,
+            headers=(
+                (REQUEST_ID_HEADER.encode(), new_request_id().encode()),
+                (b"www-authenticate", b"Bearer"),
+            ),
+            status=401,
+            code=self.error.code,
+        )
+
+
 def _refusal_record(*, principal: ApiPrincipal, request_id: str, latency_ms: int) -> None:
     try:
         usage_record_create(
@@ -138,6 +165,18 @@ def _raw_api_key(scope: Scope) -> str | None:
     return _header(scope, b"x-api-key").strip() or None
 
 
+def _missing_key_error(scope: Scope) -> ApplicationError:
+    """The view's 401 without a key (``tenants.authentication.ApiKeyAuthentication``)."""
+    scheme, _, _credentials = _header(scope, b"authorization").partition(" ")
+    if scheme.lower() == "bearer":
+        return ApplicationError(
+            "The Authorization header says Bearer but carries no API key.",
+            code="invalid_api_key",
+            status=401,
+        )
+    return ApplicationError(MISSING_KEY_MESSAGE, code="invalid_api_key", status=401)
+
+
 def _plan_capped(scope: Scope) -> bool:
     path = str(scope.get("path", ""))
     root = str(scope.get("root_path", ""))
@@ -149,7 +188,9 @@ def _plan_capped(scope: Scope) -> bool:
         return False
 
 
-async def caller_body_cap(scope: Scope, declared: int | None) -> PlanBodyCap | None:
+async def caller_body_cap(
+    scope: Scope, declared: int | None
+) -> PlanBodyCap | UnauthenticatedCap | None:
     """The caller's plan cap for this request, or None where the global cap is all there is
     (see the module's docstring). ``declared``: the ``Content-Length``, None when absent."""
     started = time.monotonic()
@@ -159,9 +200,11 @@ async def caller_body_cap(scope: Scope, declared: int | None) -> PlanBodyCap | N
         return None
     raw_key = _raw_api_key(scope)
     if raw_key is None:
-        return None
+        return UnauthenticatedCap(_missing_key_error(scope))
     try:
         principal = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
-    except (ApplicationError, StoreUnavailable):
-        return None  # the view answers it (401, 503) after the global cap
+    except ApplicationError as error:  # unknown, revoked, expired: the view's 401
+        return UnauthenticatedCap(error)
+    except StoreUnavailable:
+        return None  # the view answers it (503) after the global cap
     return PlanBodyCap(limit=principal_body_cap(principal), principal=principal, started=started)

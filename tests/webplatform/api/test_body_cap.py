@@ -215,29 +215,81 @@ def test_a_body_under_the_plan_cap_is_answered_and_small_ones_cost_no_lookup(
     assert lookups == [key, key]  # a declared length under every plan's cap: none
 
 
-@pytest.mark.parametrize(
+_NO_VALID_KEY = pytest.mark.parametrize(
     "authorization",
-    ["Bearer sk_nosuchkeyid0_" + "a" * 40, "Bearer not-a-key", None],
+    [b"Bearer sk_nosuchkeyid0_" + b"a" * 40, b"Bearer not-a-key", None],
     ids=["unknown-key", "malformed-key", "no-key"],
 )
-def test_without_a_valid_key_a_big_chunked_body_gets_the_global_cap_and_a_401(
+
+
+def _head_as(port: int, authorization: bytes | None, framing: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = b"Authorization: " + authorization + b"\r\n" if authorization else b""
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + auth
+        + b"Content-Type: application/json\r\n"
+        + framing
+        + b"\r\n\r\n"
+    )
+    return sock
+
+
+def _assert_the_views_401(data: bytes) -> None:
+    status, headers, body = _response(data)
+    assert status == 401, data[:300]
+    assert body["error"]["code"] == "invalid_api_key"
+    assert headers["www-authenticate"] == "Bearer"
+    assert headers["x-request-id"].startswith("req_")
+    assert headers["connection"] == "close"
+
+
+@_NO_VALID_KEY
+def test_without_a_valid_key_a_chunked_body_is_read_to_the_floor_then_answered_401(
     live_asgi_server, pulled, authorization
 ):
-    raw = _padded_request(chat_body_cap(max_image_bytes=SMALL_IMAGES) + 1024 * 1024)
-    headers = {"Content-Type": "application/json"}
-    if authorization:
-        headers["Authorization"] = authorization
+    """No plan, so the request can only end in the view's 401: its body is not read past
+    the smallest cap any plan has (a client without a key cannot make us read 128 MiB)."""
+    floor = chat_body_cap_floor()
+    sock = _head_as(live_asgi_server.port, authorization, b"Transfer-Encoding: chunked")
 
+    sent = _send_chunked_until_answered(sock, ATTEMPTED)
+    data, _ = _read_until_closed(sock, limit_s=5)
+
+    _assert_the_views_401(data)
+    assert floor < pulled.last <= floor + ONE_RECEIVE
+    assert sent < floor + 16 * 1024 * 1024
+
+
+@_NO_VALID_KEY
+def test_without_a_valid_key_a_declared_length_past_the_floor_is_a_401_unread(
+    live_asgi_server, pulled, authorization
+):
+    sock = _head_as(
+        live_asgi_server.port, authorization, b"Content-Length: %d" % (chat_body_cap_floor() + 1)
+    )
+
+    data, elapsed = _read_until_closed(sock, limit_s=5)  # no body byte sent
+
+    _assert_the_views_401(data)
+    assert pulled.last == 0
+    assert elapsed < 2
+
+
+def test_without_a_valid_key_a_body_under_the_floor_gets_the_views_own_401(
+    live_asgi_server, pulled
+):
+    raw = _padded_request(64 * 1024)
     response = httpx.post(
         live_asgi_server.url + "/v1/chat/completions",
         content=iter([raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]),
-        headers=headers,
+        headers={"Authorization": "Bearer not-a-key", "Content-Type": "application/json"},
         timeout=60,
     )
 
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "invalid_api_key"
-    assert pulled.last == len(raw)  # the global cap: the view answered
+    assert pulled.last == len(raw)  # read whole: the view answered
 
 
 class _DownCache:

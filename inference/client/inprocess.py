@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference.allocator import keep_freed_memory
+from inference.allocator import freeze_loaded_objects, keep_freed_memory
 from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
 from inference.client.blobs import LocalBlobStore, blob_check_digest
 from inference.protocol import (
@@ -48,12 +48,14 @@ _NOMINAL_CAPACITY = 8
 
 def load_engine(model: str, spec: Mapping[str, Any]) -> EngineLike:
     """The default engine factory: the real engine from an ``INFERENCE_MODELS`` spec, in a
-    process whose allocator keeps freed memory, as a worker's does
-    (``inference.allocator``)."""
+    process whose allocator keeps freed memory and whose loaded objects are frozen, as a
+    worker's are (``inference.allocator``)."""
     from inference.worker.engines import engine_for_spec
 
     keep_freed_memory()
-    return engine_for_spec(spec)
+    engine = engine_for_spec(spec)
+    freeze_loaded_objects()
+    return engine
 
 
 @dataclass

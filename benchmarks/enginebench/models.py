@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from inference.allocator import freeze_loaded_objects
 from inference.engine.prompt import PromptBuilder
 from inference.engine.runner import ModelRunner
 from inference.tiny_model import build_tiny_model, tiny_config_dict
@@ -106,6 +107,11 @@ def runner_from_args(args: Any, tiny_dir: Path) -> ModelRunner:
     ``--device`` says otherwise), ``--model`` (a checkpoint folder), else the tiny model."""
     if args.full_size:
         device = torch.device("cuda" if args.device == "auto" else args.device)
-        return full_size_runner(tiny_dir, device, layers=args.layers)
-    path = args.model or str(tiny_dir)
-    return ModelRunner.from_spec({"path": path, "dtype": args.dtype, "device": args.device})
+        runner = full_size_runner(tiny_dir, device, layers=args.layers)
+    else:
+        path = args.model or str(tiny_dir)
+        runner = ModelRunner.from_spec({"path": path, "dtype": args.dtype, "device": args.device})
+    # As a worker does after its load (docs/benchmarks.md, "Garbage-collector pause"): no
+    # full collection walks the model's objects between two timed steps.
+    freeze_loaded_objects()
+    return runner

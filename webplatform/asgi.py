@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from inference.allocator import freeze_loaded_objects  # noqa: E402
 from webplatform.api.body_cap import caller_body_cap  # noqa: E402
 from webplatform.asgi_limits import BodyLimits  # noqa: E402
 from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
@@ -41,3 +42,19 @@ application = ProtocolTypeRouter(
         "websocket": websocket_stack(URLRouter(websocket_urlpatterns)),
     }
 )
+
+
+def _load_routes() -> None:
+    """Build the URL resolver now (Django builds it on the first request), so that what it
+    creates is frozen with the rest."""
+    from django.urls import get_resolver
+
+    get_resolver().url_patterns  # noqa: B018 - the property builds and caches the patterns
+
+
+_load_routes()
+# Everything loaded so far lives as long as the process (Django, DRF, the settings, the
+# routes; in the embedded mode the model too): out of the cyclic collector's way, so a full
+# collection does not stop the event loop for tens of ms (docs/benchmarks.md,
+# "Garbage-collector pause").
+freeze_loaded_objects()

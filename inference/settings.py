@@ -48,7 +48,8 @@ class InferenceSettings:
     @property
     def presence_grace_s(self) -> float:
         # A worker checks its presence subscription with every heartbeat and takes it again
-        # at once when Redis lost it (a dropped connection, a failover): one found gone is
-        # acted on (its requests taken, a waiting client told) only if it stays gone this
-        # long. Routing counts it out at once.
+        # at once when Redis lost it (a dropped connection, a failover; its IO thread retries
+        # the broker within 50 ms, inference/worker/io.py): one found gone is acted on (its
+        # requests taken, a waiting client told) only if it stays gone this long. Routing
+        # counts it out at once.
         return 1.5 * self.heartbeat_s

@@ -90,6 +90,10 @@ logger = logging.getLogger(__name__)
 # Longest single XREAD block: short enough to notice the overall timeout, and a model left
 # without a live worker, promptly.
 _READ_BLOCK_MS = 250
+# The first wait is shorter: a request queued to workers that just crashed (routing read
+# their health before it) learns it a quarter second sooner; a live worker's first event
+# usually ends that wait anyway.
+_FIRST_READ_BLOCK_MS = 100
 # How long the workers' states read for one waiting request serve the others of the process.
 _LIVENESS_CACHE_S = 0.1
 _READ_COUNT = 256
@@ -349,6 +353,7 @@ class RedisStreamsClient(InferenceClient):
         # one (connected, heartbeat expired) once it stays so one more TTL, so a worker whose
         # beat is late (a long step, a starved CPU) is not given up.
         none_live_since: float | None = None
+        first = True
         while True:
             now = loop.time()
             remaining_ms = int((deadline - now) * 1000)
@@ -359,7 +364,8 @@ class RedisStreamsClient(InferenceClient):
                     retryable=True,
                 )
                 return
-            block_ms = min(remaining_ms, _READ_BLOCK_MS)
+            block_ms = min(remaining_ms, _FIRST_READ_BLOCK_MS if first else _READ_BLOCK_MS)
+            first = False
             if none_live_since is not None:  # look again as soon as the grace is over
                 grace_end = none_live_since + self.settings.presence_grace_s
                 block_ms = max(1, min(block_ms, int((grace_end - now) * 1000) + 1))

@@ -49,8 +49,14 @@ from inference.worker.transport import (
 logger = logging.getLogger("inference.worker")
 _T = TypeVar("_T")
 
-# How long the IO thread waits after the broker failed before it tries again.
+# How long the IO thread waits after the broker failed before it tries again: 50 ms, then
+# twice as long each time, at most 0.5 s. Soon after a dropped connection, the first retry
+# sends the heartbeat that subscribes the presence again (well within presence_grace_s).
+_BACKOFF_FIRST_S = 0.05
 _BACKOFF_S = 0.5
+# After an outage the next claim pass waits this long: the other workers are reconnecting
+# too, and until their first heartbeat they look gone (their keys may have expired).
+_CLAIM_PAUSE_AFTER_OUTAGE_S = 2.0
 # How long a closing IO thread keeps trying to publish what it still holds.
 _CLOSE_PUBLISH_S = 5.0
 # How long after the engine's thread built its last heartbeat the IO renews it: liveness is
@@ -261,15 +267,21 @@ class WorkerIO:
             with self._cond:
                 self._ready = True
                 self._cond.notify_all()
+            backoff = _BACKOFF_FIRST_S
             while not self._closing:
                 try:
                     self.io_once()
                 except TransportUnavailable as exc:
-                    logger.warning("broker unavailable, backing off: %s", exc)
+                    logger.warning("broker unavailable, retrying in %.2fs: %s", backoff, exc)
+                    self._next_claim = max(
+                        self._next_claim, time.monotonic() + _CLAIM_PAUSE_AFTER_OUTAGE_S
+                    )
                     with self._cond:
                         if not self._closing:
-                            self._cond.wait(_BACKOFF_S)
+                            self._cond.wait(backoff)
+                    backoff = min(2 * backoff, _BACKOFF_S)
                     continue
+                backoff = _BACKOFF_FIRST_S
                 self._wait_for_work()
             self._finish()
         except BaseException as exc:

@@ -131,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_id=worker_id,
         max_batch_size=batch,
         heartbeat_s=settings.heartbeat_s,
-        # Several times per timeout, so a dead worker's requests wait little longer.
-        claim_interval_s=max(0.1, settings.claim_idle_ms / 1000 / 3),
+        # Several times per timeout, and at least once per presence grace, so a dead
+        # worker's requests wait little longer than either.
+        claim_interval_s=max(
+            0.1, min(settings.claim_idle_ms / 1000 / 3, settings.presence_grace_s)
+        ),
         max_deliveries=settings.max_deliveries,
         drain_timeout_s=args.drain_seconds,
         max_request_age_s=settings.request_timeout_s,

@@ -121,6 +121,9 @@ class RedisWorkerTransport:
         self._presence_channel = self._keys.presence(model, worker_id)
         self._presence: PubSub | None = None  # held from the first heartbeat on
         self._gone_seen: dict[str, float] = {}  # consumer -> when a claim pass first saw it gone
+        self._orphans: set[str] = set()  # entry ids claimed by a pass that did not return
+        # How long a consumer stays gone before its requests are taken.
+        self._claim_grace_s = settings.presence_grace_s
 
     @classmethod
     def from_url(
@@ -179,19 +182,24 @@ class RedisWorkerTransport:
             for beat, numsub in zip(beats, replies[1::2], strict=True)
         ]
         now = time.monotonic()
-        gone_seen, self._gone_seen = self._gone_seen, {}
-        claimed: list[Delivery] = []
-        for consumer, name, beat, state in zip(others, names, beats, states, strict=True):
+        # When each gone consumer was first seen gone, over passes (every one, also those a
+        # full batch leaves for the next pass).
+        self._gone_seen = {
+            name: self._gone_seen.get(name, now)
+            for name, state in zip(names, states, strict=True)
+            if state is Liveness.GONE and name != self._worker_id
+        }
+        claimed: list[Delivery] = self._retake_orphans()
+        for consumer, name, state in zip(others, names, states, strict=True):
             own = name == self._worker_id
             if state is Liveness.LIVE and not own:
                 continue
-            if state is Liveness.GONE and beat is not None and not own:
-                # Its connection closed while its heartbeat lasts: claimed once still gone
-                # ``presence_grace_s`` later (a live worker that lost its subscription takes
-                # it again within a beat). Without heartbeat either, it is gone for good.
-                self._gone_seen[name] = first = gone_seen.get(name, now)
-                if now - first < self._settings.presence_grace_s:
-                    continue
+            gone_for = now - self._gone_seen.get(name, now)
+            if state is Liveness.GONE and not own and gone_for < self._claim_grace_s:
+                # Gone on this pass: claimed once still gone after the grace. A live worker
+                # whose connections dropped (a network fault, a failover) subscribes again
+                # at its next heartbeat once it reaches Redis.
+                continue
             # A closed presence connection proves the process is gone: its requests are
             # taken at once (a short idle keeps concurrent claimers apart). Only a silent
             # worker (connected, no heartbeat: stuck, or late) waits out the claim timeout.
@@ -214,39 +222,86 @@ class RedisWorkerTransport:
             if not pending:
                 continue
             delivered = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+            # Ours from the XCLAIM on: until this pass returns them, they are orphans that
+            # the next pass takes again if this one fails half-way (no other worker would:
+            # this one is live).
+            self._orphans.update(delivered)
             entries = _xclaim_entries(
                 self._r.xclaim(
                     self._stream, GROUP, self._worker_id, 0 if own else min_idle, list(delivered)
                 )
             )
-            for entry_id, fields in entries:
-                eid = _text(entry_id)
-                # XCLAIM counted this delivery too.
-                attempt = delivered.get(eid, 1) + 1
-                delivery = self._delivery(entry_id, fields, attempt=attempt, state=None)
-                if delivery is not None:
-                    claimed.append(delivery)
-                    logger.warning(
-                        "reclaimed %s from worker %s (delivery %d, reply %s)",
-                        delivery.request.request_id,
-                        name,
-                        attempt,
-                        delivery.reply_state.value,
-                    )
+            claimed += self._claimed_deliveries(entries, delivered, source=name)
             if len(claimed) >= _CLAIM_BATCH:
                 break
-        # A streaming client of a request taken over has seen nothing yet (or only its
-        # start): tell it why it waits. One that had text ends with worker_lost instead.
-        self.publish(
-            [
-                Outgoing(d.request.request_id, [NoticeEvent.fixed(TAKEN_OVER)])
-                for d in claimed
-                if d.request.stream
-                and 1 < d.attempt <= self._settings.max_deliveries  # not one given up
-                and d.reply_state in (ReplyState.EMPTY, ReplyState.STARTED)
-            ]
-        )
+        self._tell_taken_over(claimed)
+        self._orphans.clear()
         return claimed
+
+    def _claimed_deliveries(
+        self,
+        entries: list[tuple[bytes, dict[bytes, bytes]]],
+        delivered: dict[str, int],
+        *,
+        source: str,
+    ) -> list[Delivery]:
+        claimed = []
+        for entry_id, fields in entries:
+            eid = _text(entry_id)
+            # XCLAIM counted this delivery too.
+            attempt = delivered.get(eid, 1) + 1
+            delivery = self._delivery(entry_id, fields, attempt=attempt, state=None)
+            if delivery is not None:
+                claimed.append(delivery)
+                logger.warning(
+                    "reclaimed %s from worker %s (delivery %d, reply %s)",
+                    delivery.request.request_id,
+                    source,
+                    attempt,
+                    delivery.reply_state.value,
+                )
+        return claimed
+
+    def _retake_orphans(self) -> list[Delivery]:
+        """What an earlier pass claimed but could not return (the broker failed half-way):
+        still this worker's in the group, read again from the stream."""
+        if not self._orphans:
+            return []
+        pending = self._r.xpending_range(
+            self._stream,
+            GROUP,
+            "-",
+            "+",
+            len(self._orphans) + _CLAIM_BATCH,
+            consumername=self._worker_id,
+        )
+        # The delivery count already has the claim that made it ours.
+        delivered = {
+            _text(p["message_id"]): int(p["times_delivered"]) - 1
+            for p in pending
+            if _text(p["message_id"]) in self._orphans
+        }
+        pipe = self._r.pipeline(transaction=False)
+        for eid in delivered:
+            pipe.xrange(self._stream, eid, eid)
+        entries = [entry for found in pipe.execute() for entry in found]
+        return self._claimed_deliveries(entries, delivered, source="an unfinished claim pass")
+
+    def _tell_taken_over(self, claimed: list[Delivery]) -> None:
+        """A streaming client of a request taken over has seen nothing yet (or only its
+        start): tell it why it waits. One that had text ends with worker_lost instead. Best
+        effort: a notice that cannot be written must not lose the claimed requests."""
+        notices = [
+            Outgoing(d.request.request_id, [NoticeEvent.fixed(TAKEN_OVER)])
+            for d in claimed
+            if d.request.stream
+            and 1 < d.attempt <= self._settings.max_deliveries  # not one given up
+            and d.reply_state in (ReplyState.EMPTY, ReplyState.STARTED)
+        ]
+        try:
+            self.publish(notices)
+        except TransportUnavailable:
+            logger.warning("could not tell %d clients their request was taken over", len(notices))
 
     def _delivery(
         self, entry_id: bytes, fields: dict[bytes, bytes], *, attempt: int, state: ReplyState | None

@@ -21,7 +21,7 @@ from inference.protocol import (
 )
 from inference.settings import InferenceSettings
 from inference.worker.redis_streams import RedisWorkerTransport
-from inference.worker.transport import Outgoing, ReplyState
+from inference.worker.transport import Outgoing, ReplyState, TransportUnavailable
 from tests.inference.fakes import (
     SAMPLE_EVENTS,
     make_heartbeat,
@@ -74,8 +74,8 @@ def test_only_dead_workers_entries_are_reclaimed_with_their_reply_state(settings
             Outgoing(requests["done"].request_id, SAMPLE_EVENTS),
         ]
     )
-    assert rescuer.claim_stale() == []  # not idle long enough yet
-    time.sleep(0.3)
+    assert rescuer.claim_stale() == []  # not gone long enough yet
+    time.sleep(settings_.presence_grace_s + 0.05)
     claimed = {d.request.request_id: d for d in rescuer.claim_stale()}
     assert set(claimed) == {r_.request_id for r_ in requests.values()}  # not the live one's
     states = {name: claimed[req.request_id].reply_state for name, req in requests.items()}
@@ -204,3 +204,39 @@ def test_a_streamed_request_taken_over_tells_its_client_why(redis_settings):
         "whole": ReplyState.EMPTY,
     }
     assert replies()["empty"] == [notice, notice]
+
+
+def test_a_claim_pass_that_fails_half_way_loses_nothing(redis_settings, monkeypatch):
+    """Entries claimed by a pass that then met a broker error are this (live) worker's: no
+    other worker would take them, so the next pass returns them; a notice that cannot be
+    written does not stop the claim either."""
+    settings_ = redis_settings(claim_idle_ms=60_000, heartbeat_s=0.1, request_timeout_s=5.0)
+    rescuer = _live(settings_, "rescuer")
+    victim = _stuck_with(settings_, "victim", 3)
+    victim.close()
+    assert rescuer.claim_stale() == []  # first seen gone
+    time.sleep(settings_.presence_grace_s + 0.05)
+    real_reply_state = rescuer._reply_state
+    calls = 0
+
+    def failing_on_the_second(request_id: str):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise redis.ConnectionError("connection reset (test)")
+        return real_reply_state(request_id)
+
+    monkeypatch.setattr(rescuer, "_reply_state", failing_on_the_second)
+    with pytest.raises(TransportUnavailable):
+        rescuer.claim_stale()  # all three XCLAIMed, none returned
+    monkeypatch.setattr(rescuer, "_reply_state", real_reply_state)
+
+    def publish_down(batch):
+        raise TransportUnavailable("down (test)")
+
+    monkeypatch.setattr(rescuer, "publish", publish_down)
+    again = rescuer.claim_stale()
+
+    assert len({d.request.request_id for d in again}) == 3
+    assert all(d.attempt == 2 for d in again)  # the one claim counted, not the retake
+    assert rescuer.claim_stale() == []  # returned once

@@ -30,8 +30,11 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     from 128 KB free, so each request page-faults its working set in anew: about 2,400
     faults (9 MB zeroed by the kernel) per standard request on the tiny CPU model, 5 ms of
     a 48 ms request (``benchmarks/worker_hop.py``). Allocations up to 32 MB from the heap,
-    and up to 128 MB free kept at its top, make them reuse warm pages. The process keeps
-    that much more resident at its peak; it holds a model many times that size.
+    and up to 128 MB free kept at its top, make them reuse warm pages. The trim threshold
+    holds for each of malloc's arenas (glibc makes up to 8 per core for threads that
+    allocate at once), so a process with many allocating threads (the embedded mode's web
+    process) may keep up to 128 MB more per arena at its peak, not per process; a worker
+    allocates from its engine's thread and its IO thread, and holds a model many times that.
 
     Left alone when the operator tuned malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or the C
     library is not glibc. True when set.

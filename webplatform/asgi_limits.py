@@ -74,6 +74,14 @@ class CallerCap(Protocol):
 CallerCapLookup = Callable[[Scope, int | None], Awaitable[CallerCap | None]]
 
 
+def app_path(scope: Scope) -> str:
+    """The request's path below the application's mount point (``root_path``), as Django's
+    URLs see it: what tells an API request (``/v1/``) from a page."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def _declared_length(scope: Scope) -> int | None:
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", [])  # type: ignore[assignment]
     for name, value in headers:
@@ -159,7 +167,7 @@ class BodyLimits:
         max_bytes = self._max_bytes or settings.REQUEST_BODY_MAX_BYTES
         total_s = self._total_s or settings.REQUEST_BODY_TIMEOUT_SECONDS
         idle_s = self._idle_s or settings.REQUEST_BODY_IDLE_SECONDS
-        path = scope.get("path", "")
+        path = app_path(scope)
         declared = _declared_length(scope)
         if declared is not None and declared > max_bytes:
             await send_refusal(send, status=413, path=path)

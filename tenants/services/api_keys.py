@@ -272,7 +272,10 @@ def api_key_rename(*, api_key: ApiKey, name: str) -> ApiKey:
         raise ApplicationError("A key needs a name.", code="invalid_value", param="name")
     ApiKey.objects.filter(pk=api_key.pk).update(name=name)
     api_key.name = name
-    cache.delete(api_key_record_cache_key(api_key.public_id))
+    # Once committed (at once outside a transaction): a lookup between a delete and the
+    # commit would cache the old name again.
+    record_key = api_key_record_cache_key(api_key.public_id)
+    transaction.on_commit(lambda: cache.delete(record_key))
     return api_key
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from asgiref.typing import Scope
 from channels.db import database_sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 from django.urls import Resolver404, resolve
 
 from inference.protocol import new_request_id
@@ -44,7 +45,7 @@ from tenants.services.api_keys import api_key_authenticate
 from tenants.services.usage import usage_record_create
 from webplatform.api.errors import MISSING_KEY_MESSAGE
 from webplatform.api.request_body import too_large
-from webplatform.asgi_limits import CallerRefusal
+from webplatform.asgi_limits import CallerRefusal, app_path
 from webplatform.middleware import REQUEST_ID_HEADER
 
 logger = logging.getLogger(__name__)
@@ -178,12 +179,8 @@ def _missing_key_error(scope: Scope) -> ApplicationError:
 
 
 def _plan_capped(scope: Scope) -> bool:
-    path = str(scope.get("path", ""))
-    root = str(scope.get("root_path", ""))
-    if root and path.startswith(root):
-        path = path[len(root) :]
     try:
-        return resolve(path).url_name in _PLAN_CAPPED_ROUTES
+        return resolve(app_path(scope)).url_name in _PLAN_CAPPED_ROUTES
     except Resolver404:
         return False
 
@@ -205,6 +202,9 @@ async def caller_body_cap(
         principal = await database_sync_to_async(api_key_authenticate)(raw_key=raw_key)
     except ApplicationError as error:  # unknown, revoked, expired: the view's 401
         return UnauthenticatedCap(error)
-    except StoreUnavailable:
-        return None  # the view answers it (503) after the global cap
+    except (StoreUnavailable, DatabaseError):
+        # Ours, not the caller's: the view answers it (503, or its own error) after the
+        # global cap, as without this module.
+        logger.warning("caller's body cap: key lookup failed", exc_info=True)
+        return None
     return PlanBodyCap(limit=principal_body_cap(principal), principal=principal, started=started)

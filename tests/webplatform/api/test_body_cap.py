@@ -322,3 +322,29 @@ def test_a_cache_outage_during_the_lookup_is_the_views_503_not_a_500(
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "service_unavailable"
     assert pulled.last == len(raw)  # fell back to the global cap
+
+
+async def test_a_database_error_in_the_lookup_leaves_the_global_cap(monkeypatch):
+    """PostgreSQL down on a key-cache miss is ours, not the caller's: no cap of its own
+    (the view then answers its own error), never an exception out of the ASGI layer."""
+    from django.db import OperationalError
+
+    def broken(*, raw_key: str) -> Any:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(body_cap, "api_key_authenticate", broken)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", b"Bearer sk_x_y")],
+    }
+    assert await body_cap.caller_body_cap(scope, None) is None
+
+
+def test_the_api_is_told_apart_below_a_mount_point():
+    from webplatform.asgi_limits import app_path
+
+    assert app_path({"path": "/platform/v1/models", "root_path": "/platform"}) == "/v1/models"
+    assert app_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert app_path({"path": "/v1/models"}) == "/v1/models"

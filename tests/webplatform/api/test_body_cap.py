@@ -324,6 +324,7 @@ def test_a_cache_outage_during_the_lookup_is_the_views_503_not_a_500(
     assert pulled.last == len(raw)  # fell back to the global cap
 
 
+@pytest.mark.django_db  # database_sync_to_async looks at the connection around the call
 async def test_a_database_error_in_the_lookup_leaves_the_global_cap(monkeypatch):
     """PostgreSQL down on a key-cache miss is ours, not the caller's: no cap of its own
     (the view then answers its own error), never an exception out of the ASGI layer."""

@@ -80,6 +80,7 @@ from inference.protocol import (
     WorkerHeartbeat,
     decode_event,
     decode_heartbeat,
+    decode_heartbeat_presence,
     encode,
     worker_liveness,
 )
@@ -425,15 +426,16 @@ class RedisStreamsClient(InferenceClient):
             keys=[self.keys.registry(model), self.keys.requests(model)],
             args=[self.keys.heartbeat(model, ""), self.keys.presence(model, ""), GROUP],
         )
-        waiting, pending, *workers = cast("list[Any]", reply)
+        waiting, pending, *items = cast("list[Any]", reply)
+        workers = _workers(items)  # decoded once, for the health and the states alike
         health = model_health_from_heartbeats(
             model,
-            [beat for beat, state in _workers(workers) if state is Liveness.LIVE and beat],
+            [beat for beat, state in workers if state is Liveness.LIVE and beat],
             waiting=int(waiting),
             pending=int(pending),
         )
         self._health[model] = (now, health)
-        self._liveness_cache[model] = (now, {state for _beat, state in _workers(workers)})
+        self._liveness_cache[model] = (now, {state for _beat, state in workers})
         return health
 
     async def _liveness(self, clients: _LoopClients, model: str) -> set[Liveness]:
@@ -447,7 +449,12 @@ class RedisStreamsClient(InferenceClient):
             keys=[self.keys.registry(model)],
             args=[self.keys.heartbeat(model, ""), self.keys.presence(model, "")],
         )
-        states = {state for _beat, state in _workers(cast("list[Any]", reply))}
+        items = cast("list[Any]", reply)
+        # Only the states: each beat's presence field alone, not the whole heartbeat.
+        states = {
+            worker_liveness(None if raw is None else decode_heartbeat_presence(_raw(raw)), int(n))
+            for raw, n in zip(items[::2], items[1::2], strict=True)
+        }
         self._liveness_cache[model] = (now, states)
         return states
 

@@ -13,6 +13,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from inference.allocator import freeze_loaded_objects  # noqa: E402
+from webplatform.after_response import AfterResponse  # noqa: E402
 from webplatform.api.body_cap import caller_body_cap  # noqa: E402
 from webplatform.asgi_limits import BodyLimits  # noqa: E402
 from webplatform.chat.routing import websocket_urlpatterns  # noqa: E402
@@ -38,7 +39,9 @@ application = ProtocolTypeRouter(
     {
         # Bodies bounded in size and time before Django buffers them (asgi_limits.py), in
         # size by the caller's plan where the route's cap depends on it (api/body_cap.py).
-        "http": BodyLimits(django_asgi_app, caller_cap=caller_body_cap),
+        # After the response: what a request owes that its client does not wait for
+        # (after_response.py: a served answer's usage record).
+        "http": AfterResponse(BodyLimits(django_asgi_app, caller_cap=caller_body_cap)),
         "websocket": websocket_stack(URLRouter(websocket_urlpatterns)),
     }
 )

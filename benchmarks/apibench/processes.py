@@ -65,6 +65,15 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, *, path: str) -> Non
 
 
 @contextlib.contextmanager
+def production_server_flags() -> list[str]:
+    """The flags ``make run`` gives uvicorn (the Makefile's ``UVICORN_LIMITS``: uvloop,
+    httptools with the header limits, keep-alive), so the benchmark serves as production."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith("UVICORN_LIMITS ="):
+            return line.split("=", 1)[1].split()
+    raise RuntimeError("the Makefile defines no UVICORN_LIMITS")
+
+
 def uvicorn_server(env: dict[str, str], tmp: Path, mode: str) -> Iterator[str]:
     """``uvicorn webplatform.asgi:application`` in ``env``, live for the block; its URL."""
     port = free_port()
@@ -78,6 +87,7 @@ def uvicorn_server(env: dict[str, str], tmp: Path, mode: str) -> Iterator[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        *production_server_flags(),
         "--lifespan",
         "off",
         "--no-access-log",

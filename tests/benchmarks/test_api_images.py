@@ -42,3 +42,17 @@ def test_screenshots_are_distinct_full_hd_pngs() -> None:
     prefix = "data:image/png;base64,"
     assert url["url"].startswith(prefix)
     assert base64.b64decode(url["url"][len(prefix) :]) == shots[0]
+
+
+def test_the_engine_floor_gets_exactly_what_validation_hands_the_worker() -> None:
+    from apibench.request import distinct_jpegs
+    from apibench.targets import EngineTarget
+
+    from webplatform.uploads.validation import image_validate
+
+    jpeg = distinct_jpegs(1)[0]
+    # prepare() needs no engine: called unbound, as the benchmark calls it before timing.
+    data, ref = EngineTarget.prepare(object.__new__(EngineTarget), jpeg)
+    validated = image_validate(data=jpeg, max_bytes=len(jpeg), pixel_budget=1_254_400)
+    assert data == validated.data
+    assert ref == validated.ref()

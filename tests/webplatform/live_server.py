@@ -60,7 +60,10 @@ __all__ = [
     "LiveServer",
     "live_asgi_server",
     "redis_inference_without_workers",
+    "after_response_drained",
+    "content_log_entries",
     "tiny_model_path",
+    "usage_records",
 ]
 
 _START_TIMEOUT_S = 20.0
@@ -234,3 +237,31 @@ def redis_inference_without_workers(live_asgi_server: LiveServer, settings) -> I
             client.delete(*keys)
     finally:
         client.close()
+
+
+def after_response_drained(timeout_s: float = 5.0) -> None:
+    """Wait until the live server ran every request's after-response work: a served
+    answer's usage record and content log are written just after its response
+    (``webplatform.after_response``), so a test reads them after this."""
+    from webplatform.after_response import after_response_pending
+
+    deadline = time.monotonic() + timeout_s
+    while after_response_pending():
+        assert time.monotonic() < deadline, "after-response work still pending"
+        time.sleep(0.005)
+
+
+def usage_records() -> Any:
+    """``UsageRecord.objects``, once every response's record is written."""
+    from tenants.models import UsageRecord
+
+    after_response_drained()
+    return UsageRecord.objects
+
+
+def content_log_entries() -> Any:
+    """``ContentLogEntry.objects``, once every response's entry is written."""
+    from tenants.models import ContentLogEntry
+
+    after_response_drained()
+    return ContentLogEntry.objects

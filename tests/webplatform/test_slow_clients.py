@@ -34,7 +34,8 @@ def _makefile_uvicorn_limits() -> list[str]:
 
 def test_every_documented_server_command_sets_the_slow_client_limits() -> None:
     flags = _makefile_uvicorn_limits()
-    assert "webplatform.server:HeaderDeadlineH11Protocol" in flags
+    assert "webplatform.server:HeaderLimitsHttpToolsProtocol" in flags
+    assert flags[flags.index("--loop") + 1] == "uvloop"
     assert "$(UVICORN_LIMITS)" in (ROOT / "Makefile").read_text()
     for path in ("docker/Dockerfile", "docker/k8s/web.yaml"):
         text = (ROOT / path).read_text()
@@ -206,3 +207,61 @@ def test_a_chunked_body_growing_past_the_cap_is_cut_there(server: int) -> None:
     data, elapsed = _read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 413"), data
     assert elapsed < 2  # not the idle deadline: cut as soon as the cap was passed
+
+
+def test_headers_past_the_cap_in_one_send_are_refused_with_431(server: int) -> None:
+    sock = _connect(server)
+    # One write holding the whole request, body included: the parsed header size decides.
+    big = b"X-Big: " + b"y" * 20_000 + b"\r\n"
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + big
+        + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    data, elapsed = _read_until_closed(sock, limit_s=5)
+    assert data.startswith(b"HTTP/1.1 431"), data
+    assert elapsed < 2
+
+
+def test_headers_growing_past_the_cap_without_end_are_cut_there(server: int) -> None:
+    sock = _connect(server)
+    sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+    sent = 0
+    try:
+        while sent < 1_000_000:  # far past the cap; the server closes long before
+            sock.sendall(b"z" * 4096)
+            sent += 4096
+            time.sleep(0.001)
+    except OSError:
+        pass
+    data, elapsed = _read_until_closed(sock, limit_s=5)
+    assert data.startswith(b"HTTP/1.1 431"), data
+    assert sent < 1_000_000 or elapsed < 2
+
+
+def test_headers_within_the_cap_are_served_on_a_kept_alive_connection(server: int) -> None:
+    sock = _connect(server)
+    request = (
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 12_000 + b"\r\n\r\n"
+    )
+    for _ in range(2):  # the second request's headers are counted afresh
+        sock.sendall(request)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response with a ``Content-Length`` body, the connection left open."""
+    sock.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return data

@@ -23,6 +23,7 @@ from rest_framework import exceptions
 from rest_framework.request import Request
 
 from tenants.errors import ApplicationError
+from webplatform.after_response import after_response_deferral
 from webplatform.api import openai_wire
 from webplatform.api.base import AuthenticatedApiView, principal_of
 from webplatform.api.body_cap import principal_body_cap
@@ -198,6 +199,9 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
             inp=inp,
             request_id=request_id_of(request),
         )
+        # The usage record and content log after the last byte, where the ASGI stack can
+        # (webplatform.after_response); the quota is still settled before it.
+        run.settlement.defer_records = after_response_deferral(request._request)
         headers = _response_headers(run)
         if inp.stream:
             # Headers wait for the first event: an error known before the first token

@@ -9,7 +9,9 @@ that went away (a second call does nothing):
   released untouched when the failure was ours;
 - the usage record (``tenants.services.usage.usage_record_create``);
 - the content log (``tenants.services.content_logging.content_log_record``), which keeps
-  nothing unless the organisation turned it on;
+  nothing unless the organisation turned it on; these two database writes go after the
+  response where the entry point can defer them (``defer_records``, REST through
+  ``webplatform.after_response``), the quota never;
 - the answer cache, for a finished deterministic answer of the model asked for;
 - the metrics (the error's code too) and one log line, ``completion settled``
   (``webplatform.log_context``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -34,6 +37,7 @@ from tenants.errors import ApplicationError
 from tenants.services.content_logging import content_log_record
 from tenants.services.quotas import Admission, quota_release, quota_settle
 from tenants.services.usage import usage_record_create
+from webplatform.after_response import Deferral
 from webplatform.completions.answer import Answer
 from webplatform.completions.cache import answer_cache_store
 from webplatform.completions.request import Caller
@@ -75,6 +79,9 @@ class Settlement:
     route_rule: str = ""
     escalated_from: str = ""
     escalated_usage: Usage | None = None
+    # Where the usage record and content log go when they may be written after the
+    # response (webplatform.after_response); None: written before settle() returns.
+    defer_records: Deferral | None = None
 
     def record_start(self, event: StartEvent) -> None:
         self.prompt_tokens_seen = event.prompt_tokens
@@ -97,18 +104,8 @@ class Settlement:
             image_tokens=self.image_tokens_seen,
         )
 
-    def _pay(
-        self,
-        *,
-        outcome: Outcome,
-        error_code: str,
-        answer: Answer | None,
-        usage: Usage,
-        ttft_ms: int | None,
-        latency_ms: int,
-    ) -> None:
-        """The quota, then the usage record and the content log (blocking: Redis and the
-        database). A failure of one is logged and does not stop the next."""
+    def _pay_quota(self, *, outcome: Outcome, usage: Usage) -> None:
+        """Settle or release the admission's quota lease (blocking: Redis)."""
         try:
             # Our failure costs the tenant nothing; a request the client abandoned is charged
             # what it consumed (see _usage).
@@ -122,6 +119,18 @@ class Settlement:
                 quota_settle(admission=self.admission, used_tokens=used)
         except Exception:  # Redis down: the lease expires on its own; the record is kept
             logger.exception("settling the quota of request %s failed", self.request_id)
+
+    def _record(
+        self,
+        *,
+        outcome: Outcome,
+        error_code: str,
+        answer: Answer | None,
+        usage: Usage,
+        ttft_ms: int | None,
+        latency_ms: int,
+    ) -> None:
+        """The usage record and the content log (blocking: the database)."""
         try:
             principal = self.caller.principal
             usage_record_create(
@@ -179,9 +188,8 @@ class Settlement:
             if self.first_token_at is None
             else int((self.first_token_at - self.started_at) * 1000)
         )
-        # Quota, usage record and content log in one thread hand-off (each hand-off is a
-        # wake-up of a thread and of the event loop on the client's critical path).
-        await sync_to_async(self._pay, thread_sensitive=False)(
+        records = functools.partial(
+            self._record,
             outcome=outcome,
             error_code=error_code,
             answer=answer,
@@ -189,6 +197,26 @@ class Settlement:
             ttft_ms=ttft_ms,
             latency_ms=int((now - self.started_at) * 1000),
         )
+        # Only a served answer's records wait for the response: an error's record must be
+        # in before its response (rejections.py records refusals, first one wins).
+        if self.defer_records is None or answer is None:
+
+            def pay() -> None:  # a failure of one is logged and does not stop the next
+                self._pay_quota(outcome=outcome, usage=usage)
+                records()
+
+            # Quota, usage record and content log in one thread hand-off (each hand-off is
+            # a wake-up of a thread and of the event loop on the client's critical path).
+            await sync_to_async(pay, thread_sensitive=False)()
+        else:
+            # The quota now (the client's next request must see its lease gone), the two
+            # database writes after the response (webplatform.after_response).
+            await sync_to_async(self._pay_quota, thread_sensitive=False)(
+                outcome=outcome, usage=usage
+            )
+            write = sync_to_async(records, thread_sensitive=False)
+            if not self.defer_records(write):  # too late to defer: now
+                await write()
         if outcome is Outcome.OK and answer is not None and self.cache_key is not None:
             await answer_cache_store(key=self.cache_key, answer=answer)  # never raises
         completion_observe(

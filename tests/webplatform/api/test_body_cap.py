@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
-from tenants.models import UsageRecord
 from tests.factories import TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 from webplatform.api import body_cap
 from webplatform.api.body_cap import chat_body_cap, chat_body_cap_floor
 
@@ -147,7 +147,7 @@ def _assert_refused_at_the_plan_cap(data: bytes, *, cap: int) -> None:
     assert body["error"]["code"] == "request_too_large"
     assert f"at most {cap} bytes" in body["error"]["message"]
     # Recorded as the view records its refusals, under the id the client got.
-    record = UsageRecord.objects.get(request_id=headers["x-request-id"])
+    record = usage_records().get(request_id=headers["x-request-id"])
     assert (record.status, record.error_code, record.model) == ("error", "request_too_large", "")
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 from tests.webplatform.uploads import corpus
 
 pytest_plugins = ["tests.webplatform.live_server"]  # live_asgi_server and friends
@@ -58,7 +59,7 @@ def _text(response: httpx.Response) -> str:
 
 
 def _record(response: httpx.Response) -> UsageRecord:
-    return UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    return usage_records().get(request_id=response.headers["x-request-id"])
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ def test_a_client_can_opt_out_of_the_cache(tenant_a, subtests):
             again = _ask(tenant_a, body, **headers)
 
             assert (opted_out.headers["x-cache"], again.headers["x-cache"]) == ("miss", "miss")
-            assert not UsageRecord.objects.filter(cache_hit=True).exists()
+            assert not usage_records().filter(cache_hit=True).exists()
             # Nothing was stored either: the first ordinary request still goes to the model.
             plain = _ask(tenant_a, _body(temperature=0, max_tokens=max_tokens))
             assert plain.headers["x-cache"] == "miss"
@@ -132,7 +133,7 @@ def test_a_non_deterministic_request_is_never_cached(tenant_a):
         assert _ask(tenant_a, _body(temperature=0.9)).headers["x-cache"] == "miss"
     assert _ask(tenant_a, _body()).headers["x-cache"] == "miss"  # default temperature is 1
 
-    assert not UsageRecord.objects.filter(cache_hit=True).exists()
+    assert not usage_records().filter(cache_hit=True).exists()
 
 
 def test_a_different_image_or_parameter_is_a_different_entry(tenant_a):

@@ -16,8 +16,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 
 pytest_plugins = ["tests.webplatform.live_server"]  # live_asgi_server and friends
 
@@ -127,7 +127,7 @@ def test_a_model_failure_after_text_ends_the_stream_with_an_error_event(http, en
         e != "[DONE]" and "choices" in e and e["choices"] and e["choices"][0]["finish_reason"]
         for e in events
     )
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert (record.status, record.error_code) == ("error", "internal_error")
     _assert_nothing_held(http)
 
@@ -140,7 +140,7 @@ def test_a_model_failure_before_any_text_is_a_json_error(http, engine_failing_at
     assert response.status_code == 503  # nothing was sent yet: worth a retry
     assert response.json()["error"]["code"] == "internal_error"
     assert response.json()["error"]["type"] == "server_error"
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert record.status == "error"
     _assert_nothing_held(http)
 
@@ -157,7 +157,7 @@ def test_a_streamed_request_whose_model_fails_before_any_text_gets_a_plain_error
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] == "internal_error"
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert (record.status, record.error_code) == ("error", "internal_error")
     _assert_nothing_held(http)
 
@@ -211,7 +211,7 @@ def test_the_openai_user_field_is_accepted_and_names_no_member(sdk, subtests):
                 model=MODEL, messages=_body()["messages"], max_tokens=2, user=user
             )
 
-            record = UsageRecord.objects.get(request_id=response._request_id)
+            record = usage_records().get(request_id=response._request_id)
             assert record.user_id is None  # a tenant's own end user is not one of our users
             assert record.api_key_id is not None
 
@@ -260,7 +260,7 @@ def test_a_client_that_hangs_up_on_a_json_request_cancels_it(http, monkeypatch):
 
     monkeypatch.setattr(inprocess, "load_engine", slow)
     http.post("/v1/chat/completions", json=_body(max_tokens=1))  # loads the engine
-    before = set(UsageRecord.objects.values_list("request_id", flat=True))
+    before = set(usage_records().values_list("request_id", flat=True))
     tokens_left = http.get("/v1/usage").json()["rate_limits"]["tokens"]["remaining"]
 
     with pytest.raises(httpx.ReadTimeout):
@@ -269,7 +269,7 @@ def test_a_client_that_hangs_up_on_a_json_request_cancels_it(http, monkeypatch):
 
     record = None
     while time.monotonic() - hung_up_at < 3.0:
-        record = UsageRecord.objects.exclude(request_id__in=before).first()
+        record = usage_records().exclude(request_id__in=before).first()
         if record is not None and engines[0].stats().running == 0:
             break
         time.sleep(0.05)

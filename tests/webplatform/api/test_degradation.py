@@ -12,8 +12,8 @@ import httpx
 import msgspec
 from PIL import Image, ImageDraw, ImageFont
 
-from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 from tests.webplatform.uploads import corpus
 
 pytest_plugins = ["tests.webplatform.live_server"]  # live_asgi_server and friends
@@ -129,7 +129,7 @@ def test_a_plan_with_a_fallback_is_answered_by_the_fallback_model(live_asgi_serv
         assert response.headers["x-model-fallback"] == f"{MODEL} -> {FALLBACK}"
         # ocr-lite really read the label.
         assert "2031-03-14" in body["choices"][0]["message"]["content"]
-        record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+        record = usage_records().get(request_id=response.headers["x-request-id"])
         assert (record.model, record.status) == (FALLBACK, "ok")
 
         with http.stream("POST", "/v1/chat/completions", json=_body(stream=True)) as streamed:

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 
 pytest_plugins = ["tests.webplatform.live_server"]
 
@@ -53,7 +53,7 @@ def _post_raw(http: httpx.Client, raw: bytes) -> httpx.Response:
 def _assert_not_admitted(http: httpx.Client, response: httpx.Response) -> None:
     """Refused before admission: nothing taken from the quota; the refusal's usage record
     (webplatform/api/rejections.py) names no model and no tokens."""
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert (record.status, record.model, record.prompt_tokens) == ("error", "", 0)
     assert record.error_code == response.json()["error"]["code"]
     limits = http.get("/v1/usage").json()["rate_limits"]
@@ -181,7 +181,7 @@ def test_context_length_exceeded_on_a_stream_is_a_plain_400(http, live_asgi_serv
         assert response.status_code == 400, response.text
         assert response.headers["content-type"] == "application/json"
         assert _error(response)["code"] == "context_length_exceeded"
-        record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+        record = usage_records().get(request_id=response.headers["x-request-id"])
         assert (record.status, record.error_code) == ("error", "context_length_exceeded")
 
 
@@ -193,7 +193,7 @@ def test_a_request_refused_after_admission_leaves_a_usage_record(http):
 
     assert response.status_code == 400, response.text
     code = _error(response)["code"]
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert (record.status, record.error_code) == ("error", code)
     assert (record.prompt_tokens, record.completion_tokens) == (0, 0)
     limits = http.get("/v1/usage").json()["rate_limits"]

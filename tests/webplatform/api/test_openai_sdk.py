@@ -16,8 +16,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import usage_records
 from tests.webplatform.uploads import corpus
 
 pytest_plugins = ["tests.webplatform.live_server"]  # the live_asgi_server fixture
@@ -80,7 +80,7 @@ def test_a_completion_with_an_image_answers_with_usage_and_image_tokens(sdk):
         response.usage.prompt_tokens + response.usage.completion_tokens
     )
     assert response._request_id and response.id == f"chatcmpl-{response._request_id}"
-    record = UsageRecord.objects.get(request_id=response._request_id)
+    record = usage_records().get(request_id=response._request_id)
     assert (record.status, record.image_count, record.cache_hit) == ("ok", 1, False)
     assert record.image_tokens == response.usage.prompt_tokens_details.image_tokens
 
@@ -143,7 +143,7 @@ def test_a_streamed_completion_matches_the_greedy_answer(sdk):
     assert whole.choices[0].message.content == streamed
     assert whole.usage.completion_tokens == usage_chunk.usage.completion_tokens
     assert whole.usage.prompt_tokens == usage_chunk.usage.prompt_tokens
-    hits = UsageRecord.objects.filter(cache_hit=True).count()
+    hits = usage_records().filter(cache_hit=True).count()
     assert hits == 0
 
 
@@ -320,7 +320,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(
     steps_at_close = engine.steps
     deadline = closed_at + 3.0
     while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
+        record = usage_records().filter(request_id=request_id).first()
         if record is not None and engine.stats().running == 0:
             break
         time.sleep(0.05)

@@ -18,6 +18,7 @@ from inference.client import reset_inference_client
 from tenants.models import UsageRecord
 from tests.factories import PlanFactory, TenantFactory, api_key_for
 from tests.webplatform.api.routing_support import FAST, LARGE, upstream_spec
+from tests.webplatform.live_server import usage_records
 from tests.webplatform.uploads import corpus
 
 pytest_plugins = ["tests.webplatform.live_server", "tests.webplatform.api.routing_support"]
@@ -66,7 +67,7 @@ def _check(response: httpx.Response, model: str, rule: str) -> UsageRecord:
     assert response.headers["x-routed-model"] == model
     assert response.headers["x-routed-rule"] == rule
     assert "x-model-fallback" not in response.headers
-    record = UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    record = usage_records().get(request_id=response.headers["x-request-id"])
     assert (record.model, record.route_rule, record.status) == (model, rule, "ok")
     return record
 
@@ -121,7 +122,7 @@ def test_each_rule_routes_auto_and_says_so(live_asgi_server, upstream_platform, 
                 _check(http.post("/v1/chat/completions", json=body), model, rule)
         # The slow answers really came from the second instance.
         slow = sum(1 for *_, model, _rule in CASES if model == LARGE)
-        assert UsageRecord.objects.filter(tenant=upstream_platform.tenant).count() == slow
+        assert usage_records().filter(tenant=upstream_platform.tenant).count() == slow
         # A streamed request is routed before its first token: the headers say so.
         with http.stream(
             "POST", "/v1/chat/completions", json=_ask("Review this NDA clause.", stream=True)
@@ -133,7 +134,7 @@ def test_each_rule_routes_auto_and_says_so(live_asgi_server, upstream_platform, 
         # Naming a model is not routed.
         named = http.post("/v1/chat/completions", json=_ask("Review this contract.", model=FAST))
         assert named.json()["model"] == FAST and "x-routed-model" not in named.headers
-        assert UsageRecord.objects.get(request_id=named.headers["x-request-id"]).route_rule == ""
+        assert usage_records().get(request_id=named.headers["x-request-id"]).route_rule == ""
 
 
 def test_the_plan_decides_when_it_allows_one_model(live_asgi_server, upstream_platform, settings):
@@ -185,14 +186,12 @@ def test_an_unsure_fast_answer_is_escalated_and_both_are_charged(
             assert streamed.headers["x-routed-model"] == FAST
             assert streamed.headers["x-routed-rule"] == "default"
             streamed.read()
-        record = UsageRecord.objects.get(request_id=streamed.headers["x-request-id"])
+        record = usage_records().get(request_id=streamed.headers["x-request-id"])
         assert (record.model, record.escalated_from) == (FAST, "")
         # With an image: the slow model gets it too (over HTTP, as a data URI).
         with_image = http.post("/v1/chat/completions", json=_ask("What colour?", images=1))
         assert _check(with_image, LARGE, "escalate:unsure").image_count == 1
-        _dashboard_shows(
-            owner, UsageRecord.objects.get(request_id=response.headers["x-request-id"])
-        )
+        _dashboard_shows(owner, usage_records().get(request_id=response.headers["x-request-id"]))
 
 
 def test_a_low_logprob_fast_answer_is_escalated(

@@ -8,8 +8,9 @@ import re
 import httpx
 import pytest
 
-from tenants.models import ContentLogEntry, Tenant
+from tenants.models import Tenant
 from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.webplatform.live_server import content_log_entries
 
 pytest_plugins = ["tests.webplatform.live_server"]
 
@@ -40,7 +41,7 @@ def test_prompt_and_answer_are_kept_only_when_the_organisation_logs_content(
     assert response.status_code == 200, response.text
     request_id = response.headers["x-request-id"]
 
-    entries = ContentLogEntry.objects.filter(tenant=tenant, request_id=request_id)
+    entries = content_log_entries().filter(tenant=tenant, request_id=request_id)
     if logging_on:
         entry = entries.get()
         assert entry.prompt == "Is step two of this homework right?"

@@ -22,6 +22,7 @@ from tests.webplatform.api.routing_support import (
     free_port,
     upstream_spec,
 )
+from tests.webplatform.live_server import usage_records
 
 pytest_plugins = ["tests.webplatform.live_server", "tests.webplatform.api.routing_support"]
 
@@ -57,7 +58,7 @@ def _nothing_held(http: httpx.Client) -> None:
 
 
 def _record(response: httpx.Response) -> UsageRecord:
-    return UsageRecord.objects.get(request_id=response.headers["x-request-id"])
+    return usage_records().get(request_id=response.headers["x-request-id"])
 
 
 def _sse(response: httpx.Response) -> list[Any]:
@@ -90,7 +91,7 @@ def test_plain_and_streamed_requests_go_through_the_second_platform(
         assert (record.model, record.status) == (LARGE, "ok")
         assert record.prompt_tokens == body["usage"]["prompt_tokens"]
         # The second instance served it, for its own operator's tenant, with its own model.
-        served = UsageRecord.objects.filter(tenant=upstream_platform.tenant)
+        served = usage_records().filter(tenant=upstream_platform.tenant)
         assert [(r.model, r.status) for r in served] == [(FAST, "ok")]
         assert served[0].completion_tokens == body["usage"]["completion_tokens"]
 
@@ -110,7 +111,7 @@ def test_plain_and_streamed_requests_go_through_the_second_platform(
         )
         assert text
         assert chunks[-1]["usage"]["completion_tokens"] > 0
-        assert UsageRecord.objects.filter(tenant=upstream_platform.tenant).count() == 2
+        assert usage_records().filter(tenant=upstream_platform.tenant).count() == 2
         _nothing_held(http)
     secret = open(key).read().strip()
     assert secret not in response.text
@@ -148,8 +149,8 @@ def test_a_client_that_goes_away_closes_the_upstream_stream(
                     break  # one token read: hang up
         deadline = time.monotonic() + 20
         while True:
-            ours = UsageRecord.objects.filter(request_id=request_id).first()
-            theirs = UsageRecord.objects.filter(tenant=upstream_platform.tenant).first()
+            ours = usage_records().filter(request_id=request_id).first()
+            theirs = usage_records().filter(tenant=upstream_platform.tenant).first()
             if ours is not None and theirs is not None:
                 break
             assert time.monotonic() < deadline, "no usage records after the hang-up"
@@ -222,7 +223,7 @@ def test_a_stream_cut_after_its_first_tokens_ends_in_band_and_is_not_retried(
         )
         assert text == "Hello there"
         assert events[-1]["error"]["code"] == "worker_lost"
-        record = UsageRecord.objects.get(request_id=streamed.headers["x-request-id"])
+        record = usage_records().get(request_id=streamed.headers["x-request-id"])
         assert (record.status, record.error_code) == ("error", "worker_lost")
         _nothing_held(http)
     assert app.hits["cut"] == 1
@@ -277,7 +278,7 @@ def test_a_hang_up_reaches_an_upstream_that_is_still_answering(
         assert app.disconnected["drip"] == 1  # the upstream saw its client go
         assert time.monotonic() - started < 5  # long before its 10 s answer ended
         deadline = time.monotonic() + 10
-        while (ours := UsageRecord.objects.filter(request_id=request_id).first()) is None:
+        while (ours := usage_records().filter(request_id=request_id).first()) is None:
             assert time.monotonic() < deadline, "no usage record after the hang-up"
             time.sleep(0.1)
         assert (ours.model, ours.status) == (LARGE, "cancelled")

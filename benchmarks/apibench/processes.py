@@ -64,7 +64,6 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, *, path: str) -> Non
     raise RuntimeError(f"{url}{path} not ready:\n{log.read_text()[-3000:]}")
 
 
-@contextlib.contextmanager
 def production_server_flags() -> list[str]:
     """The flags ``make run`` gives uvicorn (the Makefile's ``UVICORN_LIMITS``: uvloop,
     httptools with the header limits, keep-alive), so the benchmark serves as production."""
@@ -74,6 +73,7 @@ def production_server_flags() -> list[str]:
     raise RuntimeError("the Makefile defines no UVICORN_LIMITS")
 
 
+@contextlib.contextmanager
 def uvicorn_server(env: dict[str, str], tmp: Path, mode: str) -> Iterator[str]:
     """``uvicorn webplatform.asgi:application`` in ``env``, live for the block; its URL."""
     port = free_port()

@@ -56,3 +56,11 @@ def test_the_engine_floor_gets_exactly_what_validation_hands_the_worker() -> Non
     validated = image_validate(data=jpeg, max_bytes=len(jpeg), pixel_budget=1_254_400)
     assert data == validated.data
     assert ref == validated.ref()
+
+
+def test_the_benchmark_serves_with_the_flags_make_run_gives_uvicorn() -> None:
+    from apibench.processes import production_server_flags
+
+    flags = production_server_flags()
+    assert flags[flags.index("--loop") + 1] == "uvloop"
+    assert flags[flags.index("--http") + 1] == "webplatform.server:HeaderLimitsHttpToolsProtocol"

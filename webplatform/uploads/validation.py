@@ -13,9 +13,9 @@ Its order puts cheap checks first and lets the virus scanner see the client's by
 5. decode of the first frame (truncated data is an error, never grey padding), at reduced
    size where the format allows and the image is larger than the model's pixel budget
    (JPEG's DCT scaling, ``Image.draft``: a 12 MP photo decodes at 1/2 or 1/4 scale);
-6. EXIF orientation applied, converted to RGB (alpha composited onto white), every piece of
-   metadata dropped, downscaled to the pixel budget (``pixel_budget``: the most pixels the
-   model will see of one image, see ``budget.py``) with a quality filter;
+6. EXIF orientation applied, converted to RGB (alpha composited onto white), downscaled to
+   the pixel budget (``pixel_budget``: the most pixels the model will see of one image, see
+   ``budget.py``) with a quality filter;
 7. handed on as raw RGB pixels in a binary PPM (``P6``): a header of the size and the
    pixel bytes, nothing else, so neither metadata nor a trailing payload can ride along.
 
@@ -193,19 +193,17 @@ def image_validate(
                     # Decode at the smallest DCT scale (1/2, 1/4, 1/8) still >= the target.
                     image.draft("RGB", target)
                 image.load()  # the first frame only, for animations
-                clean = _clean_rgb(image)
+                clean = _upright_rgb(image)
                 fitted = budget_fit(clean.size, pixel_budget)
                 if fitted is not None:
                     clean = clean.resize(
                         fitted, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP
                     )
-                buffer = io.BytesIO()
-                clean.save(buffer, format="PPM")
+                encoded = _ppm(clean)
         except BaseException:
             scan.result()  # raises the scan's refusal, if any, instead of the decode error
             raise
         verdict = scan.result()
-    encoded = buffer.getvalue()
     return ValidatedImage(
         data=encoded,
         sha256=hashlib.sha256(encoded).hexdigest(),
@@ -272,16 +270,23 @@ def _pixels_check(size: tuple[int, int], *, max_pixels: int, param: str | None) 
         )
 
 
-def _clean_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB pixels in a new image that carries no metadata at all."""
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB pixels (``image`` itself when it already is: no copy). It may still
+    carry the upload's ``info``; only its pixels leave this module (``_ppm``)."""
     rgb = _to_rgb(image)
     method = _ORIENTATION_TRANSPOSE.get(_orientation(image))
     if method is not None:
         rgb = rgb.transpose(method)
-    # A fresh image: nothing of ``info`` (EXIF, ICC, XMP, text chunks, comments) survives.
-    clean = Image.new("RGB", rgb.size)
-    clean.paste(rgb)
-    return clean
+    return rgb
+
+
+def _ppm(image: Image.Image) -> bytes:
+    """A binary PPM of an RGB image: a header of its size, then its pixel bytes. Nothing of
+    ``info`` (EXIF, ICC, XMP, text chunks, comments) nor of the upload's bytes is in it.
+    The bytes Pillow's own PPM writer makes, with one copy of the pixels instead of three
+    (``convert``, a fresh image, the tiled encoder): ~2 ms less for a 520 px JPEG."""
+    assert image.mode == "RGB"
+    return b"P6\n%d %d\n255\n" % image.size + image.tobytes()
 
 
 def _orientation(image: Image.Image) -> int:
@@ -309,5 +314,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
-    # RGB, L, 1, P without transparency, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr.
+    if mode == "RGB":
+        return image  # ``convert`` would copy it
+    # L, 1, P without transparency, CMYK (Pillow undoes Adobe's inverted CMYK), YCbCr.
     return image.convert("RGB")

@@ -263,7 +263,8 @@ class PatchExtractor:
         return cls(processor, resample=resample)
 
     def __call__(self, image: Any) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Decoded uint8 ``[H, W, C]`` of a PIL ``image`` and its grid ``(1, grid_h, grid_w)``.
+        """Decoded uint8 ``[H, W, C]`` of ``image`` (a PIL image, or the uint8 ``[H, W, 3]``
+        pixels of ``prompt.decode_pixels``) and its grid ``(1, grid_h, grid_w)``.
 
         The pixels are those ``process_image`` gives (with the processor's own
         ``do_convert_rgb``), channels last and at the decoded size; the grid is the
@@ -298,7 +299,11 @@ class PatchExtractor:
     def _rgb_array(self, image: Any) -> np.ndarray:
         """``process_image``'s pixels as ``[H, W, C]`` uint8, without its copies if possible."""
         proc = self.processor
-        if getattr(image, "mode", None) == "RGB" and image.info.get("transparency") is None:
+        if isinstance(image, np.ndarray):
+            # A validated image's pixels (``prompt.decode_pixels``): RGB already, what
+            # ``process_image`` would give of it.
+            array = image
+        elif getattr(image, "mode", None) == "RGB" and image.info.get("transparency") is None:
             # What process_image would give: convert_to_rgb's ``convert("RGB")`` of an RGB
             # image without transparency is a copy of it, and np.array of it the same bytes.
             array = np.asarray(image)

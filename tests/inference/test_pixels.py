@@ -25,7 +25,13 @@ from transformers import Glm4vImageProcessorPil, Glm46VImageProcessorPil
 
 from inference.engine import pixels
 from inference.engine.pixels import PatchExtractor, PixelNormalizer, lookup_torch, patchify
-from inference.engine.prompt import ProcessedImage, PromptBuilder, decode_image
+from inference.engine.prompt import (
+    ProcessedImage,
+    PromptBuilder,
+    PromptError,
+    decode_image,
+    decode_pixels,
+)
 from tests.inference.conftest import chat_request, image_bytes
 
 CUDA = torch.cuda.is_available()
@@ -490,3 +496,41 @@ def test_uploads_from_pinned_memory_once_cuda_is_in_use(builder):
     torch.cuda.synchronize()
     for values in outputs:
         assert torch.equal(values.cpu(), reference)
+
+
+def _validated_ppm(width: int, height: int, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    """A PPM as validation writes it (webplatform/uploads/validation.py), and its pixels."""
+    pixels_hwc = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return b"P6\n%d %d\n255\n" % (width, height) + pixels_hwc.tobytes(), pixels_hwc
+
+
+@pytest.mark.parametrize("size", [(520, 520), (97, 203), (1, 1)])
+def test_a_validated_ppm_is_taken_as_its_pixels_and_processed_as_pillow_decodes_it(builder, size):
+    data, expected = _validated_ppm(*size)
+    view = decode_pixels(data)
+    assert isinstance(view, np.ndarray) and not view.flags.writeable  # no copy was made
+    assert np.array_equal(view, expected)
+    assert np.array_equal(np.asarray(decode_image(data)), expected)  # what Pillow reads
+    # The whole preprocessing of the fast path against the processor on Pillow's image.
+    processor = Glm46VImageProcessorPil()
+    reference = processor(images=[decode_image(data)], return_tensors="pt")
+    processed = _one_image(PromptBuilder(builder.tokenizer, processor), data)
+    assert torch.equal(processed.model_pixels(), reference["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"P6\n2 2\n255\n" + bytes(11),  # one byte short: Pillow decides (and refuses)
+        b"P6\n2 2\n255\n" + bytes(13),  # one byte over
+        b"P6 2 2 255\n" + bytes(12),  # another writer's whitespace
+        b"P6\n# a comment\n2 2\n255\n" + bytes(12),
+        b"P6\n02 2\n255\n" + bytes(12),
+    ],
+)
+def test_any_other_ppm_goes_through_pillow(data):
+    try:
+        decoded = decode_pixels(data)
+    except PromptError:
+        return  # Pillow refused it: never taken as pixels
+    assert not isinstance(decoded, np.ndarray)

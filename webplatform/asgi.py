@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webplatform.settings")
-# Django must be set up before anything imports models (the websocket routes do).
-django_asgi_app = get_asgi_application()
+# Django must be set up before anything imports models (the websocket routes do); what
+# get_asgi_application() does, with the handler that runs Django's header-only middleware
+# on the event loop (webplatform/middleware.py).
+django.setup(set_prefix=False)
+
+from webplatform.middleware import PlatformAsgiHandler  # noqa: E402
+
+django_asgi_app = PlatformAsgiHandler()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 

@@ -22,8 +22,14 @@ the subclasses below:
   elsewhere they run as Django runs them (a session is read and saved in the database,
   which must not happen on the event loop).
 
-Django's security, CSRF and clickjacking middleware stay Django's own (6 hand-offs): the
-deployment checks (``security.W001``-``W003``) look for their exact names.
+Django's security, CSRF and clickjacking middleware stay Django's own in
+``settings.MIDDLEWARE``: the deployment checks (``security.W001``-``W003``, and every check
+of the security middleware's settings, HSTS, SSL redirect...) look for their exact names.
+The ASGI application is built by ``PlatformAsgiHandler``, which loads the subclasses of
+``ON_EVENT_LOOP`` in their places: the same hooks, run on the event loop (they only read
+the request and set headers and cookies; ``CSRF_USE_SESSIONS`` is off, so CSRF reads no
+session). That was the last 6 hand-offs of an API request, each a wait for the one sync
+thread every request shares (~1-1.5 ms at one client, docs/benchmarks.md).
 
 Under WSGI (and Django's test ``Client``) all of them run as Django's own.
 """
@@ -35,12 +41,17 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from csp.middleware import CSPMiddleware as DjangoCsp
+from django.conf import settings
 from django.contrib.auth.middleware import AuthenticationMiddleware as DjangoAuthentication
 from django.contrib.messages.middleware import MessageMiddleware as DjangoMessages
 from django.contrib.sessions.middleware import SessionMiddleware as DjangoSessions
+from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponseBase
+from django.middleware.clickjacking import XFrameOptionsMiddleware as DjangoXFrame
 from django.middleware.common import CommonMiddleware as DjangoCommon
+from django.middleware.csrf import CsrfViewMiddleware as DjangoCsrf
 from django.middleware.locale import LocaleMiddleware as DjangoLocale
+from django.middleware.security import SecurityMiddleware as DjangoSecurity
 from rest_framework.request import Request
 from whitenoise.middleware import WhiteNoiseMiddleware
 
@@ -182,6 +193,52 @@ class CommonMiddleware(OnEventLoop, DjangoCommon):
     pass
 
 
+class SecurityMiddleware(OnEventLoop, DjangoSecurity):
+    pass
+
+
+class XFrameOptionsMiddleware(OnEventLoop, DjangoXFrame):
+    pass
+
+
+class CsrfViewMiddleware(OnEventLoop, DjangoCsrf):
+    async def process_view(  # type: ignore[override]
+        self,
+        request: HttpRequest,
+        callback: Callable[..., Any],
+        callback_args: tuple[Any, ...],
+        callback_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        # A coroutine function: Django's handler awaits it on the event loop.
+        return super().process_view(request, callback, callback_args, callback_kwargs)
+
+
+# Django's classes (by the names settings.MIDDLEWARE and the checks use) -> what the ASGI
+# handler loads instead.
+ON_EVENT_LOOP = {
+    "django.middleware.security.SecurityMiddleware": ("webplatform.middleware.SecurityMiddleware"),
+    "django.middleware.csrf.CsrfViewMiddleware": "webplatform.middleware.CsrfViewMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": (
+        "webplatform.middleware.XFrameOptionsMiddleware"
+    ),
+}
+
+
+class PlatformAsgiHandler(ASGIHandler):
+    """Django's ASGI handler, loading the ``ON_EVENT_LOOP`` subclasses in place of Django's
+    security, CSRF and clickjacking middleware (module docstring)."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        # Django reads the list from settings.MIDDLEWARE only: given the substituted list
+        # while it loads (at start-up, before any request), the configured one after.
+        configured = settings.MIDDLEWARE
+        settings.MIDDLEWARE = [ON_EVENT_LOOP.get(path, path) for path in configured]
+        try:
+            super().load_middleware(is_async)
+        finally:
+            settings.MIDDLEWARE = configured
+
+
 class SessionMiddleware(BrowserOnly, DjangoSessions):
     pass
 
@@ -200,11 +257,16 @@ __all__ = [
     "BrowserOnly",
     "CSPMiddleware",
     "CommonMiddleware",
+    "CsrfViewMiddleware",
     "LocaleMiddleware",
     "MessageMiddleware",
+    "ON_EVENT_LOOP",
     "OnEventLoop",
+    "PlatformAsgiHandler",
     "RequestIdMiddleware",
+    "SecurityMiddleware",
     "SessionMiddleware",
     "StaticFilesMiddleware",
+    "XFrameOptionsMiddleware",
     "request_id_of",
 ]

@@ -79,7 +79,8 @@ class Arrival:
 class WorkerIO:
     """Every transport call of one worker; thread-safe between one IO driver and the loop.
 
-    ``max_batch_size`` bounds what it takes: deliveries taken but not yet acknowledged.
+    ``max_batch_size`` + ``prefetch`` bounds what it takes: deliveries taken but not yet
+    acknowledged.
     """
 
     def __init__(
@@ -88,12 +89,14 @@ class WorkerIO:
         transport: WorkerTransport,
         max_batch_size: int,
         claim_interval_s: float,
+        prefetch: int = 0,
         idle_block_ms: int,
         poll_s: float = 0.01,
         renew_heartbeat_s: float = 0.0,
     ) -> None:
         self.transport = transport
         self.max_batch_size = max_batch_size
+        self.max_held = max_batch_size + max(0, prefetch)
         self.claim_interval_s = claim_interval_s
         self.idle_block_ms = idle_block_ms
         self.poll_s = poll_s
@@ -411,7 +414,7 @@ class WorkerIO:
             if now >= self._next_claim:
                 self._next_claim = now + self.claim_interval_s
                 self._take(self.transport.claim_stale())
-            free = self.max_batch_size - len(self._held)
+            free = self.max_held - len(self._held)
             if free > 0:
                 block_ms = 0 if self._held else self.idle_block_ms
                 self._take(self.transport.fetch(free, block_ms))

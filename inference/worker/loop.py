@@ -97,6 +97,13 @@ class WorkerConfig:
     model: str
     worker_id: str = field(default_factory=default_worker_id)
     max_batch_size: int | None = None  # None: the engine's own limit
+    # Requests taken beyond the batch: the engine prepares them (images decoded and
+    # resized, AdmissionQueue's preprocess_ahead) while the batch runs, so a slot that
+    # frees finds its next request ready instead of waiting for a fetch, the image's read
+    # and its preprocessing (~13 % of the engine's time idle at 16 clients without them,
+    # docs/benchmarks.md "Worker prefetch"). Held by this worker until it finishes them
+    # (or dies: then claimed as the rest), so more of them takes work from other workers.
+    prefetch: int = 4
     heartbeat_s: float = 2.0
     claim_interval_s: float = 2.0
     idle_block_ms: int = 200
@@ -148,6 +155,7 @@ class Worker:
         self.io = WorkerIO(
             transport=transport,
             max_batch_size=self.max_batch_size,
+            prefetch=config.prefetch,
             claim_interval_s=config.claim_interval_s,
             idle_block_ms=config.idle_block_ms,
             poll_s=config.io_poll_ms / 1000,

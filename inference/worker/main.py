@@ -61,6 +61,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", default=None, help="consumer name (default: unique)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument(
+        "--prefetch",
+        type=int,
+        default=int(os.environ.get("INFERENCE_WORKER_PREFETCH") or 4),
+        help="requests taken beyond the batch, prepared while it runs (default "
+        "INFERENCE_WORKER_PREFETCH, else 4; 0: a request is fetched when a slot frees)",
+    )
+    p.add_argument(
         "--key-prefix", default=None, help="Redis key prefix (default INFERENCE_KEY_PREFIX)"
     )
     p.add_argument("--drain-seconds", type=float, default=30.0)
@@ -94,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = args.max_batch_size
     if batch is not None and batch < 1:
         parser().error("--max-batch-size must be at least 1")
+    if args.prefetch < 0:
+        parser().error("--prefetch must be at least 0")
 
     stop = threading.Event()
     install_stop_signals(stop)  # before the (slow) load, so SIGTERM then is clean too
@@ -130,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=model,
         worker_id=worker_id,
         max_batch_size=batch,
+        prefetch=args.prefetch,
         heartbeat_s=settings.heartbeat_s,
         # Several times per timeout, and at least once per presence grace, so a dead
         # worker's requests wait little longer than either.

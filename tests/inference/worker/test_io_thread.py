@@ -199,9 +199,10 @@ def test_the_engine_thread_makes_no_broker_call(r, settings_):
     assert len(callers) == 1  # all from the IO thread
 
 
-def test_a_cancel_frees_the_slot_within_one_step_of_reaching_the_worker(r, settings_):
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_a_cancel_frees_the_slot_within_one_step_of_reaching_the_worker(r, settings_, prefetch):
     engine = CountingEngine(max_batch_size=1, step_delay_s=0.02)
-    worker, transport = make_worker(settings_, engine)
+    worker, transport = make_worker(settings_, engine, prefetch=prefetch)
     long_one, next_one = make_request("long", max_tokens=1000), make_request("next", max_tokens=2)
     seen_at: list[int] = []  # steps started when the IO thread read the cancel mark
     transport.on_cancelled = lambda found: seen_at.append(engine.started)
@@ -212,7 +213,11 @@ def test_a_cancel_frees_the_slot_within_one_step_of_reaching_the_worker(r, setti
         wait_for(lambda: engine.started >= 3)
         enqueue(r, settings_, next_one)
         time.sleep(0.1)
-        assert engine.added == [long_one.request_id]  # the one slot is taken
+        # The one slot is taken; with prefetch the next request waits in the engine's
+        # queue (prepared there), without it in the broker's.
+        waiting = [next_one.request_id] if prefetch else []
+        assert engine.added == [long_one.request_id, *waiting]
+        assert engine.stats().running == 1
         r.set(KeySpace(settings_.key_prefix).cancel(long_one.request_id), b"1")
         wait_for(lambda: finished(r, settings_, next_one))
     finally:

@@ -125,7 +125,7 @@ async def test_many_requests_are_answered_exactly_once(client, settings_):
 
 def test_cancel_frees_the_slot_within_one_step(r, settings_):
     engine = FakeEngine(max_batch_size=1)
-    worker = make_worker(settings_, engine=engine)
+    worker = make_worker(settings_, engine=engine, prefetch=0)
     worker.transport.setup()
     long_one, next_one = make_request("long", max_tokens=1000), make_request("next", max_tokens=2)
     enqueue(r, settings_, long_one)
@@ -141,6 +141,32 @@ def test_cancel_frees_the_slot_within_one_step(r, settings_):
     # The freed slot goes to the next request at the next iteration.
     worker.run_once()
     assert engine.stats().running == 1 and engine.added[-1] == next_one.request_id
+    assert isinstance(reply(r, settings_, next_one.request_id)[0], StartEvent)
+
+
+def test_with_prefetch_the_next_request_waits_in_the_engine_and_takes_a_freed_slot_at_once(
+    r, settings_
+):
+    engine = FakeEngine(max_batch_size=1)
+    worker = make_worker(settings_, engine=engine, prefetch=1)
+    worker.transport.setup()
+    long_one, next_one, third = (
+        make_request("long", max_tokens=1000),
+        make_request("next", max_tokens=2),
+        make_request("third", max_tokens=2),
+    )
+    for request in (long_one, next_one, third):
+        enqueue(r, settings_, request)
+    for _ in range(3):
+        worker.run_once()
+    # One running, one prefetched into the engine's queue, the third left in the broker.
+    assert engine.stats().running == 1
+    assert engine.added == [long_one.request_id, next_one.request_id]
+    r.set(KeySpace(settings_.key_prefix).cancel(long_one.request_id), b"1")
+    worker.run_once()
+    assert reply(r, settings_, long_one.request_id)[-1].finish_reason == FinishReason.CANCELLED
+    # The freed slot went to the prefetched request in the same step, not a fetch later.
+    assert engine.stats().running == 1
     assert isinstance(reply(r, settings_, next_one.request_id)[0], StartEvent)
 
 

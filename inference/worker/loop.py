@@ -100,9 +100,10 @@ class WorkerConfig:
     # Requests taken beyond the batch: the engine prepares them (images decoded and
     # resized, AdmissionQueue's preprocess_ahead) while the batch runs, so a slot that
     # frees finds its next request ready instead of waiting for a fetch, the image's read
-    # and its preprocessing (~13 % of the engine's time idle at 16 clients without them,
-    # docs/benchmarks.md "Worker prefetch"). Held by this worker until it finishes them
-    # (or dies: then claimed as the rest), so more of them takes work from other workers.
+    # and its preprocessing (+5 to +9 % requests/s at 16 and 64 clients on the CPU
+    # benchmark, docs/benchmarks.md "Worker prefetch"). Held by this worker until it
+    # finishes them (or dies: then claimed as the rest), so more of them takes work from
+    # other workers.
     prefetch: int = 4
     heartbeat_s: float = 2.0
     claim_interval_s: float = 2.0

@@ -109,6 +109,10 @@ class HeaderLimitsHttpToolsProtocol(HttpToolsProtocol):
         if self._awaiting_headers and self._header_bytes > self.header_max_bytes:
             self._refuse(_TOO_LARGE_RESPONSE)
 
+    def on_message_begin(self) -> None:
+        self._parsed_header_bytes = 0  # each request's own (pipelined ones too)
+        super().on_message_begin()
+
     def on_url(self, url: bytes) -> None:
         self._parsed_header_bytes += len(url) + 16  # method, version, spaces, CRLF
         super().on_url(url)

@@ -250,6 +250,17 @@ def test_headers_within_the_cap_are_served_on_a_kept_alive_connection(server: in
     sock.close()
 
 
+def test_pipelined_requests_each_get_the_header_cap(server: int) -> None:
+    sock = _connect(server)
+    request = (
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 10_000 + b"\r\n\r\n"
+    )
+    sock.sendall(request * 3)  # 30 KB of headers in one write, 10 KB per request
+    for _ in range(3):
+        assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
 def _read_response(sock: socket.socket) -> bytes:
     """One whole response with a ``Content-Length`` body, the connection left open."""
     sock.settimeout(5)

@@ -66,7 +66,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, *, path: str) -> Non
 
 def production_server_flags() -> list[str]:
     """The flags ``make run`` gives uvicorn (the Makefile's ``UVICORN_LIMITS``: uvloop,
-    h11 with the header deadline and size cap, keep-alive), so the benchmark serves as production."""
+    httptools with the header limits, keep-alive), so the benchmark serves as production."""
     for line in (REPO / "Makefile").read_text().splitlines():
         if line.startswith("UVICORN_LIMITS ="):
             return line.split("=", 1)[1].split()

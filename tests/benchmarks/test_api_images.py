@@ -63,4 +63,4 @@ def test_the_benchmark_serves_with_the_flags_make_run_gives_uvicorn() -> None:
 
     flags = production_server_flags()
     assert flags[flags.index("--loop") + 1] == "uvloop"
-    assert flags[flags.index("--http") + 1] == "webplatform.server:HeaderDeadlineH11Protocol"
+    assert flags[flags.index("--http") + 1] == "webplatform.server:HeaderLimitsHttpToolsProtocol"

@@ -34,7 +34,7 @@ def _makefile_uvicorn_limits() -> list[str]:
 
 def test_every_documented_server_command_sets_the_slow_client_limits() -> None:
     flags = _makefile_uvicorn_limits()
-    assert "webplatform.server:HeaderDeadlineH11Protocol" in flags
+    assert "webplatform.server:HeaderLimitsHttpToolsProtocol" in flags
     assert flags[flags.index("--loop") + 1] == "uvloop"
     assert "$(UVICORN_LIMITS)" in (ROOT / "Makefile").read_text()
     for path in ("docker/Dockerfile", "docker/k8s/web.yaml"):
@@ -209,8 +209,21 @@ def test_a_chunked_body_growing_past_the_cap_is_cut_there(server: int) -> None:
     assert elapsed < 2  # not the idle deadline: cut as soon as the cap was passed
 
 
+def test_headers_past_the_cap_in_one_send_are_refused_with_431(server: int) -> None:
+    sock = _connect(server)
+    # One write holding the whole request, body included: the parsed header size decides.
+    big = b"X-Big: " + b"y" * 20_000 + b"\r\n"
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + big
+        + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    data, elapsed = _read_until_closed(sock, limit_s=5)
+    assert data.startswith(b"HTTP/1.1 431"), data
+    assert elapsed < 2
+
+
 def test_headers_growing_past_the_cap_without_end_are_cut_there(server: int) -> None:
-    # h11 buffers at most --h11-max-incomplete-event-size of an unfinished header block.
     sock = _connect(server)
     sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
     sent = 0
@@ -222,7 +235,7 @@ def test_headers_growing_past_the_cap_without_end_are_cut_there(server: int) -> 
     except OSError:
         pass
     data, elapsed = _read_until_closed(sock, limit_s=5)
-    assert data.startswith(b"HTTP/1.1 400"), data
+    assert data.startswith(b"HTTP/1.1 431"), data
     assert sent < 1_000_000 or elapsed < 2
 
 

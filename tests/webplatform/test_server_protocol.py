@@ -151,3 +151,17 @@ def test_the_header_deadline_still_cuts_a_silent_connection(port: int) -> None:
     data, elapsed = _received(sock, limit_s=DEADLINE_S + 3)
     assert data.startswith(b"HTTP/1.1 408")
     assert elapsed < DEADLINE_S + 2
+
+
+def test_a_websocket_upgrade_past_the_cap_is_refused_not_upgraded(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"X-Big: " + b"w" * 20_000 + b"\r\n\r\n"
+    )
+    data, _ = _received(sock, limit_s=5)
+    assert data.startswith(b"HTTP/1.1 431"), data[:200]
+    assert "Traceback" not in caplog.text and "KeyError" not in caplog.text

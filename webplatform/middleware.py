@@ -163,6 +163,9 @@ class OnEventLoop:
         return response
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
 def _is_api_request(request: HttpRequest) -> bool:
     return request.path_info.startswith(API_PATH_PREFIX)
 
@@ -209,7 +212,16 @@ class CsrfViewMiddleware(OnEventLoop, DjangoCsrf):
         callback_args: tuple[Any, ...],
         callback_kwargs: dict[str, Any],
     ) -> HttpResponseBase | None:
-        # A coroutine function: Django's handler awaits it on the event loop.
+        # A coroutine function: Django's handler awaits it on the event loop. A page's
+        # unsafe request still goes to a thread, as Django sends it: checking its token
+        # reads request.POST, which parses a form body (a multipart one to temporary
+        # files) that must not stall the loop. API views are exempt and read nothing.
+        if request.method not in _SAFE_METHODS and not _is_api_request(request):
+            view = sync_to_async(super().process_view, thread_sensitive=True)
+            response: HttpResponseBase | None = await view(
+                request, callback, callback_args, callback_kwargs
+            )
+            return response
         return super().process_view(request, callback, callback_args, callback_kwargs)
 
 

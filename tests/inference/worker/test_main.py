@@ -362,6 +362,13 @@ async def test_sigterm_finishes_the_running_batch_then_exits_0(workers):
             assert time.monotonic() < deadline, c.log()
             await asyncio.sleep(0.005)
         c.proc.send_signal(signal.SIGTERM)
+        # The signal reaches Python between two of the engine thread's operations; until
+        # then the IO thread may still take requests (up to the batch and the prefetch).
+        # Sent once the worker has stopped taking work:
+        deadline = time.monotonic() + 10
+        while "worker stopping" not in c.log():
+            assert time.monotonic() < deadline, c.log()
+            await asyncio.sleep(0.005)
         late = make_request(PROMPT, model=MODEL, max_tokens=64)
         late_task = asyncio.create_task(_ask(client, late))
         results = await asyncio.wait_for(asyncio.gather(*tasks), 30)

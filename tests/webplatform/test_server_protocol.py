@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from tests.webplatform.raw_http import read_until_closed
 from webplatform.server import HeaderLimitsHttpToolsProtocol
 
 DEADLINE_S = 1.0
@@ -66,23 +67,6 @@ def port() -> Iterator[int]:
     thread.join(10)
 
 
-def _received(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and how long it took."""
-    start = time.monotonic()
-    data = b""
-    sock.settimeout(limit_s)
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"still open after {limit_s}s; got {data!r}") from None
-        except ConnectionResetError:
-            return data, time.monotonic() - start
-        if not chunk:
-            return data, time.monotonic() - start
-        data += chunk
-
-
 def _grow(sock: socket.socket, piece: bytes, total: int) -> int:
     sent = 0
     try:
@@ -99,7 +83,7 @@ def test_a_pipelined_requests_endless_header_is_cut_while_another_runs(port: int
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nX-Big: ")
     sent = _grow(sock, b"a" * 4096, 4_000_000)
-    data, _ = _received(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
     assert b"431 Request Header Fields Too Large" in data, data[:300]
     assert sent < 4_000_000  # closed long before the client sent it all
 
@@ -111,7 +95,7 @@ def test_a_chunked_bodys_endless_trailer_is_cut(port: int) -> None:
         b"5\r\nhello\r\n0\r\nX-Trailer: "
     )
     sent = _grow(sock, b"t" * 4096, 4_000_000)
-    data, elapsed = _received(sock, limit_s=5)
+    data, elapsed = read_until_closed(sock, limit_s=5)
     assert b"431 Request Header Fields Too Large" in data, data[:300]
     assert sent < 4_000_000 and elapsed < 3
 
@@ -140,7 +124,7 @@ def test_a_refused_pipelined_request_runs_nothing_after_it(port: int) -> None:
         b"POST /refused HTTP/1.1\r\nHost: x\r\n" + big + b"Content-Length: 7\r\n\r\nsmuggle"
         b"POST /after HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
     )
-    data, _ = _received(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
     assert b"431 Request Header Fields Too Large" in data
     assert b"/after" not in data and b"/refused" not in data
     assert b"/first 7" not in data  # the refused request's body went to nobody
@@ -148,7 +132,7 @@ def test_a_refused_pipelined_request_runs_nothing_after_it(port: int) -> None:
 
 def test_the_header_deadline_still_cuts_a_silent_connection(port: int) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
-    data, elapsed = _received(sock, limit_s=DEADLINE_S + 3)
+    data, elapsed = read_until_closed(sock, limit_s=DEADLINE_S + 3)
     assert data.startswith(b"HTTP/1.1 408")
     assert elapsed < DEADLINE_S + 2
 
@@ -162,6 +146,6 @@ def test_a_websocket_upgrade_past_the_cap_is_refused_not_upgraded(
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"X-Big: " + b"w" * 20_000 + b"\r\n\r\n"
     )
-    data, _ = _received(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 431"), data[:200]
     assert "Traceback" not in caplog.text and "KeyError" not in caplog.text

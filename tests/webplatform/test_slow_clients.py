@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.webplatform.raw_http import read_until_closed
+
 ROOT = Path(__file__).resolve().parents[2]
 HEADER_TIMEOUT_S = 1.0
 BODY_IDLE_S = 1.0
@@ -97,21 +99,6 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    """Everything the server sends until it closes the connection, and when it closed."""
-    start = time.monotonic()
-    data = b""
-    sock.settimeout(limit_s)
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"still open after {limit_s}s; got {data!r}") from None
-        if not chunk:
-            return data, time.monotonic() - start
-        data += chunk
-
-
 def test_headers_trickled_slowly_are_cut_at_the_header_deadline(server: int) -> None:
     sock = _connect(server)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -126,7 +113,7 @@ def test_headers_trickled_slowly_are_cut_at_the_header_deadline(server: int) -> 
         except OSError:
             closed = True
             break
-    data, _ = _read_until_closed(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
     elapsed = time.monotonic() - start
     assert data.startswith(b"HTTP/1.1 408"), data
     assert closed or elapsed < 8.5
@@ -135,7 +122,7 @@ def test_headers_trickled_slowly_are_cut_at_the_header_deadline(server: int) -> 
 
 def test_a_connection_that_sends_nothing_is_closed(server: int) -> None:
     sock = _connect(server)
-    data, elapsed = _read_until_closed(sock, limit_s=HEADER_TIMEOUT_S + 3)
+    data, elapsed = read_until_closed(sock, limit_s=HEADER_TIMEOUT_S + 3)
     assert data.startswith(b"HTTP/1.1 408")
     assert elapsed < HEADER_TIMEOUT_S + 2
 
@@ -147,7 +134,7 @@ def test_a_stalled_upload_is_cut_at_the_idle_deadline(server: int) -> None:
         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
         b'{"messages": ['
     )
-    data, elapsed = _read_until_closed(sock, limit_s=BODY_IDLE_S + 4)
+    data, elapsed = read_until_closed(sock, limit_s=BODY_IDLE_S + 4)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), data
     assert b"connection: close" in head.lower()
@@ -174,7 +161,7 @@ def test_a_body_trickled_in_small_chunks_is_cut_at_the_total_deadline(server: in
                 break
         except (TimeoutError, BlockingIOError):
             pass
-    data, _ = _read_until_closed(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 408"), data
     assert time.monotonic() - start < BODY_TOTAL_S + 2
 
@@ -187,7 +174,7 @@ def test_a_declared_length_beyond_the_cap_is_refused_before_reading(server: int)
         + str(10 * MAX_BYTES).encode()
         + b"\r\n\r\n"
     )
-    data, elapsed = _read_until_closed(sock, limit_s=5)
+    data, elapsed = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 413"), data
     assert b'"code":"request_too_large"' in data.replace(b" ", b"")
     assert elapsed < 2
@@ -204,7 +191,7 @@ def test_a_chunked_body_growing_past_the_cap_is_cut_there(server: int) -> None:
     # lost to a reset over unread bytes.
     for _ in range(MAX_BYTES // len(chunk) + 1):
         sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-    data, elapsed = _read_until_closed(sock, limit_s=5)
+    data, elapsed = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 413"), data
     assert elapsed < 2  # not the idle deadline: cut as soon as the cap was passed
 
@@ -218,7 +205,7 @@ def test_headers_past_the_cap_in_one_send_are_refused_with_431(server: int) -> N
         + big
         + b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     )
-    data, elapsed = _read_until_closed(sock, limit_s=5)
+    data, elapsed = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 431"), data
     assert elapsed < 2
 
@@ -234,7 +221,7 @@ def test_headers_growing_past_the_cap_without_end_are_cut_there(server: int) -> 
             time.sleep(0.001)
     except OSError:
         pass
-    data, elapsed = _read_until_closed(sock, limit_s=5)
+    data, elapsed = read_until_closed(sock, limit_s=5)
     assert data.startswith(b"HTTP/1.1 431"), data
     assert sent < 1_000_000 or elapsed < 2
 

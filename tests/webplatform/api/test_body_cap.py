@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import select
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import redis
 
 from tests.factories import TenantFactory, api_key_for
 from tests.webplatform.live_server import usage_records
+from tests.webplatform.raw_http import read_until_closed
 from webplatform.api import body_cap
 from webplatform.api.body_cap import chat_body_cap, chat_body_cap_floor
 
@@ -113,22 +113,6 @@ def _send_chunked_until_answered(sock: socket.socket, total: int) -> int:
     return sent
 
 
-def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
-    start = time.monotonic()
-    data = b""
-    sock.settimeout(limit_s)
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"still open after {limit_s}s; got {data[:300]!r}") from None
-        except ConnectionResetError:
-            return data, time.monotonic() - start
-        if not chunk:
-            return data, time.monotonic() - start
-        data += chunk
-
-
 def _response(data: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -156,7 +140,7 @@ def test_a_chunked_body_growing_past_the_plan_cap_is_cut_there(live_asgi_server,
     sock = _head(live_asgi_server.port, key, b"Transfer-Encoding: chunked")
 
     sent = _send_chunked_until_answered(sock, ATTEMPTED)
-    data, _ = _read_until_closed(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
 
     _assert_refused_at_the_plan_cap(data, cap=cap)
     # The server stopped reading at the plan's cap, not at REQUEST_BODY_MAX_BYTES (128 MiB):
@@ -170,7 +154,7 @@ def test_a_declared_length_over_the_plan_cap_is_refused_before_reading(live_asgi
     key, cap = _small_plan_key()
     sock = _head(live_asgi_server.port, key, b"Content-Length: %d" % (cap + 1))
 
-    data, elapsed = _read_until_closed(sock, limit_s=5)  # no body byte sent
+    data, elapsed = read_until_closed(sock, limit_s=5)  # no body byte sent
 
     _assert_refused_at_the_plan_cap(data, cap=cap)
     assert pulled.last == 0
@@ -254,7 +238,7 @@ def test_without_a_valid_key_a_chunked_body_is_read_to_the_floor_then_answered_4
     sock = _head_as(live_asgi_server.port, authorization, b"Transfer-Encoding: chunked")
 
     sent = _send_chunked_until_answered(sock, ATTEMPTED)
-    data, _ = _read_until_closed(sock, limit_s=5)
+    data, _ = read_until_closed(sock, limit_s=5)
 
     _assert_the_views_401(data)
     assert floor < pulled.last <= floor + ONE_RECEIVE
@@ -269,7 +253,7 @@ def test_without_a_valid_key_a_declared_length_past_the_floor_is_a_401_unread(
         live_asgi_server.port, authorization, b"Content-Length: %d" % (chat_body_cap_floor() + 1)
     )
 
-    data, elapsed = _read_until_closed(sock, limit_s=5)  # no body byte sent
+    data, elapsed = read_until_closed(sock, limit_s=5)  # no body byte sent
 
     _assert_the_views_401(data)
     assert pulled.last == 0

@@ -10,7 +10,7 @@ Ids come from ``inference.protocol.new_request_id``; the websocket chat, which h
 request per answer, takes one from there for each ``message`` frame.
 
 Django runs an old-style middleware (``MiddlewareMixin``) under ASGI by sending each of its
-hooks through ``sync_to_async`` to the one sync thread and back: with Django's nine in
+hooks through ``sync_to_async`` to the request's sync thread and back: with Django's nine in
 ``settings.MIDDLEWARE`` that was 17 thread hand-offs on every API request, CPU the engine
 lacks under load (docs/benchmarks.md, "Platform path"). So ``settings.MIDDLEWARE`` names
 the subclasses below:
@@ -28,8 +28,9 @@ of the security middleware's settings, HSTS, SSL redirect...) look for their exa
 The ASGI application is built by ``PlatformAsgiHandler``, which loads the subclasses of
 ``ON_EVENT_LOOP`` in their places: the same hooks, run on the event loop (they only read
 the request and set headers and cookies; ``CSRF_USE_SESSIONS`` is off, so CSRF reads no
-session). That was the last 6 hand-offs of an API request, each a wait for the one sync
-thread every request shares (~1-1.5 ms at one client, docs/benchmarks.md).
+session). That was the last 6 hand-offs of an API request, each a trip to the request's
+sync thread and back (~1-1.5 ms at one client, docs/benchmarks.md). That thread is lent
+from a pool (``webplatform.request_threads``) rather than made and joined for each request.
 
 Under WSGI (and Django's test ``Client``) all of them run as Django's own.
 """
@@ -39,7 +40,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import (
+    ThreadSensitiveContext,
+    iscoroutinefunction,
+    markcoroutinefunction,
+    sync_to_async,
+)
 from csp.middleware import CSPMiddleware as DjangoCsp
 from django.conf import settings
 from django.contrib.auth.middleware import AuthenticationMiddleware as DjangoAuthentication
@@ -58,6 +64,7 @@ from whitenoise.middleware import WhiteNoiseMiddleware
 from inference.protocol import new_request_id
 from webplatform.api.errors import API_PATH_PREFIX
 from webplatform.log_context import log_context_start
+from webplatform.request_threads import RequestThreads
 
 REQUEST_ID_HEADER = "x-request-id"
 # The attribute of Django's HttpRequest that holds the id (read it with request_id_of).
@@ -238,7 +245,23 @@ ON_EVENT_LOOP = {
 
 class PlatformAsgiHandler(ASGIHandler):
     """Django's ASGI handler, loading the ``ON_EVENT_LOOP`` subclasses in place of Django's
-    security, CSRF and clickjacking middleware (module docstring)."""
+    security, CSRF and clickjacking middleware (module docstring), and running each request's
+    thread-sensitive work on a thread lent by ``threads`` (``webplatform.request_threads``)
+    instead of one made and joined for the request."""
+
+    def __init__(self, threads: RequestThreads | None = None) -> None:
+        super().__init__()
+        self.threads = threads if threads is not None else RequestThreads()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # as Django's handler: websockets go to Channels
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        executor = self.threads.lend()
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            executor.give_back()
 
     def load_middleware(self, is_async: bool = False) -> None:
         # Django reads the list from settings.MIDDLEWARE only: given the substituted list

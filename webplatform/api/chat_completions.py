@@ -3,8 +3,8 @@
 The view parses the body with the one request schema
 (``webplatform.completions.serializers``), hands it to the request path
 (``webplatform.completions.pipeline``) and renders the answer with ``openai_wire``. An async
-view (adrf): a completion may take seconds, and a sync view under ASGI would hold Django's
-single sync thread for all of it.
+view (adrf): a completion may take seconds, and a sync view under ASGI would hold a thread
+for all of it.
 """
 
 from __future__ import annotations

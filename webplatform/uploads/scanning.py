@@ -25,8 +25,8 @@ import functools
 import logging
 import socket
 import struct
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -39,11 +39,12 @@ from webplatform.uploads.errors import UploadErrorCode, upload_error
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLAMD_TIMEOUT_SECONDS = 15.0
-# Scans in flight at once per process (``scan_executor``); more wait for a thread. Below
+# Scans with clamd at once per process (``image_scan_start``); more wait for a slot. Below
 # clamd's own default MaxThreads (10), so one web process cannot fill clamd's queue alone.
-SCAN_THREADS = 8
+SCAN_CONCURRENCY = 8
 _CHUNK_SIZE = 64 * 1024
 _MAX_REPLY_BYTES = 4096
+_scan_slots = threading.BoundedSemaphore(SCAN_CONCURRENCY)
 
 
 class ScanVerdict(enum.StrEnum):
@@ -108,26 +109,30 @@ class ClamdClient:
 
     def instream(self, data: bytes) -> str | None:
         """Scan ``data``: the signature name when clamd finds something, None when clean."""
+        return self.instream_start(data).verdict()
+
+    def instream_start(self, data: bytes) -> PendingScan:
+        """Connect and send ``data`` whole (one ``sendall`` of every INSTREAM frame); the
+        verdict is read later (``PendingScan.verdict``), so clamd scans while the caller
+        works. The deadline of ``timeout`` covers both halves."""
         deadline = time.monotonic() + self.timeout
-        with self._connect(deadline) as sock:
-            view = memoryview(data)
+        sock = self._connect(deadline)
+        try:
+            self._send(sock, _instream_frames(data), deadline)
+        except ClamdError as exc:
+            # clamd closes the stream early when it exceeds StreamMaxLength; its reply says
+            # so and is more useful than "broken pipe".
             try:
-                self._send(sock, b"zINSTREAM\0", deadline)
-                for start in range(0, len(view), _CHUNK_SIZE):
-                    chunk = view[start : start + _CHUNK_SIZE]
-                    self._send(sock, struct.pack("!I", len(chunk)), deadline)
-                    self._send(sock, chunk, deadline)
-                self._send(sock, struct.pack("!I", 0), deadline)
-            except ClamdError as exc:
-                # clamd closes the stream early when it exceeds StreamMaxLength; its reply
-                # says so and is more useful than "broken pipe".
-                try:
-                    reply = self._read_reply(sock, deadline)
-                except ClamdError:
-                    raise exc from None
-                raise ClamdError(f"clamd at {self.address} refused the stream: {reply}") from exc
-            reply = self._read_reply(sock, deadline)
-        return _verdict_parse(reply, address=self.address)
+                reply = self._read_reply(sock, deadline)
+            except ClamdError:
+                raise exc from None
+            finally:
+                sock.close()
+            raise ClamdError(f"clamd at {self.address} refused the stream: {reply}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return PendingScan(self, sock, deadline)
 
     def _connect(self, deadline: float) -> socket.socket:
         try:
@@ -167,6 +172,35 @@ class ClamdClient:
         if not reply:
             raise ClamdError(f"clamd at {self.address} closed the connection without a reply")
         return reply.rstrip(b"\0").decode("utf-8", "replace").strip()
+
+
+class PendingScan:
+    """A stream sent to clamd (``ClamdClient.instream_start``) whose verdict is not read yet."""
+
+    def __init__(self, client: ClamdClient, sock: socket.socket, deadline: float) -> None:
+        self._client = client
+        self._sock = sock
+        self._deadline = deadline
+
+    def verdict(self) -> str | None:
+        """Wait for clamd's verdict (the signature name, or None when clean), then close."""
+        try:
+            reply = self._client._read_reply(self._sock, self._deadline)
+        finally:
+            self._sock.close()
+        return _verdict_parse(reply, address=self._client.address)
+
+
+def _instream_frames(data: bytes) -> bytes:
+    """The INSTREAM command and ``data`` in length-prefixed chunks, ended by a zero length:
+    one buffer, so the sending thread gives up the GIL once, not twice a chunk."""
+    view = memoryview(data)
+    frames: list[bytes | memoryview] = [b"zINSTREAM\0"]
+    for start in range(0, len(view), _CHUNK_SIZE):
+        chunk = view[start : start + _CHUNK_SIZE]
+        frames += (struct.pack("!I", len(chunk)), chunk)
+    frames.append(struct.pack("!I", 0))
+    return b"".join(frames)
 
 
 def _remaining(deadline: float) -> float:
@@ -212,45 +246,95 @@ def image_scan(*, data: bytes, param: str | None = None) -> ScanVerdict:
     Returns ``CLEAN`` when scanned, ``SKIPPED`` when scanning is off or failed without being
     required (see the module docstring for the policy).
     """
+    return image_scan_start(data=data, param=param).result()
+
+
+class ImageScan:
+    """One upload's scan, started by ``image_scan_start``: its bytes are with clamd, which
+    scans them in its own process while the caller decodes. ``result`` waits for the
+    verdict and applies the policy; call it exactly once (it frees the scan's slot)."""
+
+    def __init__(
+        self,
+        *,
+        data_size: int,
+        param: str | None,
+        pending: PendingScan | None = None,
+        failure: ClamdError | None = None,
+        slot: bool = False,
+    ) -> None:
+        self._data_size = data_size
+        self._param = param
+        self._pending = pending
+        self._failure = failure
+        self._slot = slot
+
+    def result(self) -> ScanVerdict:
+        """``CLEAN`` or ``SKIPPED``; raises ``malware_detected`` or ``scanner_unavailable``."""
+        try:
+            if self._pending is None and self._failure is None:  # no scanner configured
+                if scanning_required():
+                    logger.error("CLAMD_REQUIRED is set but CLAMD_URL is empty: refusing uploads")
+                    raise _scanner_unavailable(self._param)
+                _warn_scanning_disabled()
+                return ScanVerdict.SKIPPED
+            try:
+                if self._failure is not None:
+                    raise self._failure
+                assert self._pending is not None
+                signature = self._pending.verdict()
+            except ClamdError as exc:
+                if scanning_required():
+                    logger.error("virus scan failed, upload refused: %s", exc)
+                    raise _scanner_unavailable(self._param) from exc
+                logger.warning(
+                    "virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", exc
+                )
+                return ScanVerdict.SKIPPED
+        finally:
+            if self._slot:
+                self._slot = False
+                _scan_slots.release()
+        if signature is not None:
+            # The signature name stays in our logs: telling the client which rule matched
+            # only helps someone tune a payload past it.
+            logger.warning(
+                "malware detected in upload: signature=%s bytes=%d param=%s",
+                signature,
+                self._data_size,
+                self._param,
+            )
+            raise upload_error(
+                UploadErrorCode.MALWARE_DETECTED,
+                "The image was rejected by the malware scanner.",
+                param=self._param,
+            )
+        return ScanVerdict.CLEAN
+
+
+def image_scan_start(*, data: bytes, param: str | None = None) -> ImageScan:
+    """Send the client's original bytes to clamd and return at once; ``ImageScan.result``
+    gives the verdict. Nothing is raised here: a failure to reach clamd is the result's.
+
+    At most ``SCAN_CONCURRENCY`` scans of this process are with clamd at once; one more
+    waits for a slot within the scan's deadline. Blocking: from async code call it in a
+    thread, as ``image_validate`` is.
+    """
     if not settings.CLAMD_URL:
-        if scanning_required():
-            logger.error("CLAMD_REQUIRED is set but CLAMD_URL is empty: refusing uploads")
-            raise _scanner_unavailable(param)
-        _warn_scanning_disabled()
-        return ScanVerdict.SKIPPED
-
+        return ImageScan(data_size=len(data), param=param)
     client = _client()
+    if not _scan_slots.acquire(timeout=client.timeout):
+        failure = ClamdError(f"{SCAN_CONCURRENCY} scans already in flight for {client.timeout}s")
+        return ImageScan(data_size=len(data), param=param, failure=failure)
     try:
-        signature = client.instream(data)
+        pending = client.instream_start(data)
     except ClamdError as exc:
-        if scanning_required():
-            logger.error("virus scan failed, upload refused: %s", exc)
-            raise _scanner_unavailable(param) from exc
-        logger.warning("virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", exc)
-        return ScanVerdict.SKIPPED
-
-    if signature is not None:
-        # The signature name stays in our logs: telling the client which rule matched only
-        # helps someone tune a payload past it.
-        logger.warning(
-            "malware detected in upload: signature=%s bytes=%d param=%s",
-            signature,
-            len(data),
-            param,
-        )
-        raise upload_error(
-            UploadErrorCode.MALWARE_DETECTED,
-            "The image was rejected by the malware scanner.",
-            param=param,
-        )
-    return ScanVerdict.CLEAN
-
-
-@functools.cache
-def scan_executor() -> ThreadPoolExecutor:
-    """The threads ``image_validate`` scans in while it decodes (made on first use, in the
-    process that scans: never before a fork)."""
-    return ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="clamd-scan")
+        _scan_slots.release()
+        return ImageScan(data_size=len(data), param=param, failure=exc)
+    except BaseException:
+        _scan_slots.release()
+        raise
+    return ImageScan(data_size=len(data), param=param, pending=pending, slot=True)
 
 
 def _client() -> ClamdClient:

@@ -7,9 +7,10 @@ Its order puts cheap checks first and lets the virus scanner see the client's by
 2. type by magic bytes: JPEG, PNG, WEBP or GIF; never the file name or a declared type;
 3. header-only open (Pillow reads headers lazily) restricted to the detected format, and the
    pixel cap on the declared dimensions, before any pixel is decoded;
-4. virus scan of the original bytes (``scanning.image_scan``), in a thread of its own while
-   steps 5-7 run here; nothing is returned before its verdict, and its refusal (malware,
-   or no scanner when one is required) is the error even when the decode failed too;
+4. virus scan of the original bytes (``scanning.image_scan_start``): sent to clamd, which
+   scans them in its own process while steps 5-7 run here; nothing is returned before its
+   verdict, and its refusal (malware, or no scanner when one is required) is the error
+   even when the decode failed too;
 5. decode of the first frame (truncated data is an error, never grey padding), at reduced
    size where the format allows and the image is larger than the model's pixel budget
    (JPEG's DCT scaling, ``Image.draft``: a 12 MP photo decodes at 1/2 or 1/4 scale);
@@ -39,7 +40,6 @@ already refused by our own check.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import enum
 import hashlib
 import io
@@ -57,7 +57,7 @@ from inference.protocol import ImageRef
 from tenants.errors import ApplicationError
 from webplatform.uploads.decoding import image_size_check
 from webplatform.uploads.errors import UploadErrorCode, upload_error
-from webplatform.uploads.scanning import ScanVerdict, image_scan, scan_executor
+from webplatform.uploads.scanning import ScanVerdict, image_scan_start
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +179,10 @@ def image_validate(
     with image:
         original_width, original_height = image.size
         _pixels_check(image.size, max_pixels=max_pixels, param=param)
-        # The scan (clamd, another process; a socket call that releases the GIL) runs while
-        # this thread decodes (Pillow's decoder releases it too). Nothing leaves this
-        # function before the verdict, and a scan refusal wins over a decode error, as when
-        # the scan ran first.
-        scan = scan_executor().submit(
-            contextvars.copy_context().run, image_scan, data=data, param=param
-        )
+        # The bytes go to clamd first and it scans them in its own process while this
+        # thread decodes; the verdict is read after. Nothing leaves this function before
+        # it, and a scan refusal wins over a decode error, as when the scan ran first.
+        scan = image_scan_start(data=data, param=param)
         try:
             with _decoding(param):
                 target = budget_fit(image.size, pixel_budget)

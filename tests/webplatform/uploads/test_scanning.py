@@ -10,13 +10,16 @@ from django.core.exceptions import ImproperlyConfigured
 
 from tenants.errors import ApplicationError
 from tests.webplatform.uploads import corpus
+from webplatform.uploads import scanning
 from webplatform.uploads.scanning import (
+    SCAN_CONCURRENCY,
     ClamdAddress,
     ClamdClient,
     ClamdError,
     ScanVerdict,
     clamd_address_parse,
     image_scan,
+    image_scan_start,
     scanner_ping,
     scanning_enabled,
 )
@@ -56,6 +59,57 @@ def test_scanner_gets_the_original_bytes_in_chunks(fake_clamd) -> None:
     assert image.data != original
     assert len(fake_clamd.chunk_sizes) > 1 and max(fake_clamd.chunk_sizes) <= 64 * 1024
     assert fake_clamd.commands == [b"zINSTREAM\0"]
+
+
+def test_a_scan_refusal_wins_over_a_decode_error(fake_clamd) -> None:
+    # The stream is sent before the decode and its verdict read after: the decode of a
+    # truncated JPEG fails first, and the client is still told what the scanner found.
+    fake_clamd.reply = "stream: Win.Test.Fake-1 FOUND"
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.truncated_jpeg(), limits=LIMITS)
+    assert caught.value.code == "malware_detected"
+    assert fake_clamd.streams == [corpus.truncated_jpeg()]
+    fake_clamd.reply = "stream: OK"
+    with pytest.raises(ApplicationError) as caught:
+        upload_validate_image(source=corpus.truncated_jpeg(), limits=LIMITS)
+    assert caught.value.code == "image_decode_failed"
+
+
+def _free_slots() -> int:
+    taken = 0
+    while scanning._scan_slots.acquire(blocking=False):
+        taken += 1
+    for _ in range(taken):
+        scanning._scan_slots.release()
+    return taken
+
+
+def test_scans_in_flight_are_capped_and_their_slots_come_back(fake_clamd, settings) -> None:
+    settings.CLAMD_TIMEOUT_SECONDS = 0.3
+    fake_clamd.reply = None  # reads every stream, never answers
+    # The fake serves one connection at a time, so all but the first wait in its backlog:
+    # each holds a slot until its result is read.
+    scans = [image_scan_start(data=b"x" * 100) for _ in range(SCAN_CONCURRENCY)]
+    assert _free_slots() == 0
+    started = time.monotonic()
+    over = image_scan_start(data=b"x" * 100)  # waits for a slot until its deadline
+    assert time.monotonic() - started >= 0.25
+    with pytest.raises(ApplicationError) as caught:
+        over.result()
+    assert caught.value.code == "scanner_unavailable"
+    for scan in scans:
+        with pytest.raises(ApplicationError):
+            scan.result()  # no verdict within the deadline: fail closed
+    assert _free_slots() == SCAN_CONCURRENCY
+
+
+def test_an_unreachable_scanner_gives_its_slot_back(settings, closed_port_url) -> None:
+    settings.CLAMD_URL = closed_port_url
+    settings.CLAMD_REQUIRED = True
+    for _ in range(SCAN_CONCURRENCY + 2):
+        with pytest.raises(ApplicationError):
+            image_scan(data=b"x")
+    assert _free_slots() == SCAN_CONCURRENCY
 
 
 def test_found_is_malware_detected(fake_clamd, caplog) -> None:

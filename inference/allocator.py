@@ -1,10 +1,12 @@
-"""Memory of a process that holds an engine: the C allocator keeps freed memory for the next
+"""Memory of a long-lived serving process: the C allocator keeps freed memory for the next
 request (``keep_freed_memory``), and what the load created is kept out of the cyclic garbage
 collector's way (``freeze_loaded_objects``).
 
 Used by every process that loads a real engine: the worker (``inference.worker.main``) and
 the in-process client of the embedded mode (``inference.client.inprocess.load_engine``, also
-the floor of ``benchmarks/api.py``), so that both run the engine alike.
+the floor of ``benchmarks/api.py``), so that both run the engine alike; and by the web
+process (``webplatform/asgi.py``), whose uploads allocate the same buffers every request,
+with a smaller ceiling on what it keeps (``WEB_TRIM_THRESHOLD_BYTES``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,26 @@ from collections.abc import Mapping
 # glibc's mallopt parameters (malloc.h) and the values the worker sets (keep_freed_memory).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's own ceiling for its adaptive threshold
 _TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024
+# The web process: each upload allocates its body, the decoded bytes, the decoded image and
+# the pixels handed on (a few MB for a 520 px image, ~30 MB for a 12 MP photo) on whichever
+# of its threads validates it. glibc would give its threads up to 8 arenas per core the
+# container sees (hundreds on a large node), each keeping up to the trim threshold free:
+# 32 MB kept per arena and 4 arenas besides the main one bound what it holds after a burst
+# to ~160 MB (docs/benchmarks.md, "Web process allocator"). Its Python holds the GIL
+# anyway, so few arenas cost it no parallelism.
+WEB_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
+WEB_ARENA_MAX = 4
 
 
-def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
+def keep_freed_memory(
+    environ: Mapping[str, str] | None = None,
+    *,
+    trim_threshold: int = _TRIM_THRESHOLD_BYTES,
+    arena_max: int | None = None,
+) -> bool:
     """Have glibc's malloc keep memory the engine frees for its next allocation.
 
     Every request allocates the same tensors again (a step's activations, the image's
@@ -36,8 +53,10 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     process) may keep up to 128 MB more per arena at its peak, not per process; a worker
     allocates from its engine's thread and its IO thread, and holds a model many times that.
 
-    Left alone when the operator tuned malloc (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or the C
-    library is not glibc. True when set.
+    ``trim_threshold``: the free memory kept at the top of each arena; ``arena_max``: a cap
+    on malloc's arenas, None for glibc's (the web process keeps less, in fewer arenas:
+    ``WEB_TRIM_THRESHOLD_BYTES``, ``WEB_ARENA_MAX``). Left alone when the operator tuned malloc
+    (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or the C library is not glibc. True when set.
     """
     env = os.environ if environ is None else environ
     if "GLIBC_TUNABLES" in env or any(
@@ -52,8 +71,9 @@ def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     mallopt.restype = ctypes.c_int
     # musl has a mallopt that does nothing and answers 0.
     return bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-        and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
+        (arena_max is None or mallopt(_M_ARENA_MAX, arena_max))
+        and mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     )
 
 

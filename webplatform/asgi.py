@@ -6,7 +6,20 @@ import os
 
 import django
 
+from inference.allocator import (
+    WEB_ARENA_MAX,
+    WEB_TRIM_THRESHOLD_BYTES,
+    freeze_loaded_objects,
+    keep_freed_memory,
+)
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webplatform.settings")
+# Every upload allocates the same buffers again (its body, decoded bytes, image and pixels):
+# reused from malloc's heap instead of faulted in anew each request (-1.3 ms of validation
+# for a 520 px JPEG on this project's CPU, docs/benchmarks.md "Web process allocator").
+# Before anything loads, so that what loads follows it too.
+keep_freed_memory(trim_threshold=WEB_TRIM_THRESHOLD_BYTES, arena_max=WEB_ARENA_MAX)
+
 # Django must be set up before anything imports models (the websocket routes do); what
 # get_asgi_application() does, with the handler that runs Django's header-only middleware
 # on the event loop (webplatform/middleware.py).
@@ -18,7 +31,6 @@ django_asgi_app = PlatformAsgiHandler()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from inference.allocator import freeze_loaded_objects  # noqa: E402
 from webplatform.after_response import AfterResponse  # noqa: E402
 from webplatform.api.body_cap import caller_body_cap  # noqa: E402
 from webplatform.asgi_limits import BodyLimits  # noqa: E402

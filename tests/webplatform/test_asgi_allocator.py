@@ -1,0 +1,56 @@
+"""The web process keeps freed memory for the next upload (``webplatform/asgi.py`` applies
+``inference.allocator.keep_freed_memory`` with the web's ceiling): buffers of an upload's
+sizes come back from malloc's heap instead of being faulted in anew every request."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_UPLOADS = """
+import json, resource, sys
+if sys.argv[1] == "asgi":
+    import webplatform.asgi  # noqa: F401  (what uvicorn imports)
+def request():  # an upload's buffers: body, decoded bytes, image, pixels handed on
+    held = [bytearray(800_000) for _ in range(8)]
+    del held
+
+request()  # the first one faults its pages in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    request()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_web_process_reuses_an_uploads_memory() -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "GLIBC_", "DATABASE_URL", "REDIS_URL"))
+    }
+    env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
+
+    def faults(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _UPLOADS, mode],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return int(json.loads(out.stdout.strip().splitlines()[-1])["faults"])
+
+    pages = 20 * 8 * 800_000 // 4096
+    assert faults("bare") > pages // 2  # glibc's default: unmapped when freed, faulted again
+    assert faults("asgi") < pages // 20

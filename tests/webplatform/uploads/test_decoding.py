@@ -106,7 +106,7 @@ def test_huge_base64_is_refused_before_decoding(monkeypatch) -> None:
     def no_decoding(*args, **kwargs):
         raise AssertionError("base64 was decoded")
 
-    monkeypatch.setattr(decoding.binascii, "a2b_base64", no_decoding)
+    monkeypatch.setattr(decoding.pybase64, "b64decode", no_decoding)
     huge = "data:image/png;base64," + "A" * (60 * 1024 * 1024)
     started = time.perf_counter()
     error = refused(huge, max_bytes=5 * 1024 * 1024)

@@ -74,6 +74,26 @@ def _load_routes() -> None:
 
 
 _load_routes()
+
+
+def _share_cache_connections() -> None:
+    """Open every configured cache here, in the context the server's tasks are made from.
+
+    Django keeps its cache backends in an asgiref ``Local``, which under ASGI is per task:
+    without this, every request built its own backend on its first cache call (for
+    django-redis a client object, its serializer and compressor looked up, a Redis client
+    with its ~200 response callbacks copied: ~0.2 ms a request, docs/benchmarks.md
+    "Cache backend per request") and dropped it at its end. A backend opened here is
+    inherited by every request's context instead; django-redis's client and LocMemCache
+    are thread-safe, and their connections stay pooled as before."""
+    from django.conf import settings
+    from django.core.cache import caches
+
+    for alias in settings.CACHES:
+        caches[alias]  # opening the backend is the point
+
+
+_share_cache_connections()
 # Everything loaded so far lives as long as the process (Django, DRF, the settings, the
 # routes; in the embedded mode the model too): out of the cyclic collector's way, so a full
 # collection does not stop the event loop for tens of ms (docs/benchmarks.md,

@@ -1,0 +1,50 @@
+"""Requests served by ``webplatform.asgi`` share the process's cache backends (opened at
+import, in the context the server's tasks inherit) instead of each building its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SERVE = """
+import asyncio, json, threading
+import httpx
+from webplatform.asgi import application
+from django.core.cache import caches
+from django.core.signals import request_started
+
+seen = []
+def receiver(**_):  # runs in the request's own thread, in the request's context
+    seen.append(id(caches["default"]))
+request_started.connect(receiver)
+
+async def serve():
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        return [(await c.get("/health/live")).status_code for _ in range(3)]
+
+statuses = asyncio.run(serve())
+print(json.dumps({"statuses": statuses, "seen": seen, "process": id(caches["default"])}))
+"""
+
+
+def test_requests_share_the_process_cache_backend() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["statuses"] == [200, 200, 200]
+    assert report["seen"] == [report["process"]] * 3

@@ -25,10 +25,11 @@ _TRIM_THRESHOLD_BYTES = 128 * 1024 * 1024
 # The web process: each upload allocates its body, the decoded bytes, the decoded image and
 # the pixels handed on (a few MB for a 520 px image, ~30 MB for a 12 MP photo) on whichever
 # of its threads validates it. glibc would give its threads up to 8 arenas per core the
-# container sees (hundreds on a large node), each keeping up to the trim threshold free:
-# 32 MB kept per arena and 4 arenas besides the main one bound what it holds after a burst
-# to ~160 MB (docs/benchmarks.md, "Web process allocator"). Its Python holds the GIL
-# anyway, so few arenas cost it no parallelism.
+# container sees (hundreds on a large node), each keeping up to the trim threshold free at
+# its top. 4 arenas (the main one included) keeping at most 32 MB free at the top each
+# bound that part of what it holds after a burst to ~128 MB; fragmentation inside the
+# heaps is not bounded by either (docs/benchmarks.md, "Web process allocator"). Its Python
+# holds the GIL anyway, so few arenas cost it no parallelism.
 WEB_TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
 WEB_ARENA_MAX = 4
 
@@ -56,12 +57,11 @@ def keep_freed_memory(
     ``trim_threshold``: the free memory kept at the top of each arena; ``arena_max``: a cap
     on malloc's arenas, None for glibc's (the web process keeps less, in fewer arenas:
     ``WEB_TRIM_THRESHOLD_BYTES``, ``WEB_ARENA_MAX``). Left alone when the operator tuned malloc
-    (``MALLOC_*_`` or ``GLIBC_TUNABLES``) or the C library is not glibc. True when set.
+    (any ``MALLOC_*`` variable or ``GLIBC_TUNABLES``) or the C library is not glibc. True when set.
     """
     env = os.environ if environ is None else environ
-    if "GLIBC_TUNABLES" in env or any(
-        name.startswith("MALLOC_") and name.endswith("_") for name in env
-    ):
+    # MALLOC_*_ (MALLOC_TRIM_THRESHOLD_...) and MALLOC_ARENA_MAX / MALLOC_ARENA_TEST alike.
+    if "GLIBC_TUNABLES" in env or any(name.startswith("MALLOC_") for name in env):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -25,12 +25,15 @@ the pool's size does not count against PostgreSQL's connections.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from django.db import connections
+
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -76,20 +79,28 @@ class RequestThread(ThreadPoolExecutor):
     def give_back(self) -> None:
         """The request ended: its database connections closed on its thread, then back to
         the pool now, or when its last work has finished."""
+        if self._used:
+            # Queued first, while nothing can retire this executor yet (it is neither in
+            # the pool nor marked given back), and not counted as work in flight: it runs
+            # before any later request's work (one thread, first in, first out).
+            super().submit(_close_connections)
         with self._lock:
-            used, busy = self._used, self._in_flight > 0
+            busy = self._in_flight > 0
             if busy:
                 self._given_back = True
-        if used:
-            # Not counted as work in flight: it runs before any later request's work (one
-            # thread, first in, first out), so the executor can be lent meanwhile.
-            super().submit(connections.close_all)
         if not busy:
             self._pool.take_back(self)
 
     def retire(self) -> None:
         """End the thread once its queued work is done, without waiting for it."""
         self.shutdown(wait=False)
+
+
+def _close_connections() -> None:
+    try:
+        connections.close_all()
+    except Exception:  # the next request's close_old_connections tries again
+        logger.exception("closing a request thread's database connections failed")
 
 
 class RequestThreads:

@@ -25,7 +25,10 @@ class DigestedBytes(bytes):
     """Bytes that carry their SHA-256, computed from them when they were made: a store given
     them does not hash them again (``blob_check_digest``). Validation hands its pixels on as
     these, so a 0.8 MB image is hashed once on its way to the worker, not twice, the second
-    time on the web process's event loop (docs/benchmarks.md, "Image digest once")."""
+    time on the web process's event loop (docs/benchmarks.md, "Image digest once"). Making
+    them copies the bytes (a ``bytes`` subclass cannot adopt another object's buffer).
+    Pickle makes them again, digest included; msgspec does not encode them (nothing sends
+    image bytes through it)."""
 
     _sha256: str
 

@@ -54,3 +54,15 @@ def test_the_web_process_reuses_an_uploads_memory() -> None:
     pages = 20 * 8 * 800_000 // 4096
     assert faults("bare") > pages // 2  # glibc's default: unmapped when freed, faulted again
     assert faults("asgi") < pages // 20
+
+
+@pytest.mark.parametrize(
+    "name", ["MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
+)
+def test_an_operators_malloc_settings_are_left_alone(name: str) -> None:
+    from inference.allocator import WEB_ARENA_MAX, WEB_TRIM_THRESHOLD_BYTES, keep_freed_memory
+
+    kept = keep_freed_memory(
+        {name: "2"}, trim_threshold=WEB_TRIM_THRESHOLD_BYTES, arena_max=WEB_ARENA_MAX
+    )
+    assert kept is False

@@ -25,7 +25,6 @@ import functools
 import logging
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -39,12 +38,8 @@ from webplatform.uploads.errors import UploadErrorCode, upload_error
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLAMD_TIMEOUT_SECONDS = 15.0
-# Scans with clamd at once per process (``image_scan_start``); more wait for a slot. Below
-# clamd's own default MaxThreads (10), so one web process cannot fill clamd's queue alone.
-SCAN_CONCURRENCY = 8
 _CHUNK_SIZE = 64 * 1024
 _MAX_REPLY_BYTES = 4096
-_scan_slots = threading.BoundedSemaphore(SCAN_CONCURRENCY)
 
 
 class ScanVerdict(enum.StrEnum):
@@ -114,7 +109,9 @@ class ClamdClient:
     def instream_start(self, data: bytes) -> PendingScan:
         """Connect and send ``data`` whole (one ``sendall`` of every INSTREAM frame); the
         verdict is read later (``PendingScan.verdict``), so clamd scans while the caller
-        works. The deadline of ``timeout`` covers both halves."""
+        works. ``timeout`` bounds each half: the connect and send here, the wait for the
+        verdict from when it is asked for (the caller's own work in between is not
+        clamd's: a verdict already sent is never lost to a slow decode)."""
         deadline = time.monotonic() + self.timeout
         sock = self._connect(deadline)
         try:
@@ -132,7 +129,7 @@ class ClamdClient:
         except BaseException:
             sock.close()
             raise
-        return PendingScan(self, sock, deadline)
+        return PendingScan(self, sock)
 
     def _connect(self, deadline: float) -> socket.socket:
         try:
@@ -177,15 +174,16 @@ class ClamdClient:
 class PendingScan:
     """A stream sent to clamd (``ClamdClient.instream_start``) whose verdict is not read yet."""
 
-    def __init__(self, client: ClamdClient, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, client: ClamdClient, sock: socket.socket) -> None:
         self._client = client
         self._sock = sock
-        self._deadline = deadline
 
     def verdict(self) -> str | None:
-        """Wait for clamd's verdict (the signature name, or None when clean), then close."""
+        """Wait for clamd's verdict (the signature name, or None when clean), then close:
+        at most the client's ``timeout`` from now."""
+        deadline = time.monotonic() + self._client.timeout
         try:
-            reply = self._client._read_reply(self._sock, self._deadline)
+            reply = self._client._read_reply(self._sock, deadline)
         finally:
             self._sock.close()
         return _verdict_parse(reply, address=self._client.address)
@@ -252,7 +250,7 @@ def image_scan(*, data: bytes, param: str | None = None) -> ScanVerdict:
 class ImageScan:
     """One upload's scan, started by ``image_scan_start``: its bytes are with clamd, which
     scans them in its own process while the caller decodes. ``result`` waits for the
-    verdict and applies the policy; call it exactly once (it frees the scan's slot)."""
+    verdict and applies the policy; call it exactly once (it closes the connection)."""
 
     def __init__(
         self,
@@ -261,40 +259,33 @@ class ImageScan:
         param: str | None,
         pending: PendingScan | None = None,
         failure: ClamdError | None = None,
-        slot: bool = False,
     ) -> None:
         self._data_size = data_size
         self._param = param
         self._pending = pending
         self._failure = failure
-        self._slot = slot
 
     def result(self) -> ScanVerdict:
         """``CLEAN`` or ``SKIPPED``; raises ``malware_detected`` or ``scanner_unavailable``."""
+        if self._pending is None and self._failure is None:  # no scanner configured
+            if scanning_required():
+                logger.error("CLAMD_REQUIRED is set but CLAMD_URL is empty: refusing uploads")
+                raise _scanner_unavailable(self._param)
+            _warn_scanning_disabled()
+            return ScanVerdict.SKIPPED
         try:
-            if self._pending is None and self._failure is None:  # no scanner configured
-                if scanning_required():
-                    logger.error("CLAMD_REQUIRED is set but CLAMD_URL is empty: refusing uploads")
-                    raise _scanner_unavailable(self._param)
-                _warn_scanning_disabled()
-                return ScanVerdict.SKIPPED
-            try:
-                if self._failure is not None:
-                    raise self._failure
-                assert self._pending is not None
-                signature = self._pending.verdict()
-            except ClamdError as exc:
-                if scanning_required():
-                    logger.error("virus scan failed, upload refused: %s", exc)
-                    raise _scanner_unavailable(self._param) from exc
-                logger.warning(
-                    "virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", exc
-                )
-                return ScanVerdict.SKIPPED
-        finally:
-            if self._slot:
-                self._slot = False
-                _scan_slots.release()
+            if self._failure is not None:
+                raise self._failure
+            assert self._pending is not None
+            signature = self._pending.verdict()
+        except ClamdError as exc:
+            if scanning_required():
+                logger.error("virus scan failed, upload refused: %s", exc)
+                raise _scanner_unavailable(self._param) from exc
+            logger.warning(
+                "virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", exc
+            )
+            return ScanVerdict.SKIPPED
         if signature is not None:
             # The signature name stays in our logs: telling the client which rule matched
             # only helps someone tune a payload past it.
@@ -316,25 +307,18 @@ def image_scan_start(*, data: bytes, param: str | None = None) -> ImageScan:
     """Send the client's original bytes to clamd and return at once; ``ImageScan.result``
     gives the verdict. Nothing is raised here: a failure to reach clamd is the result's.
 
-    At most ``SCAN_CONCURRENCY`` scans of this process are with clamd at once; one more
-    waits for a slot within the scan's deadline. Blocking: from async code call it in a
-    thread, as ``image_validate`` is.
+    Blocking: from async code call it in a thread, as ``image_validate`` is. A process
+    scans as many images at once as it validates (its validation threads: the event loop's
+    default executor, min(32, cores + 4)); clamd queues connections beyond its MaxThreads
+    (default 10) up to its MaxQueue (default 100).
     """
     if not settings.CLAMD_URL:
         return ImageScan(data_size=len(data), param=param)
-    client = _client()
-    if not _scan_slots.acquire(timeout=client.timeout):
-        failure = ClamdError(f"{SCAN_CONCURRENCY} scans already in flight for {client.timeout}s")
-        return ImageScan(data_size=len(data), param=param, failure=failure)
     try:
-        pending = client.instream_start(data)
+        pending = _client().instream_start(data)
     except ClamdError as exc:
-        _scan_slots.release()
         return ImageScan(data_size=len(data), param=param, failure=exc)
-    except BaseException:
-        _scan_slots.release()
-        raise
-    return ImageScan(data_size=len(data), param=param, pending=pending, slot=True)
+    return ImageScan(data_size=len(data), param=param, pending=pending)
 
 
 def _client() -> ClamdClient:

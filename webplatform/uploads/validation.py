@@ -281,9 +281,10 @@ def _upright_rgb(image: Image.Image) -> Image.Image:
 def _ppm(image: Image.Image) -> DigestedBytes:
     """A binary PPM of an RGB image: a header of its size, then its pixel bytes, with their
     SHA-256. Nothing of ``info`` (EXIF, ICC, XMP, text chunks, comments) nor of the upload's
-    bytes is in it. The bytes Pillow's own PPM writer makes, with fewer copies of the pixels
-    (Pillow's ``convert``, a fresh image and its tiled encoder took ~2 ms more for a 520 px
-    JPEG)."""
+    bytes is in it. The bytes Pillow's own PPM writer makes, without its ``convert``, fresh
+    image and tiled encoder (~2 ms more for a 520 px JPEG). ``DigestedBytes`` copies the
+    pixels once more (~0.1 ms for 0.8 MB, here in the validating thread) so that the digest
+    travels with them and the event loop does not hash them again (0.45 ms)."""
     assert image.mode == "RGB"
     return DigestedBytes(b"P6\n%d %d\n255\n" % image.size + image.tobytes())
 

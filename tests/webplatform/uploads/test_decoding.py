@@ -58,6 +58,8 @@ def test_declared_media_type_is_kept_for_information_only() -> None:
         "data:image/png;base64,@@@@",
         "data:image/png;base64,QUJD-_",  # URL-safe alphabet
         "data:image/png;base64,QQ==QUJD",  # data after padding
+        "data:image/png;base64,QUJD====",  # padding the length does not need
+        "data:image/png;base64,QUJD==",
         "data:image/png;base64,QUJDR",  # impossible length
         "data:image/png;base64,ü",
         "data:image/png,rawtext",  # not base64

@@ -4,15 +4,12 @@ sizes come back from malloc's heap instead of being faulted in anew every reques
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fresh_interpreter import python_json
 
 _UPLOADS = """
 import json, resource, sys
@@ -40,16 +37,7 @@ def test_the_web_process_reuses_an_uploads_memory() -> None:
     env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
 
     def faults(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _UPLOADS, mode],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
-        return int(json.loads(out.stdout.strip().splitlines()[-1])["faults"])
+        return int(python_json(_UPLOADS, mode, env=env)["faults"])
 
     pages = 20 * 8 * 800_000 // 4096
     assert faults("bare") > pages // 2  # glibc's default: unmapped when freed, faulted again

@@ -3,13 +3,9 @@ import, in the context the server's tasks inherit) instead of each building its 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.fresh_interpreter import python_json
 
 _SERVE = """
 import asyncio, json
@@ -42,15 +38,6 @@ print(json.dumps({"statuses": statuses, "shared": [backend is process for backen
 def test_requests_share_the_process_cache_backend() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
-    out = subprocess.run(
-        [sys.executable, "-c", _SERVE],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = python_json(_SERVE, env=env)
     assert report["statuses"] == [200, 200, 200]
     assert report["shared"] == [True, True, True]

@@ -32,6 +32,7 @@ from inference.protocol import (
     decode_request,
 )
 from inference.settings import InferenceSettings
+from tests.fresh_interpreter import python_json
 from tests.inference.fakes import (
     delete_prefix,
     make_request,
@@ -63,16 +64,8 @@ print(json.dumps({
 def _fresh_interpreter(code: str, env: dict[str, str] | None = None) -> dict:
     # DJANGO_SETTINGS_MODULE stays set (as pytest-django set it): touching Django's
     # settings would then load webplatform.settings, which the test would see.
-    out = subprocess.run(
-        [sys.executable, "-c", code + _REPORT],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    report: dict = python_json(code + _REPORT, env={**os.environ, **(env or {})})
+    return report
 
 
 def _no_web_code(report: dict) -> None:

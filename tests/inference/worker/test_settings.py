@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from inference.worker.settings import worker_settings
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.fresh_interpreter import python_json
 
 _BOTH_READERS = """
 import dataclasses, json
@@ -58,16 +55,8 @@ def _both_readers(tmp_path: Path, variables: dict[str, str]) -> dict:
         PLATFORM_VAR_DIR=str(tmp_path),
         **variables,
     )
-    out = subprocess.run(
-        [sys.executable, "-c", _BOTH_READERS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    report: dict = python_json(_BOTH_READERS, env=env)
+    return report
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -168,6 +168,17 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
     # Every response carries the x-request-id the middleware gives the HTTP request; when
     # the request was admitted, it is also the id of its usage record.
 
+    parsed_input: ChatCompletionInput | None = None
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # adrf runs this (authentication, permissions, throttles) in one hand-off to the
+        # request's own thread (webplatform.request_threads); the body is parsed there too,
+        # once they passed: off the event loop, as a body of several MB of base64 takes
+        # tens of ms of CPU, without a thread hand-off of its own.
+        super().initial(request, *args, **kwargs)
+        if request.method == "POST":
+            self.parsed_input = _parse_input(request)
+
     @extend_schema(
         operation_id="createChatCompletion",
         request=ChatCompletionRequestSerializer,
@@ -191,9 +202,8 @@ class ChatCompletionsApi(AuthenticatedApiView, AsyncAPIView):
         "when the plan's fallback did.",
     )
     async def post(self, request: Request) -> HttpResponse | StreamingHttpResponse:
-        # Parsing and validating a body of several MB of base64 takes tens of ms of CPU:
-        # off the event loop, which meanwhile streams other requests' answers.
-        inp = await sync_to_async(_parse_input, thread_sensitive=False)(request)
+        inp = self.parsed_input
+        assert inp is not None  # parsed by initial, which ran first
         run = await chat_completion_start(
             caller=Caller(principal=principal_of(request), entry_point=EntryPoint.REST),
             inp=inp,

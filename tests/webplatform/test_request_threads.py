@@ -19,6 +19,27 @@ from webplatform.middleware import PlatformAsgiHandler
 from webplatform.request_threads import RequestThreads
 
 
+class ThreadStarts:
+    """The threads started while ``counting`` is on (``threading.Thread.start`` patched)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started: list[threading.Thread] = []
+        self.counting = False
+        original_start = threading.Thread.start
+
+        def counting_start(thread: threading.Thread) -> None:
+            if self.counting:
+                self.started.append(thread)
+            original_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+
+
+@pytest.fixture
+def thread_starts(monkeypatch: pytest.MonkeyPatch) -> ThreadStarts:
+    return ThreadStarts(monkeypatch)
+
+
 def _thread_of(executor: Any) -> threading.Thread:
     return executor.submit(threading.current_thread).result(timeout=5)
 
@@ -69,22 +90,13 @@ def test_past_the_pools_size_a_thread_ends() -> None:
     assert pool.lend() is kept
 
 
-def test_an_executor_never_used_retires_without_a_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    started: list[threading.Thread] = []
-    original_start = threading.Thread.start
-
-    def counting_start(self: threading.Thread) -> None:
-        started.append(self)
-        original_start(self)
-
+def test_an_executor_never_used_retires_without_a_thread(thread_starts: ThreadStarts) -> None:
     pool = RequestThreads(keep=0)
     executor = pool.lend()
-    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    thread_starts.counting = True
     executor.give_back()  # a request that made no thread-sensitive call
-    monkeypatch.undo()
-    assert started == []
+    thread_starts.counting = False
+    assert thread_starts.started == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -110,33 +122,22 @@ def test_a_requests_database_connection_is_closed_when_its_thread_is_given_back(
     assert again.submit(lambda: connections["default"] is connection).result(timeout=5)
 
 
-def test_requests_through_the_handler_reuse_their_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_through_the_handler_reuse_their_thread(thread_starts: ThreadStarts) -> None:
     seen: list[threading.Thread] = []
-    started: list[threading.Thread] = []
-    original_start = threading.Thread.start
 
     def receiver(**_: Any) -> None:  # a sync receiver: Django runs it thread-sensitive
         seen.append(threading.current_thread())
 
-    counting = False
-
-    def counting_start(self: threading.Thread) -> None:
-        if counting:
-            started.append(self)
-        original_start(self)
-
     handler = PlatformAsgiHandler(RequestThreads(keep=4))
-    monkeypatch.setattr(threading.Thread, "start", counting_start)
 
     async def send() -> list[int]:
         transport = httpx.ASGITransport(app=handler)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             # The first request makes the pool's thread (and this loop's own executors).
-            nonlocal counting
             statuses = [(await c.get("/health/live")).status_code]
-            counting = True  # only while the five requests are served
+            thread_starts.counting = True  # only while the five requests are served
             statuses += [(await c.get("/health/live")).status_code for _ in range(5)]
-            counting = False
+            thread_starts.counting = False
             return statuses
 
     request_started.connect(receiver)
@@ -149,5 +150,5 @@ def test_requests_through_the_handler_reuse_their_thread(monkeypatch: pytest.Mon
     assert len(seen) == 6
     assert set(seen) == {seen[0]}  # every request's sync work on the one lent thread
     assert seen[0] is not threading.current_thread()
-    assert started == []  # Django's own handler starts two threads per request
+    assert thread_starts.started == []  # Django's own handler starts two per request
     assert handler.threads.idle() == 1

@@ -32,10 +32,8 @@ from webplatform.api.schema import error_responses
 from webplatform.completions.answer import Answer, AnswerEvent, NoticeEvent
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, EntryPoint
-from webplatform.completions.serializers import (
-    ChatCompletionRequestSerializer,
-    chat_request_error,
-)
+from webplatform.completions.request_errors import chat_request_error
+from webplatform.completions.serializers import ChatCompletionRequestSerializer
 from webplatform.completions.streaming import CompletionRun
 from webplatform.middleware import request_id_of
 

@@ -52,7 +52,8 @@ from webplatform.completions.answer import Answer, NoticeEvent
 from webplatform.completions.json_input import json_value_parse
 from webplatform.completions.pipeline import chat_completion_start
 from webplatform.completions.request import Caller, ChatCompletionInput, ChatTurn, EntryPoint
-from webplatform.completions.serializers import MessageFrameSerializer, frame_error
+from webplatform.completions.request_errors import frame_error
+from webplatform.completions.serializers import MessageFrameSerializer
 from webplatform.completions.streaming import CompletionRun
 
 logger = logging.getLogger(__name__)

@@ -10,11 +10,10 @@ from rest_framework import serializers
 
 from tenants.errors import ApplicationError
 from webplatform.completions.request import ChatCompletionInput, ChatTurn, ImageSource
+from webplatform.completions.request_errors import chat_request_error, frame_error
 from webplatform.completions.serializers import (
     ChatCompletionRequestSerializer,
     MessageFrameSerializer,
-    chat_request_error,
-    frame_error,
 )
 
 IMAGE = "data:image/png;base64,AAAA"

@@ -27,7 +27,8 @@ from inference.worker.logs import (
     log_request_finished,
 )
 from inference.worker.loop import Worker, WorkerConfig, default_worker_id
-from inference.worker.metrics import MetricsServer, WorkerMetrics
+from inference.worker.metrics import WorkerMetrics
+from inference.worker.metrics_server import MetricsServer
 from inference.worker.redis_streams import RedisWorkerTransport
 from inference.worker.settings import log_level, worker_settings
 

@@ -36,7 +36,8 @@ from inference.protocol import (
     encode,
 )
 from inference.worker.loop import Worker, WorkerConfig
-from inference.worker.metrics import MetricsServer, WorkerMetrics
+from inference.worker.metrics import WorkerMetrics
+from inference.worker.metrics_server import MetricsServer
 from inference.worker.redis_streams import RedisWorkerTransport
 from tests.inference.fakes import (
     FakeEngine,

@@ -62,6 +62,7 @@ from PIL import Image
 
 from inference.client.base import InferenceClient, ModelHealth
 from inference.client.blobs import blob_check_digest
+from inference.client.circuit_breaker import CircuitBreaker
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
@@ -130,49 +131,6 @@ class UpstreamSpec:
             logprobs=bool(spec.get("logprobs", True)),
             extra_body=dict(spec.get("extra_body") or {}),
         )
-
-
-class CircuitBreaker:
-    """Consecutive failures open it; after ``reset_s`` one trial is let through."""
-
-    def __init__(self, *, failures: int, reset_s: float, clock: Any = time.monotonic) -> None:
-        self.failures_to_open = failures
-        self.reset_s = reset_s
-        self._clock = clock
-        self.failures = 0
-        self.opened_at: float | None = None
-        self._trial = False
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        if self._clock() - self.opened_at >= self.reset_s:
-            return "half-open"
-        return "open"
-
-    def allow(self) -> bool:
-        """May a request go upstream now? In half-open state, only one at a time."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self._trial:
-            self._trial = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self.failures, self.opened_at, self._trial = 0, None, False
-
-    def release(self) -> None:
-        """A trial request ended without a verdict (its client went away)."""
-        self._trial = False
-
-    def failure(self) -> None:
-        self.failures += 1
-        self._trial = False
-        if self.opened_at is not None or self.failures >= self.failures_to_open:
-            self.opened_at = self._clock()
 
 
 class _UpstreamFailure(Exception):

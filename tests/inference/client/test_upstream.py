@@ -11,10 +11,11 @@ import io
 import pytest
 from PIL import Image
 
+from inference.client.circuit_breaker import CircuitBreaker
 from inference.client.dispatch import ModelDispatchClient
 from inference.client.factory import build_inference_client
 from inference.client.inprocess import InProcessClient
-from inference.client.upstream import CircuitBreaker, UpstreamClient, UpstreamSpec
+from inference.client.upstream import UpstreamClient, UpstreamSpec
 from inference.protocol import (
     ErrorCode,
     ErrorEvent,

@@ -19,9 +19,13 @@ The loop's thread drives the engine, so its hooks only note what happened (the s
 event list as the engine returned it, and one wall and one monotonic clock reading per
 hook, not per event) in a queue; the histograms, counters and request log lines are
 applied from that queue by a thread of their own (``metrics-apply``, running between the
-loop's ``ready`` and ``stopped``), usually while the engine's next step runs. A scrape
-applies whatever is still queued first, so ``/metrics`` shows every event routed before it
-began. Outside those bounds (tests driving ``Worker.run_once``, hooks called by hand) each
+loop's ``ready`` and ``stopped``) while the engine runs. That thread is woken by the first
+note after its last round and then lets the next ``APPLY_INTERVAL_S`` of notes gather
+before it applies them: one wake-up of it per interval, not one per engine step (a
+wake-up per step cost the engine's thread ~2 ms of CPU a request on this project's
+2-core machine, docs/benchmarks.md "Metrics thread wake-ups"). A scrape applies whatever
+is still queued first, so ``/metrics`` shows every event routed before it began; a
+request's log line comes at most an interval after its end. Outside those bounds (tests driving ``Worker.run_once``, hooks called by hand) each
 hook is applied at once, on its caller's thread.
 
 Label cardinality is bounded by construction: ``model_name`` (one per worker process),
@@ -111,6 +115,10 @@ _STOP = object()  # tells the applying thread to return
 _STOP_TIMEOUT_S = 5.0
 
 
+# How long the applying thread lets notes gather after the one that woke it (see above).
+APPLY_INTERVAL_S = 0.05
+
+
 class WorkerMetrics(LoopObserver):
     """The worker's metrics; a ``LoopObserver`` the loop feeds (see the module docstring).
 
@@ -146,6 +154,10 @@ class WorkerMetrics(LoopObserver):
         self._unstarted = 0  # of _timings, those whose StartEvent has not come yet
         self._noted: deque[_Noted] = deque()  # appended by the loop, popped when applied
         self._wake: queue.SimpleQueue[object] = queue.SimpleQueue()  # never blocks a put
+        # Set by the loop's thread when it woke the applying thread, cleared by that thread
+        # before its round: the notes in between wake nobody.
+        self._wake_sent = False
+        self.apply_interval_s = APPLY_INTERVAL_S
         self._apply_lock = threading.Lock()
         self._applier: threading.Thread | None = None  # only the loop's thread sets it
         # The loop's context (the log fields bound to it: model, worker id), in which
@@ -279,6 +291,7 @@ class WorkerMetrics(LoopObserver):
         self._state = "ready"
         if self._applier is None:
             self._context = contextvars.copy_context()
+            self._wake_sent = False
             self._applier = threading.Thread(
                 target=self._apply_until_stopped, name="metrics-apply", daemon=True
             )
@@ -324,10 +337,11 @@ class WorkerMetrics(LoopObserver):
     def _note(self, apply: Callable[..., None], *args: object) -> None:
         """Queue ``apply(*args)``; apply it now when no applying thread runs."""
         self._noted.append((apply, args))
-        if self._applier is not None:
-            self._wake.put(None)
-        else:
+        if self._applier is None:
             self.flush()
+        elif not self._wake_sent:
+            self._wake_sent = True
+            self._wake.put(None)
 
     # --- applying (one thread at a time, in the order noted) ---------------------------
 
@@ -353,11 +367,13 @@ class WorkerMetrics(LoopObserver):
         wake = self._wake
         while True:
             token = wake.get()
-            try:  # one round for every hook noted meanwhile, not one per hook
-                while token is not _STOP:
-                    token = wake.get_nowait()
-            except queue.Empty:
-                pass
+            if token is not _STOP:
+                # Let the next notes gather (nothing but the stop is put meanwhile).
+                try:
+                    token = wake.get(timeout=self.apply_interval_s)
+                except queue.Empty:
+                    pass
+            self._wake_sent = False  # before the round: a note after it wakes the next one
             self.flush()
             if token is _STOP:
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import queue
 import threading
 import time
 import urllib.error
@@ -19,6 +20,7 @@ import msgspec
 import pytest
 import redis
 import structlog
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inference.engine.config import EngineStats, GlmEngineStats
@@ -61,9 +63,10 @@ class Clock:
         return self.now - 999_000.0
 
 
-def samples(metrics: WorkerMetrics) -> dict[tuple[str, tuple], float]:
-    """Every sample of the exposition, by (name, sorted labels)."""
-    text = metrics.exposition().decode()
+def samples(metrics: WorkerMetrics, *, flush: bool = True) -> dict[tuple[str, tuple], float]:
+    """Every sample of the exposition, by (name, sorted labels); ``flush=False``: only what
+    was applied already (a scrape applies what is still noted first)."""
+    text = (metrics.exposition() if flush else generate_latest(metrics.registry)).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text)
@@ -74,6 +77,11 @@ def samples(metrics: WorkerMetrics) -> dict[tuple[str, tuple], float]:
 def value(metrics: WorkerMetrics, name: str, **labels: str) -> float:
     labels.setdefault("model_name", MODEL)
     return samples(metrics)[(name, tuple(sorted(labels.items())))]
+
+
+def value_unflushed(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    labels.setdefault("model_name", MODEL)
+    return samples(metrics, flush=False)[(name, tuple(sorted(labels.items())))]
 
 
 def test_latencies_come_from_the_routed_events_timestamps():
@@ -344,6 +352,50 @@ def test_while_the_loop_serves_the_metrics_are_applied_off_its_thread_and_a_scra
         m.stopped()
     assert value(m, "inference:request_success_total", finished_reason="length") == streams
     assert value(m, "inference:request_generation_tokens_sum") == streams * steps
+    assert not any(t.name == "metrics-apply" for t in threading.enumerate())
+
+
+class CountingWake:
+    """The applying thread's wake-up queue, counting what the loop's thread puts in it."""
+
+    def __init__(self) -> None:
+        self.inner: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.puts = 0
+
+    def put(self, item: object) -> None:
+        self.puts += 1
+        self.inner.put(item)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        return self.inner.get(block, timeout)
+
+
+def test_the_metrics_thread_is_woken_once_an_interval_not_once_a_step():
+    m = WorkerMetrics(model=MODEL)
+    m.apply_interval_s = 0.5  # longer than the steps below take, however slow the machine
+    wake = CountingWake()
+    m._wake = wake  # type: ignore[assignment]
+    request = make_request("q")
+    m.ready()
+    try:
+        m.admitted(request)
+        for _ in range(200):
+            m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
+        started = time.monotonic()
+        assert wake.puts == 1  # the first note woke it; the next 200 gathered meanwhile
+        # Applied within the interval, without a scrape (which would apply them itself).
+        deadline = started + 5.0
+        while value_unflushed(m, "inference:generation_tokens_total") < 200:
+            assert time.monotonic() < deadline, "the gathered notes were not applied"
+            time.sleep(0.01)
+        # The next note after that round wakes it again, once.
+        m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
+        m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
+        assert wake.puts == 2
+    finally:
+        m.stopped()
+    assert wake.puts == 3  # the stop
+    assert value(m, "inference:generation_tokens_total") == 202
     assert not any(t.name == "metrics-apply" for t in threading.enumerate())
 
 

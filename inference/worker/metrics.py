@@ -22,11 +22,12 @@ applied from that queue by a thread of their own (``metrics-apply``, running bet
 loop's ``ready`` and ``stopped``) while the engine runs. That thread is woken by the first
 note after its last round and then lets the next ``APPLY_INTERVAL_S`` of notes gather
 before it applies them: one wake-up of it per interval, not one per engine step (a
-wake-up per step cost the engine's thread ~2 ms of CPU a request on this project's
-2-core machine, docs/benchmarks.md "Metrics thread wake-ups"). A scrape applies whatever
-is still queued first, so ``/metrics`` shows every event routed before it began; a
-request's log line comes at most an interval after its end. Outside those bounds (tests driving ``Worker.run_once``, hooks called by hand) each
-hook is applied at once, on its caller's thread.
+wake-up per step cost the engine's thread ~2.6 ms of CPU a request on this project's
+2-core machine, docs/benchmarks.md "Metrics thread wake-ups"). A scrape applies
+whatever is still queued first, so ``/metrics`` shows every event routed before it
+began; a request's log line comes about an interval after its end. Outside those
+bounds (tests driving ``Worker.run_once``, hooks called by hand) each hook is applied at
+once, on its caller's thread.
 
 Label cardinality is bounded by construction: ``model_name`` (one per worker process),
 ``finished_reason`` (``FinishReason``), ``code`` (``ErrorCode``), ``phase`` (two values),

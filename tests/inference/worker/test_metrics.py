@@ -356,23 +356,28 @@ def test_while_the_loop_serves_the_metrics_are_applied_off_its_thread_and_a_scra
 
 
 class CountingWake:
-    """The applying thread's wake-up queue, counting what the loop's thread puts in it."""
+    """The applying thread's wake-up queue, counting what the loop's thread puts in it; the
+    applying thread's wait for notes to gather (its timed ``get``) lasts until the test
+    lets one round go (``rounds``), however slow the machine."""
 
     def __init__(self) -> None:
         self.inner: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.puts = 0
+        self.rounds = threading.Semaphore(0)
 
     def put(self, item: object) -> None:
         self.puts += 1
         self.inner.put(item)
 
     def get(self, block: bool = True, timeout: float | None = None) -> object:
+        if timeout is not None:
+            assert self.rounds.acquire(timeout=10), "the test let no round go"
         return self.inner.get(block, timeout)
 
 
 def test_the_metrics_thread_is_woken_once_an_interval_not_once_a_step():
     m = WorkerMetrics(model=MODEL)
-    m.apply_interval_s = 0.5  # longer than the steps below take, however slow the machine
+    m.apply_interval_s = 0.01
     wake = CountingWake()
     m._wake = wake  # type: ignore[assignment]
     request = make_request("q")
@@ -381,10 +386,11 @@ def test_the_metrics_thread_is_woken_once_an_interval_not_once_a_step():
         m.admitted(request)
         for _ in range(200):
             m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
-        started = time.monotonic()
-        assert wake.puts == 1  # the first note woke it; the next 200 gathered meanwhile
-        # Applied within the interval, without a scrape (which would apply them itself).
-        deadline = started + 5.0
+        # The first note woke the applying thread; the next 200 gathered while it waits.
+        assert wake.puts == 1
+        assert value_unflushed(m, "inference:generation_tokens_total") == 0
+        wake.rounds.release()  # its round: everything noted, without a scrape
+        deadline = time.monotonic() + 5.0
         while value_unflushed(m, "inference:generation_tokens_total") < 200:
             assert time.monotonic() < deadline, "the gathered notes were not applied"
             time.sleep(0.01)
@@ -392,6 +398,7 @@ def test_the_metrics_thread_is_woken_once_an_interval_not_once_a_step():
         m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
         m.step(0.001, [(request.request_id, DeltaEvent(text="x", tokens=1))])
         assert wake.puts == 2
+        wake.rounds.release()
     finally:
         m.stopped()
     assert wake.puts == 3  # the stop

@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from enginebench import generate, models, report, startup, workloads  # noqa: E402
+from enginebench import generate, models, record, report, startup, workloads  # noqa: E402
 from enginebench.mixed import run_mixed  # noqa: E402
 from enginebench.suite import best, mixed_settings, suite  # noqa: E402
 
@@ -241,7 +241,7 @@ def main() -> None:
         startup.child_main(args.model, device=args.device, compile_cache_dir=args.compile_cache_dir)
         return
     if args.mode == "render":
-        markdown = report.render([r for path in args.render for r in report.load(Path(path))])
+        markdown = report.render([r for path in args.render for r in record.load(Path(path))])
         if args.docs:
             report.replace_section(Path(args.docs), markdown)
         print(markdown)

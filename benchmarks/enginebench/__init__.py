@@ -7,7 +7,8 @@
 - ``mixed``: inter-token latency of running streams while large prompts arrive;
 - ``profiling``: where a step's time goes (device kernels against host);
 - ``startup``: process start to a warmed engine, in a fresh process;
-- ``report``: the record of a run (JSON lines, a time budget) and its Markdown tables.
+- ``record``: the record of a run (JSON lines, written as it goes) and its time budget;
+- ``report``: the record's Markdown tables.
 
 Nothing here imports Django: a bare GPU host with torch and transformers runs it.
 """

@@ -47,7 +47,7 @@ import torch
 
 from inference.engine import Engine, EngineConfig
 
-from . import generate, kernels, models, report, startup, workloads
+from . import generate, kernels, models, record, report, startup, workloads
 from .mixed import run_mixed
 from .profiling import decode_profile, ttft_stages
 
@@ -105,7 +105,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 def suite(args: argparse.Namespace, tiny_dir: Path) -> None:
     """Run every stage that fits; records to ``--out``, Markdown printed at the end."""
     out = Path(args.out) if args.out else None
-    rec = report.Recorder(out, args.budget_s, started=args.process_started)
+    rec = record.Recorder(out, args.budget_s, started=args.process_started)
     estimate = GPU_ESTIMATES if args.full_size else dict.fromkeys(GPU_ESTIMATES, 0)
     built = time.perf_counter()
     runner = models.without_eos(models.runner_from_args(args, tiny_dir))

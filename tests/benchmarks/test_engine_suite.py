@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.enginebench import report
+from benchmarks.enginebench import record, report
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW_TOKENS = 4
@@ -71,7 +71,7 @@ def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], st
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        records += report.load(out / "engine-bench.jsonl")
+        records += record.load(out / "engine-bench.jsonl")
         outputs.append((out, done.stdout))
     return records, outputs
 
@@ -170,17 +170,17 @@ def test_rendering_into_the_docs_replaces_one_marked_section(device_run, tmp_pat
 
 
 def test_a_stage_past_the_budget_is_skipped_and_recorded(tmp_path):
-    recorder = report.Recorder(tmp_path, budget_s=0.0)
+    recorder = record.Recorder(tmp_path, budget_s=0.0)
     ran = []
     assert recorder.stage("static", 10.0, lambda: ran.append(1)) is False
     assert ran == []
     recorder.close()
-    [record] = report.load(tmp_path / "engine-bench.jsonl")
-    assert record["stage"] == "skipped" and record["what"] == "static"
+    [skipped] = record.load(tmp_path / "engine-bench.jsonl")
+    assert skipped["stage"] == "skipped" and skipped["what"] == "static"
 
 
 def test_a_failing_stage_is_recorded_and_the_run_goes_on(tmp_path):
-    recorder = report.Recorder(tmp_path, budget_s=None)
+    recorder = record.Recorder(tmp_path, budget_s=None)
 
     def broken() -> None:
         raise RuntimeError("no graph")

@@ -36,12 +36,8 @@ from webplatform.completions.admission import (
     upload_limits_for,
 )
 from webplatform.completions.cache import answer_cache_key, answer_cache_lookup
-from webplatform.completions.model_choice import (
-    AUTO_MODEL,
-    check_auto_allowed,
-    escalating_source,
-    model_choose,
-)
+from webplatform.completions.escalation import escalating_source
+from webplatform.completions.model_choice import AUTO_MODEL, check_auto_allowed, model_choose
 from webplatform.completions.request import Caller, ChatCompletionInput
 from webplatform.completions.routing import model_route
 from webplatform.completions.settlement import Settlement

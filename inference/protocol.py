@@ -159,7 +159,7 @@ class DoneEvent(msgspec.Struct, frozen=True, tag="done"):
     usage: Usage
     # Mean log-probability of the answer's tokens, when the engine reports one (an
     # ``openai-upstream`` model that returns logprobs); None otherwise. Routing's escalation
-    # reads it (``webplatform.completions.model_choice``).
+    # reads it (``webplatform.completions.escalation``).
     mean_logprob: float | None = None
 
 

@@ -74,8 +74,9 @@ class Settlement:
     image_tokens_seen: int = 0
     tokens_streamed: int = 0
     settled: bool = False
-    # Routing (webplatform.completions.model_choice): the rule that chose ``model``, and a
-    # fast answer escalated to it (its model and tokens, charged as well).
+    # Routing (webplatform.completions.model_choice): the rule that chose ``model``; and a
+    # fast answer escalated to it (webplatform.completions.escalation: its model and
+    # tokens, charged as well).
     route_rule: str = ""
     escalated_from: str = ""
     escalated_usage: Usage | None = None

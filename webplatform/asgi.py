@@ -18,7 +18,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webplatform.settings")
 # reused from malloc's heap instead of faulted in anew each request (-1.3 ms of validation
 # for a 520 px JPEG on this project's CPU, docs/benchmarks.md "Web process allocator").
 # Before anything loads, so that what loads follows it too. (The embedded mode's engine
-# loader sets the engine's own values over these: that process then holds a model.)
+# loader then sets the engine's trim threshold over the web's; the web's cap of arenas
+# stays: that process holds a model and serves the web with the same malloc.)
 keep_freed_memory(trim_threshold=WEB_TRIM_THRESHOLD_BYTES, arena_max=WEB_ARENA_MAX)
 
 # Django must be set up before anything imports models (the websocket routes do); what

@@ -4,12 +4,11 @@ sizes come back from malloc's heap instead of being faulted in anew every reques
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 
-from tests.fresh_interpreter import python_json
+from tests.fresh_interpreter import python_json, web_env
 
 _UPLOADS = """
 import json, resource, sys
@@ -29,12 +28,7 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_web_process_reuses_an_uploads_memory() -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MALLOC_", "GLIBC_", "DATABASE_URL", "REDIS_URL"))
-    }
-    env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
+    env = web_env(drop_prefixes=("MALLOC_", "GLIBC_"))
 
     def faults(mode: str) -> int:
         return int(python_json(_UPLOADS, mode, env=env)["faults"])

@@ -3,9 +3,7 @@ import, in the context the server's tasks inherit) instead of each building its 
 
 from __future__ import annotations
 
-import os
-
-from tests.fresh_interpreter import python_json
+from tests.fresh_interpreter import python_json, web_env
 
 _SERVE = """
 import asyncio, json
@@ -36,8 +34,6 @@ print(json.dumps({"statuses": statuses, "shared": [backend is process for backen
 
 
 def test_requests_share_the_process_cache_backend() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env.update(DJANGO_SETTINGS_MODULE="webplatform.settings", INFERENCE_PRELOAD="false")
-    report = python_json(_SERVE, env=env)
+    report = python_json(_SERVE, env=web_env())
     assert report["statuses"] == [200, 200, 200]
     assert report["shared"] == [True, True, True]

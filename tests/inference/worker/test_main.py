@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -120,13 +121,8 @@ print(json.dumps({"kept": kept, "faults": faults}))
 def test_the_worker_reuses_freed_memory_instead_of_faulting_it_in_again():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
 
-    def run(mode: str, extra: dict[str, str] | None = None) -> dict[str, object]:
-        argv = [sys.executable, "-c", _REALLOCATE, mode]
-        out = subprocess.run(
-            argv, cwd=ROOT, env={**env, **(extra or {})}, capture_output=True, text=True
-        )
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+    def run(mode: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
+        return dict(python_json(_REALLOCATE, mode, env={**env, **(extra or {})}))
 
     pages = 20 * 16 * (1 << 20) // 4096
     # glibc's default: trimmed from the heap (or unmapped) when freed, faulted in again.

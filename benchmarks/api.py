@@ -24,6 +24,11 @@ or ``CLAMD_URL`` is given), queue, tiny model, response, usage record and quota 
 
     CLAMD_URL=$(bash scripts/clamd-test.sh) .venv/bin/python benchmarks/api.py
 
+Beside the latencies it prints the CPU each process spent per request in the same rounds
+(``apibench/cpu.py``: this process, the web and worker processes it started, and the
+machine's Redis, clamd and PostgreSQL): at one client the steps of a request run one after
+another, so that table says which process the time over the floor is in.
+
 ``--image standard photo screenshot`` runs each image set in turn on the same servers: the
 standard JPEG, a 12 MP phone photo of a label (4000 x 3000 JPEG, scaled to the model's pixel
 budget at validation) and a 1920 x 1080 PNG screenshot. The ``engine`` mode hands the image

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from . import cpu
 from .report import HEADER, Result, print_result
 from .targets import Target
 
@@ -49,10 +50,13 @@ async def closed_loop(
 
 
 async def measure(target: Target, clients: int, jpegs: Iterator[bytes], total: int) -> Result:
-    """``total`` requests on the next images of ``jpegs``, prepared before the timing."""
+    """``total`` requests on the next images of ``jpegs``, prepared before the timing; with
+    the CPU each process spent on them (``apibench.cpu``, read outside the timing)."""
     inputs = iter([target.prepare(next(jpegs)) for _ in range(total)])
+    before = cpu.snapshot()
     wall, latencies, errors = await closed_loop(clients, inputs, total, target.call)
-    return Result(target.mode, clients, total, wall, latencies, errors)
+    used = cpu.ms_per_request(before, cpu.snapshot(), total)
+    return Result(target.mode, clients, total, wall, latencies, errors, used)
 
 
 def requests_for(clients: int, args: argparse.Namespace) -> int:

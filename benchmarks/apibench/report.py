@@ -1,12 +1,15 @@
 """The results: one measurement, its printed row, the best round of each, the summary.
 
 Rows: mode, clients, requests, requests/s, p50 and p99 latency in ms, errors by kind.
-The summary compares each HTTP mode with the engine alone at the same client count.
+The summary compares each HTTP mode with the engine alone at the same client count, then
+shows the CPU each process spent per request (``apibench.cpu``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .cpu import GROUPS
 
 HEADER = f"{'mode':<9} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9}"
 
@@ -21,6 +24,7 @@ class Result:
     wall_s: float
     latencies_s: list[float]
     errors: dict[str, int]
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per request, by process group
 
     @property
     def rps(self) -> float:
@@ -73,3 +77,20 @@ def summary(results: list[Result]) -> None:
             f"{r.percentile_ms(0.5) - floor.percentile_ms(0.5):>8.1f}"
         )
     print("(p50 x, p99 x: latency ratios; rps x: engine requests/s over HTTP requests/s)")
+    cpu_table(results)
+
+
+def cpu_table(results: list[Result]) -> None:
+    """CPU ms per request by process (``apibench.cpu``): nothing when none was measured."""
+    if not any(r.cpu_ms for r in results):
+        return
+    shown = [g for g in GROUPS if any(g in r.cpu_ms for r in results)]
+    print("\nCPU ms per request, by process (the same rounds):")
+    print(f"{'mode':<9} {'clients':>7} " + " ".join(f"{g:>8}" for g in shown) + f" {'total':>8}")
+    for r in results:
+        cells = " ".join(f"{r.cpu_ms.get(g, 0.0):>8.1f}" for g in shown)
+        print(f"{r.mode:<9} {r.clients:>7} {cells} {sum(r.cpu_ms.values()):>8.1f}")
+    print(
+        "(client: the load client, and in the engine mode the engine; redis, clamd, postgres:"
+        " the machine's, shared)"
+    )

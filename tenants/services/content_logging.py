@@ -10,6 +10,8 @@ logs content, and the row expires after the organisation's retention period;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.contrib.auth.models import User
@@ -41,19 +43,56 @@ def content_log_record(
     """
     if not Tenant.objects.filter(pk=tenant.pk, log_content=True).exists():
         return None
-    now = now or timezone.now()
-    expires_at = now + timedelta(days=content_retention_days_get(tenant=tenant))
+    entry = _entry(ContentLogItem(tenant, request_id, prompt, answer), now or timezone.now())
     try:
         with transaction.atomic():
-            return ContentLogEntry.objects.create(
-                tenant_id=tenant.pk,
-                request_id=request_id,
-                prompt=prompt[:MAX_STORED_CHARS],
-                answer=answer[:MAX_STORED_CHARS],
-                expires_at=expires_at,
-            )
+            entry.save(force_insert=True)
+            return entry
     except IntegrityError:
         return ContentLogEntry.objects.filter(tenant_id=tenant.pk, request_id=request_id).first()
+
+
+@dataclass(frozen=True)
+class ContentLogItem:
+    """One request's text, for ``content_logs_record``."""
+
+    tenant: Tenant
+    request_id: str
+    prompt: str
+    answer: str
+
+
+def content_logs_record(items: Sequence[ContentLogItem], *, now: datetime | None = None) -> None:
+    """``content_log_record`` for many requests at once: one read of which of their
+    organisations log content (from the database, as there), one INSERT of what they keep
+    (a request already kept is skipped)."""
+    if not items:
+        return
+    logging = set(
+        Tenant.objects.filter(
+            pk__in={item.tenant.pk for item in items}, log_content=True
+        ).values_list("pk", flat=True)
+    )
+    kept = [item for item in items if item.tenant.pk in logging]
+    if not kept:
+        return
+    now = now or timezone.now()
+    tenants = {item.tenant.pk: item.tenant for item in kept}
+    retention = {pk: content_retention_days_get(tenant=t) for pk, t in tenants.items()}
+    entries = [_entry(item, now, retention[item.tenant.pk]) for item in kept]
+    ContentLogEntry.objects.bulk_create(entries, ignore_conflicts=True)
+
+
+def _entry(item: ContentLogItem, now: datetime, days: int | None = None) -> ContentLogEntry:
+    if days is None:
+        days = content_retention_days_get(tenant=item.tenant)
+    return ContentLogEntry(
+        tenant_id=item.tenant.pk,
+        request_id=item.request_id,
+        prompt=item.prompt[:MAX_STORED_CHARS],
+        answer=item.answer[:MAX_STORED_CHARS],
+        expires_at=now + timedelta(days=days),
+    )
 
 
 def content_log_purge_expired(*, now: datetime | None = None) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
+from typing import ParamSpec
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
@@ -15,6 +17,9 @@ from django.utils import timezone
 
 from tenants.errors import ApplicationError
 from tenants.models import ApiKey, DailyUsage, Tenant, UsageRecord
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 
 def _savepoint_when_in_a_transaction() -> contextlib.AbstractContextManager[object]:
@@ -27,7 +32,7 @@ def _savepoint_when_in_a_transaction() -> contextlib.AbstractContextManager[obje
     return contextlib.nullcontext()
 
 
-def usage_record_create(
+def usage_record_build(
     *,
     tenant: Tenant,
     request_id: str,
@@ -51,11 +56,9 @@ def usage_record_create(
     escalated_completion_tokens: int = 0,
     created_at: datetime | None = None,
 ) -> UsageRecord:
-    """Record one finished request (ok, error or cancelled).
-
-    Idempotent on ``request_id``: recording the same request twice (a retried task) returns
-    the first record. ``api_key`` must belong to ``tenant``.
-    """
+    """One finished request's record (ok, error or cancelled), checked and not yet saved:
+    ``usage_record_create`` saves one, ``usage_records_create`` many at once. ``api_key``
+    must belong to ``tenant``."""
     if channel not in UsageRecord.Channel.values:
         raise ValueError(f"unknown channel {channel!r}")
     if status not in UsageRecord.Status.values:
@@ -64,36 +67,82 @@ def usage_record_create(
         raise ApplicationError(
             "The API key does not belong to this tenant.", code="invalid_value", status=400
         )
+    return UsageRecord(
+        tenant=tenant,
+        api_key=api_key,
+        user=user,
+        request_id=request_id,
+        channel=channel,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        image_tokens=image_tokens,
+        image_count=image_count,
+        image_bytes=image_bytes,
+        time_to_first_token_ms=time_to_first_token_ms,
+        total_latency_ms=total_latency_ms,
+        status=status,
+        error_code=error_code,
+        cache_hit=cache_hit,
+        route_rule=route_rule,
+        escalated_from=escalated_from,
+        escalated_prompt_tokens=escalated_prompt_tokens,
+        escalated_completion_tokens=escalated_completion_tokens,
+        created_at=created_at or timezone.now(),
+    )
+
+
+def _saved(build: Callable[P, UsageRecord]) -> Callable[P, UsageRecord]:
+    def create(*args: P.args, **kwargs: P.kwargs) -> UsageRecord:
+        return _usage_record_save(build(*args, **kwargs))
+
+    create.__doc__ = """Record one finished request (the keyword arguments of ``usage_record_build``).
+
+    Idempotent on ``request_id``: recording the same request twice (a retried task) returns
+    the first record."""
+    return create
+
+
+usage_record_create = _saved(usage_record_build)
+
+
+def _usage_record_save(record: UsageRecord) -> UsageRecord:
     try:
         with _savepoint_when_in_a_transaction():
-            return UsageRecord.objects.create(
-                tenant=tenant,
-                api_key=api_key,
-                user=user,
-                request_id=request_id,
-                channel=channel,
-                model=model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                image_tokens=image_tokens,
-                image_count=image_count,
-                image_bytes=image_bytes,
-                time_to_first_token_ms=time_to_first_token_ms,
-                total_latency_ms=total_latency_ms,
-                status=status,
-                error_code=error_code,
-                cache_hit=cache_hit,
-                route_rule=route_rule,
-                escalated_from=escalated_from,
-                escalated_prompt_tokens=escalated_prompt_tokens,
-                escalated_completion_tokens=escalated_completion_tokens,
-                created_at=created_at or timezone.now(),
-            )
+            record.save(force_insert=True)
+            return record
     except IntegrityError:
-        existing = UsageRecord.objects.filter(tenant=tenant, request_id=request_id).first()
+        existing = UsageRecord.objects.filter(
+            tenant_id=record.tenant_id, request_id=record.request_id
+        ).first()
         if existing is None:  # the request id belongs to another tenant: a bug upstream
             raise
         return existing
+
+
+def usage_records_create(records: Sequence[UsageRecord]) -> None:
+    """Save built records (``usage_record_build``): one alone as ``usage_record_create``
+    does (one statement in autocommit), several in one INSERT (in a transaction, as Django's
+    ``bulk_create`` makes it). Idempotent as ``usage_record_create``: when one of them is
+    already recorded, each is saved on its own instead (the first record of a request
+    stays); one that fails then (its request id is another tenant's) is logged and does not
+    keep the others out."""
+    if len(records) > 1:
+        try:
+            with _savepoint_when_in_a_transaction():
+                UsageRecord.objects.bulk_create(records)
+            return
+        except IntegrityError:
+            for record in records:  # bulk_create may have given them ids: none was saved
+                record.pk = None
+                record._state.adding = True
+    for record in records:
+        try:
+            _usage_record_save(record)
+        except Exception:
+            if len(records) == 1:
+                raise
+            logger.exception("recording the usage of request %s failed", record.request_id)
 
 
 class _PercentileCont(Aggregate):

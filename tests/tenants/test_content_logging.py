@@ -15,9 +15,11 @@ from tenants.selectors.content_logging import (
 )
 from tenants.services.content_logging import (
     MAX_STORED_CHARS,
+    ContentLogItem,
     content_log_purge_expired,
     content_log_record,
     content_logging_update,
+    content_logs_record,
 )
 
 pytestmark = pytest.mark.django_db
@@ -112,3 +114,32 @@ def test_retention_outside_one_day_to_a_year_is_refused(owner, days):
         )
     assert (refused.value.code, refused.value.param) == ("invalid_value", "retention_days")
     assert not Tenant.objects.get(pk=owner.tenant.pk).log_content
+
+
+def test_many_requests_are_kept_only_for_organisations_that_log_content(
+    owner, outsider, django_assert_num_queries
+):
+    Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
+    items = [
+        ContentLogItem(owner.tenant, "a", "question a", "answer a"),
+        ContentLogItem(outsider.tenant, "b", "question b", "answer b"),  # does not log
+        ContentLogItem(owner.tenant, "c", "q" * (MAX_STORED_CHARS + 5), "answer c"),
+    ]
+    # The caller's copy of the tenant says "off": the switch is read from the database.
+    assert owner.tenant.log_content is False
+
+    # Which organisations log, the retention of the one that does, one INSERT.
+    with django_assert_num_queries(3):
+        content_logs_record(items, now=NOW)
+    content_logs_record(items[:1], now=NOW)  # again: already kept, skipped
+
+    kept = {e.request_id: e for e in ContentLogEntry.objects.all()}
+    assert set(kept) == {"a", "c"}
+    assert kept["a"].tenant_id == owner.tenant.pk and kept["a"].answer == "answer a"
+    assert len(kept["c"].prompt) == MAX_STORED_CHARS
+    assert kept["a"].expires_at == NOW + timedelta(days=DEFAULT_RETENTION_DAYS)
+
+
+def test_nothing_is_read_for_no_requests(django_assert_num_queries):
+    with django_assert_num_queries(0):
+        content_logs_record([], now=NOW)

@@ -7,12 +7,19 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from tenants.errors import ApplicationError
 from tenants.models import DailyUsage, UsageRecord
 from tenants.selectors.tenants import tenant_limits_get
 from tenants.selectors.usage import usage_daily_for_tenant, usage_today_for_tenant
-from tenants.services.usage import percentile_cont, usage_record_create, usage_rollup_day
+from tenants.services.usage import (
+    percentile_cont,
+    usage_record_build,
+    usage_record_create,
+    usage_records_create,
+    usage_rollup_day,
+)
 from tenants.tasks import usage_rollup_day_task
 from tests.factories import PlanFactory, TenantFactory, api_key_for
 
@@ -171,3 +178,63 @@ def test_percentile_matches_postgresql_interpolation():
     assert percentile_cont([], 0.5) is None
     assert percentile_cont([7], 0.95) == 7
     assert percentile_cont([1, 2, 3, 4], 0.5) == 2.5
+
+
+def _built(tenant, request_id: str) -> UsageRecord:  # type: ignore[no-untyped-def]
+    return usage_record_build(
+        tenant=tenant,
+        request_id=request_id,
+        channel=UsageRecord.Channel.REST,
+        model="glm-4.6v-flash",
+        status=UsageRecord.Status.OK,
+        completion_tokens=3,
+    )
+
+
+def test_many_records_are_one_insert(owner, outsider):
+    batch = [
+        _built(owner.tenant, "b-1"),
+        _built(outsider.tenant, "b-2"),
+        _built(owner.tenant, "b-3"),
+    ]
+
+    with CaptureQueriesContext(connection) as queries:
+        usage_records_create(batch)
+
+    # In the test's transaction: a savepoint around the one INSERT.
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    assert statements == ["SAVEPOINT", "INSERT", "RELEASE"]
+
+    assert sorted(UsageRecord.objects.values_list("request_id", "tenant_id")) == [
+        ("b-1", owner.tenant.pk),
+        ("b-2", outsider.tenant.pk),
+        ("b-3", owner.tenant.pk),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_record_alone_is_one_statement_in_autocommit(owner, django_assert_num_queries):
+    with django_assert_num_queries(1):
+        usage_records_create([_built(owner.tenant, "alone")])
+    assert UsageRecord.objects.filter(request_id="alone").count() == 1
+
+
+def test_a_batch_with_a_recorded_request_keeps_the_first_and_writes_the_rest(
+    owner, outsider, caplog
+):
+    first = _record(owner.tenant, request_id="dup", completion_tokens=7)
+    _record(outsider.tenant, request_id="theirs")
+    # The same request again, another tenant's request id, and two new ones.
+    batch = [
+        _built(owner.tenant, "new-1"),
+        _built(owner.tenant, "dup"),
+        _built(owner.tenant, "theirs"),
+        _built(owner.tenant, "new-2"),
+    ]
+
+    usage_records_create(batch)
+
+    assert UsageRecord.objects.get(request_id="dup").completion_tokens == first.completion_tokens
+    assert UsageRecord.objects.get(request_id="theirs").tenant_id == outsider.tenant.pk
+    assert UsageRecord.objects.filter(request_id__in=["new-1", "new-2"]).count() == 2
+    assert "recording the usage of request theirs failed" in caplog.text

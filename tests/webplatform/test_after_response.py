@@ -114,20 +114,20 @@ def test_without_the_wrapper_there_is_no_deferral() -> None:
 def test_a_served_answer_is_sent_before_its_usage_record_and_after_its_lease(
     live_asgi_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import webplatform.completions.settlement as settlement
+    import webplatform.completions.records as records
 
     tenant = TenantFactory(plan=PlanFactory(concurrent_requests=1))
     key = api_key_for(tenant).raw_key
     release = threading.Event()
     writing = threading.Event()
-    real = settlement.usage_record_create
+    real = records.usage_records_create
 
-    def held(**kwargs: Any) -> Any:
+    def held(batch: Any) -> Any:
         writing.set()
         assert release.wait(10), "the test never released the usage record"
-        return real(**kwargs)
+        return real(batch)
 
-    monkeypatch.setattr(settlement, "usage_record_create", held)
+    monkeypatch.setattr(records, "usage_records_create", held)
     headers = {"Authorization": f"Bearer {key}"}
     body = {
         "model": "glm-4.6v-flash",

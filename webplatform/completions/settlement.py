@@ -7,11 +7,10 @@ that went away (a second call does nothing):
 
 - quota: settled with the tokens used (prompt + completion; a cache hit costs none), or
   released untouched when the failure was ours;
-- the usage record (``tenants.services.usage.usage_record_create``);
-- the content log (``tenants.services.content_logging.content_log_record``), which keeps
-  nothing unless the organisation turned it on; these two database writes go after the
-  response where the entry point can defer them (``defer_records``, REST through
-  ``webplatform.after_response``), the quota never;
+- the usage record and the content log (``webplatform.completions.records``; the content
+  log keeps nothing unless the organisation turned it on); these two database writes go
+  after the response, in a batch with other requests', where the entry point can defer
+  them (``defer_records``, REST through ``webplatform.after_response``), the quota never;
 - the answer cache, for a finished deterministic answer of the model asked for;
 - the metrics (the error's code too) and one log line, ``completion settled``
   (``webplatform.log_context``).
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -34,12 +32,13 @@ from asgiref.sync import sync_to_async
 
 from inference.protocol import DeltaEvent, StartEvent, Usage
 from tenants.errors import ApplicationError
-from tenants.services.content_logging import content_log_record
+from tenants.services.content_logging import ContentLogItem
 from tenants.services.quotas import Admission, quota_release, quota_settle
-from tenants.services.usage import usage_record_create
+from tenants.services.usage import usage_record_build
 from webplatform.after_response import Deferral
 from webplatform.completions.answer import Answer
 from webplatform.completions.cache import answer_cache_store
+from webplatform.completions.records import RequestRecords, record_writer, records_write
 from webplatform.completions.request import Caller
 from webplatform.log_context import log_completion_settled
 from webplatform.metrics import completion_observe
@@ -121,7 +120,7 @@ class Settlement:
         except Exception:  # Redis down: the lease expires on its own; the record is kept
             logger.exception("settling the quota of request %s failed", self.request_id)
 
-    def _record(
+    def _records(
         self,
         *,
         outcome: Outcome,
@@ -130,11 +129,12 @@ class Settlement:
         usage: Usage,
         ttft_ms: int | None,
         latency_ms: int,
-    ) -> None:
-        """The usage record and the content log (blocking: the database)."""
+    ) -> RequestRecords | None:
+        """The usage record and the content log's text (None, logged, when the record
+        cannot be made: settling never raises)."""
         try:
             principal = self.caller.principal
-            usage_record_create(
+            record = usage_record_build(
                 tenant=principal.tenant,
                 api_key=principal.api_key,
                 user=principal.user,
@@ -156,16 +156,21 @@ class Settlement:
                 escalated_prompt_tokens=(self.escalated_usage or Usage()).prompt_tokens,
                 escalated_completion_tokens=(self.escalated_usage or Usage()).completion_tokens,
             )
-            if answer is not None:
-                # Kept only when the organisation turned content logging on (checked there).
-                content_log_record(
-                    tenant=principal.tenant,
-                    request_id=self.request_id,
-                    prompt=self.prompt_text,
-                    answer=answer.text,
-                )
         except Exception:  # settlement must never turn a served answer into an error
             logger.exception("settling request %s failed", self.request_id)
+            return None
+        # Kept only when the organisation turned content logging on (checked when written).
+        content = (
+            None
+            if answer is None
+            else ContentLogItem(
+                tenant=principal.tenant,
+                request_id=self.request_id,
+                prompt=self.prompt_text,
+                answer=answer.text,
+            )
+        )
+        return RequestRecords(usage=record, content=content)
 
     async def settle_refused(self, exc: BaseException) -> None:
         """Settle a request that failed after admission and before it was submitted (an
@@ -189,8 +194,7 @@ class Settlement:
             if self.first_token_at is None
             else int((self.first_token_at - self.started_at) * 1000)
         )
-        records = functools.partial(
-            self._record,
+        records = self._records(
             outcome=outcome,
             error_code=error_code,
             answer=answer,
@@ -204,20 +208,27 @@ class Settlement:
 
             def pay() -> None:  # a failure of one is logged and does not stop the next
                 self._pay_quota(outcome=outcome, usage=usage)
-                records()
+                if records is not None:
+                    records_write([records])
 
             # Quota, usage record and content log in one thread hand-off (each hand-off is
             # a wake-up of a thread and of the event loop on the client's critical path).
             await sync_to_async(pay, thread_sensitive=False)()
         else:
             # The quota now (the client's next request must see its lease gone), the two
-            # database writes after the response (webplatform.after_response).
+            # database writes after the response, in a batch with other requests'
+            # (webplatform.after_response, webplatform.completions.records).
             await sync_to_async(self._pay_quota, thread_sensitive=False)(
                 outcome=outcome, usage=usage
             )
-            write = sync_to_async(records, thread_sensitive=False)
-            if not self.defer_records(write):  # too late to defer: now
-                await write()
+            if records is not None:
+                queued = records
+
+                async def write() -> None:
+                    await record_writer().write(queued)
+
+                if not self.defer_records(write):  # too late to defer: now
+                    await write()
         if outcome is Outcome.OK and answer is not None and self.cache_key is not None:
             await answer_cache_store(key=self.cache_key, answer=answer)  # never raises
         completion_observe(

@@ -15,8 +15,10 @@ user + system time of
 - ``redis``, ``clamd``, ``postgres``: every process of that name on the machine. These are
   shared services: other load on them counts too, and the ``embedded`` mode uses none.
 
-A process counts for the part of the level it was seen in both snapshots (one that started
-or ended in between is left out).
+A process counts for the part of the level it was seen in both snapshots, with the CPU of
+its children that ended meanwhile (PostgreSQL's backends of connections opened and closed
+within the level are in the postmaster's; a child that was running at the first snapshot
+brings its earlier CPU too); a process that started or ended in between is left out.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SERVICES = {"redis-server": "redis", "clamd": "clamd", "postgres": "postgres"}
 class _Proc:
     ppid: int
     comm: str
-    ticks: int  # utime + stime
+    ticks: int  # utime + stime, and cutime + cstime: its children that ended and were reaped
 
 
 def _read(pid: int) -> _Proc | None:
@@ -47,7 +49,7 @@ def _read(pid: int) -> _Proc | None:
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses; it ends at the last ")".
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2 :].split()
-    return _Proc(ppid=int(fields[1]), comm=comm, ticks=int(fields[11]) + int(fields[12]))
+    return _Proc(ppid=int(fields[1]), comm=comm, ticks=sum(int(f) for f in fields[11:15]))
 
 
 def _cmdline(pid: int) -> str:

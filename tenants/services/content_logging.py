@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.contrib.auth.models import User
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, ContentLogEntry, ContentLoggingPolicy, Tenant
-from tenants.selectors.content_logging import content_retention_days_get
+from tenants.selectors.content_logging import DEFAULT_RETENTION_DAYS
 from tenants.services.audit_log import audit_log_record
 
 # Generous but bounded: a stored row never grows without limit.
@@ -36,20 +36,10 @@ def content_log_record(
     answer: str,
     now: datetime | None = None,
 ) -> ContentLogEntry | None:
-    """Keep the request's text if the organisation logs content; None when it does not.
-
-    Reads ``log_content`` from the database, not from ``tenant`` (which may come from the
-    API key cache), so turning logging off takes effect at once. Idempotent per request.
-    """
-    if not Tenant.objects.filter(pk=tenant.pk, log_content=True).exists():
-        return None
-    entry = _entry(ContentLogItem(tenant, request_id, prompt, answer), now or timezone.now())
-    try:
-        with transaction.atomic():
-            entry.save(force_insert=True)
-            return entry
-    except IntegrityError:
-        return ContentLogEntry.objects.filter(tenant_id=tenant.pk, request_id=request_id).first()
+    """Keep one request's text if the organisation logs content (``content_logs_record``);
+    the stored entry (the first one, for a request kept before), None when it does not."""
+    content_logs_record([ContentLogItem(tenant, request_id, prompt, answer)], now=now)
+    return ContentLogEntry.objects.filter(tenant_id=tenant.pk, request_id=request_id).first()
 
 
 @dataclass(frozen=True)
@@ -63,36 +53,39 @@ class ContentLogItem:
 
 
 def content_logs_record(items: Sequence[ContentLogItem], *, now: datetime | None = None) -> None:
-    """``content_log_record`` for many requests at once: one read of which of their
-    organisations log content (from the database, as there), one INSERT of what they keep
-    (a request already kept is skipped)."""
-    if not items:
-        return
-    logging = set(
-        Tenant.objects.filter(
-            pk__in={item.tenant.pk for item in items}, log_content=True
-        ).values_list("pk", flat=True)
-    )
-    kept = [item for item in items if item.tenant.pk in logging]
-    if not kept:
+    """Keep the text of each request whose organisation logs content; a request already
+    kept is skipped.
+
+    Reads ``log_content`` from the database, not from the items' tenants (which may come
+    from the API key cache), so turning logging off takes effect at once: one read when
+    none of the organisations logs content (the common case); else, in one transaction, the
+    same read again locking those organisations' rows (``content_logging_update`` turning
+    logging off waits for it, then deletes what it stored, or goes first and this finds
+    logging off) with their retention periods, and one INSERT.
+    """
+    tenant_ids = {item.tenant.pk for item in items}
+    if not tenant_ids or not Tenant.objects.filter(pk__in=tenant_ids, log_content=True).exists():
         return
     now = now or timezone.now()
-    tenants = {item.tenant.pk: item.tenant for item in kept}
-    retention = {pk: content_retention_days_get(tenant=t) for pk, t in tenants.items()}
-    entries = [_entry(item, now, retention[item.tenant.pk]) for item in kept]
-    ContentLogEntry.objects.bulk_create(entries, ignore_conflicts=True)
-
-
-def _entry(item: ContentLogItem, now: datetime, days: int | None = None) -> ContentLogEntry:
-    if days is None:
-        days = content_retention_days_get(tenant=item.tenant)
-    return ContentLogEntry(
-        tenant_id=item.tenant.pk,
-        request_id=item.request_id,
-        prompt=item.prompt[:MAX_STORED_CHARS],
-        answer=item.answer[:MAX_STORED_CHARS],
-        expires_at=now + timedelta(days=days),
-    )
+    with transaction.atomic():
+        retention = dict(
+            Tenant.objects.select_for_update(no_key=True, of=("self",))
+            .filter(pk__in=tenant_ids, log_content=True)
+            .values_list("pk", "content_logging_policy__retention_days")
+        )
+        entries = [
+            ContentLogEntry(
+                tenant_id=item.tenant.pk,
+                request_id=item.request_id,
+                prompt=item.prompt[:MAX_STORED_CHARS],
+                answer=item.answer[:MAX_STORED_CHARS],
+                expires_at=now
+                + timedelta(days=retention[item.tenant.pk] or DEFAULT_RETENTION_DAYS),
+            )
+            for item in items
+            if item.tenant.pk in retention
+        ]
+        ContentLogEntry.objects.bulk_create(entries, ignore_conflicts=True)
 
 
 def content_log_purge_expired(*, now: datetime | None = None) -> int:

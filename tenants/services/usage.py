@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -93,9 +94,11 @@ def usage_record_build(
 
 
 def _saved(build: Callable[P, UsageRecord]) -> Callable[P, UsageRecord]:
+    @functools.wraps(build)
     def create(*args: P.args, **kwargs: P.kwargs) -> UsageRecord:
         return _usage_record_save(build(*args, **kwargs))
 
+    create.__name__ = create.__qualname__ = "usage_record_create"
     create.__doc__ = """Record one finished request (the keyword arguments of ``usage_record_build``).
 
     Idempotent on ``request_id``: recording the same request twice (a retried task) returns
@@ -120,29 +123,30 @@ def _usage_record_save(record: UsageRecord) -> UsageRecord:
         return existing
 
 
-def usage_records_create(records: Sequence[UsageRecord]) -> None:
+def usage_records_create(records: Sequence[UsageRecord]) -> list[UsageRecord]:
     """Save built records (``usage_record_build``): one alone as ``usage_record_create``
     does (one statement in autocommit), several in one INSERT (in a transaction, as Django's
     ``bulk_create`` makes it). Idempotent as ``usage_record_create``: when one of them is
     already recorded, each is saved on its own instead (the first record of a request
-    stays); one that fails then (its request id is another tenant's) is logged and does not
-    keep the others out."""
+    stays). The records that could not be saved (their request id is another tenant's:
+    a bug upstream, logged); a database error other than a duplicate is raised."""
     if len(records) > 1:
         try:
             with _savepoint_when_in_a_transaction():
                 UsageRecord.objects.bulk_create(records)
-            return
+            return []
         except IntegrityError:
             for record in records:  # bulk_create may have given them ids: none was saved
                 record.pk = None
                 record._state.adding = True
+    failed = []
     for record in records:
         try:
             _usage_record_save(record)
-        except Exception:
-            if len(records) == 1:
-                raise
+        except IntegrityError:
             logger.exception("recording the usage of request %s failed", record.request_id)
+            failed.append(record)
+    return failed
 
 
 class _PercentileCont(Aggregate):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from tenants.errors import ApplicationError
 from tenants.models import AuditLogEntry, ContentLogEntry, Tenant
@@ -116,9 +118,7 @@ def test_retention_outside_one_day_to_a_year_is_refused(owner, days):
     assert not Tenant.objects.get(pk=owner.tenant.pk).log_content
 
 
-def test_many_requests_are_kept_only_for_organisations_that_log_content(
-    owner, outsider, django_assert_num_queries
-):
+def test_many_requests_are_kept_only_for_organisations_that_log_content(owner, outsider):
     Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
     items = [
         ContentLogItem(owner.tenant, "a", "question a", "answer a"),
@@ -128,11 +128,21 @@ def test_many_requests_are_kept_only_for_organisations_that_log_content(
     # The caller's copy of the tenant says "off": the switch is read from the database.
     assert owner.tenant.log_content is False
 
-    # Which organisations log, the retention of the one that does, one INSERT.
-    with django_assert_num_queries(3):
+    with CaptureQueriesContext(connection) as queries:
         content_logs_record(items, now=NOW)
     content_logs_record(items[:1], now=NOW)  # again: already kept, skipped
 
+    # Whether any logs; then, in a transaction (a savepoint in the test's), the logging
+    # organisations' rows locked with their retention, and one INSERT.
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert [statement.split()[0] for statement in sql] == [
+        "SELECT",
+        "SAVEPOINT",
+        "SELECT",
+        "INSERT",
+        "RELEASE",
+    ]
+    assert "FOR NO KEY UPDATE OF" in sql[2]
     kept = {e.request_id: e for e in ContentLogEntry.objects.all()}
     assert set(kept) == {"a", "c"}
     assert kept["a"].tenant_id == owner.tenant.pk and kept["a"].answer == "answer a"
@@ -140,6 +150,12 @@ def test_many_requests_are_kept_only_for_organisations_that_log_content(
     assert kept["a"].expires_at == NOW + timedelta(days=DEFAULT_RETENTION_DAYS)
 
 
-def test_nothing_is_read_for_no_requests(django_assert_num_queries):
+def test_a_batch_of_organisations_that_do_not_log_costs_one_read(
+    owner, outsider, django_assert_num_queries
+):
+    items = [ContentLogItem(t, "r", "q", "a") for t in (owner.tenant, outsider.tenant)]
+    with django_assert_num_queries(1):
+        content_logs_record(items, now=NOW)
     with django_assert_num_queries(0):
         content_logs_record([], now=NOW)
+    assert not ContentLogEntry.objects.exists()

@@ -13,7 +13,8 @@ Why: written alone, right after its response, a request's records took ~2.3 ms o
 process's CPU (most of it Python holding the GIL) and 0.7 ms of PostgreSQL's, while the
 same client's next request was being authenticated and validated; moved out of that
 moment, one client's answers came ~2 ms sooner on this project's CPU benchmark, and many
-requests share a statement's round trip (docs/benchmarks.md, "Usage records in batches").
+requests share a statement's round trip (docs/benchmarks.md, "Where a request's CPU goes;
+usage records in batches").
 
 Requests not deferred (Django's test client, a websocket consumer, an error's record,
 which must be in before its response) write theirs at once with ``records_write``.
@@ -22,6 +23,7 @@ which must be in before its response) write theirs at once with ``records_write`
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -54,20 +56,53 @@ class RequestRecords:
 
 def records_write(batch: Sequence[RequestRecords]) -> None:
     """Write a batch's records; never raises (a failure is logged). A connection that
-    failed (PostgreSQL restarted, a network cut) is closed and the batch tried once more on
-    a new one."""
+    failed (PostgreSQL restarted, a network cut) is replaced and the batch written once
+    more; a batch that fails otherwise (one bad row fails its whole INSERT) is written one
+    request at a time, so that one request's failure loses no other's records."""
+    _renew_connection_if_due()
     for attempt in (1, 2):
         try:
-            usage_records_create([r.usage for r in batch])
-            content_logs_record([r.content for r in batch if r.content is not None])
+            _write(batch)
             return
         except (InterfaceError, OperationalError):
             connections.close_all()  # this thread's: the next use connects again
             if attempt == 2:
-                logger.exception("writing the records of %d requests failed", len(batch))
+                _log_failure(batch)
         except Exception:
-            logger.exception("writing the records of %d requests failed", len(batch))
+            if len(batch) > 1:
+                for records in batch:
+                    records_write([records])
+            else:
+                _log_failure(batch)
             return
+
+
+def _write(batch: Sequence[RequestRecords]) -> None:
+    failed = {id(record) for record in usage_records_create([r.usage for r in batch])}
+    # No content log for a request whose usage record could not be written (as before).
+    content_logs_record(
+        [r.content for r in batch if r.content is not None and id(r.usage) not in failed]
+    )
+
+
+def _renew_connection_if_due() -> None:
+    """What ``close_old_connections`` does for a request, for the writer's long-lived
+    thread, without its health check at every batch: a connection past
+    ``CONN_MAX_AGE``, or unusable after an error, is closed (the next query connects)."""
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and (
+            conn.errors_occurred
+            or (conn.close_at is not None and time.monotonic() >= conn.close_at)
+        ):
+            conn.close_if_unusable_or_obsolete()
+
+
+def _log_failure(batch: Sequence[RequestRecords]) -> None:
+    logger.exception(
+        "writing the records of %d requests failed (%s)",
+        len(batch),
+        ", ".join(r.usage.request_id for r in batch[:5]),
+    )
 
 
 class RecordWriter:
@@ -86,6 +121,7 @@ class RecordWriter:
         self._cond = threading.Condition()
         self._pending: list[tuple[RequestRecords, Callable[[], None]]] = []
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     async def write(self, records: RequestRecords) -> None:
         """Return once ``records`` are written (or their write failed, logged). Cancelling
@@ -111,13 +147,29 @@ class RecordWriter:
             if len(self._pending) in (1, self.max_batch):
                 self._cond.notify()
 
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Write what is queued now, without lingering, and stop the thread; False when it
+        did not finish within ``timeout_s``. At the process's exit (``record_writer``):
+        records a request no longer waits for (a stop that timed out cancels it) are still
+        written."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout_s)
+        return not thread.is_alive()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._closing:
                     self._cond.wait()
+                if not self._pending:  # closing, and all written
+                    return
                 deadline = time.monotonic() + self.linger_s
-                while len(self._pending) < self.max_batch:
+                while len(self._pending) < self.max_batch and not self._closing:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -126,8 +178,8 @@ class RecordWriter:
                 del self._pending[: self.max_batch]
             try:
                 self._write([records for records, _ in batch])
-            except Exception:  # records_write does not raise; another write might
-                logger.exception("writing the records of %d requests failed", len(batch))
+            except Exception:  # records_write does not raise; another write function might
+                logger.exception("a records write raised")
             finally:
                 for _, written in batch:
                     try:
@@ -151,4 +203,5 @@ def record_writer() -> RecordWriter:
     with _writer_lock:
         if _writer is None:
             _writer = RecordWriter()
+            atexit.register(_writer.close)
         return _writer

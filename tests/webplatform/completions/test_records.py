@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from django.db import OperationalError
+from django.db import connection
 
 import webplatform.completions.records as records
 from tenants.models import UsageRecord
@@ -49,11 +49,11 @@ class _Batches:
 
 def test_records_arriving_together_are_one_batch_and_each_waits_for_it() -> None:
     batches = _Batches()
-    writer = RecordWriter(linger_s=0.2, write=batches)
+    writer = RecordWriter(linger_s=1.0, write=batches)
 
     async def main() -> None:
         waits = [asyncio.create_task(writer.write(_records(f"r{i}"))) for i in range(3)]
-        await asyncio.sleep(0.05)  # within the linger: nothing written, nobody returned
+        await asyncio.sleep(0.05)  # well within the linger: nothing written, nobody returned
         assert batches.batches == [] and not any(w.done() for w in waits)
         await asyncio.wait_for(asyncio.gather(*waits), 10)
         assert batches.batches == [["r0", "r1", "r2"]]
@@ -92,7 +92,7 @@ def test_a_failed_write_is_logged_and_its_waiters_still_return(
 
     with caplog.at_level(logging.ERROR, logger="webplatform.completions.records"):
         asyncio.run(main())
-    assert "writing the records of 1 requests failed" in caplog.text
+    assert "a records write raised" in caplog.text
 
 
 def test_a_cancelled_waiter_does_not_take_its_records_back() -> None:
@@ -116,6 +116,17 @@ def test_a_cancelled_waiter_does_not_take_its_records_back() -> None:
     assert batches.batches == [["r0"]]
 
 
+def test_closing_writes_what_is_queued_without_lingering_and_ends_the_thread() -> None:
+    batches = _Batches()
+    writer = RecordWriter(linger_s=30, write=batches)
+    written: list[str] = []
+    writer.put(_records("r0"), lambda: written.append("r0"))
+    writer.put(_records("r1"), lambda: written.append("r1"))
+
+    assert writer.close(timeout_s=10)
+    assert batches.batches == [["r0", "r1"]] and written == ["r0", "r1"]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_connection_that_failed_is_replaced_and_the_batch_written_once(
     owner, monkeypatch: pytest.MonkeyPatch
@@ -123,14 +134,39 @@ def test_a_connection_that_failed_is_replaced_and_the_batch_written_once(
     real = records.usage_records_create
     calls: list[int] = []
 
-    def flaky(batch: Sequence[UsageRecord]) -> None:
+    def cut_first(batch: Sequence[UsageRecord]) -> list[UsageRecord]:
         calls.append(len(batch))
-        if len(calls) == 1:
-            raise OperationalError("server closed the connection unexpectedly")
-        real(batch)
+        if len(calls) == 1:  # the server ends this connection, as a restart of it would
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return real(batch)
 
-    monkeypatch.setattr(records, "usage_records_create", flaky)
+    monkeypatch.setattr(records, "usage_records_create", cut_first)
     records_write([_records("x-1", owner.tenant), _records("x-2", owner.tenant)])
 
     assert calls == [2, 2]
     assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["x-1", "x-2"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_row_loses_no_other_requests_records(owner, caplog: pytest.LogCaptureFixture) -> None:
+    from tenants.models import ContentLogEntry, Tenant
+    from tenants.services.content_logging import ContentLogItem
+
+    Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
+
+    def with_text(request_id: str) -> RequestRecords:
+        usage = _records(request_id, owner.tenant).usage
+        return RequestRecords(usage, ContentLogItem(owner.tenant, request_id, "q", "a"))
+
+    # Longer than the column: the batch's INSERT fails as a whole.
+    batch = [with_text("ok-1"), with_text("x" * 100), with_text("ok-2")]
+    with caplog.at_level(logging.ERROR, logger="webplatform.completions.records"):
+        records_write(batch)
+
+    assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["ok-1", "ok-2"]
+    assert sorted(ContentLogEntry.objects.values_list("request_id", flat=True)) == [
+        "ok-1",
+        "ok-2",
+    ]
+    assert "writing the records of 1 requests failed (xxxx" in caplog.text

@@ -71,6 +71,7 @@ def content_logs_record(items: Sequence[ContentLogItem], *, now: datetime | None
         retention = dict(
             Tenant.objects.select_for_update(no_key=True, of=("self",))
             .filter(pk__in=tenant_ids, log_content=True)
+            .order_by("pk")  # one lock order for every writer (names can change)
             .values_list("pk", "content_logging_policy__retention_days")
         )
         entries = [

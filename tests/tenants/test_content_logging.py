@@ -159,3 +159,50 @@ def test_a_batch_of_organisations_that_do_not_log_costs_one_read(
     with django_assert_num_queries(0):
         content_logs_record([], now=NOW)
     assert not ContentLogEntry.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_switch_off_in_progress_is_waited_for_and_then_nothing_is_kept(owner):
+    """Turning logging off updates the organisation's row and deletes what was kept in one
+    transaction; a batch being written meanwhile waits for it on the row's lock and then
+    finds logging off. Without the lock it would read the old "on" and keep the text after
+    the deletion."""
+    import threading
+
+    from django.db import connections, transaction
+
+    Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
+    locked, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def switching_off() -> None:
+        try:
+            with transaction.atomic():
+                Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=False)
+                locked.set()
+                assert release.wait(10)
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def writing() -> None:
+        try:
+            content_logs_record([ContentLogItem(owner.tenant, "r", "q", "a")], now=NOW)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    switch = threading.Thread(target=switching_off)
+    switch.start()
+    assert locked.wait(10)
+    writer = threading.Thread(target=writing)
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive()  # waiting on the organisation's row
+    release.set()
+    switch.join(10)
+    writer.join(10)
+    assert not errors and not writer.is_alive()
+    assert not ContentLogEntry.objects.exists()

@@ -232,8 +232,9 @@ def test_a_batch_with_a_recorded_request_keeps_the_first_and_writes_the_rest(
         _built(owner.tenant, "new-2"),
     ]
 
-    usage_records_create(batch)
+    failed = usage_records_create(batch)
 
+    assert [record.request_id for record in failed] == ["theirs"]
     assert UsageRecord.objects.get(request_id="dup").completion_tokens == first.completion_tokens
     assert UsageRecord.objects.get(request_id="theirs").tenant_id == outsider.tenant.pk
     assert UsageRecord.objects.filter(request_id__in=["new-1", "new-2"]).count() == 2

@@ -54,27 +54,33 @@ class RequestRecords:
     content: ContentLogItem | None = None
 
 
-def records_write(batch: Sequence[RequestRecords]) -> None:
+def records_write(batch: Sequence[RequestRecords]) -> bool:
     """Write a batch's records; never raises (a failure is logged). A connection that
     failed (PostgreSQL restarted, a network cut) is replaced and the batch written once
     more; a batch that fails otherwise (one bad row fails its whole INSERT) is written one
-    request at a time, so that one request's failure loses no other's records."""
+    request at a time, so that one request's failure loses no other's records, until the
+    database is found unreachable. False when the database could not be reached."""
     _renew_connection_if_due()
     for attempt in (1, 2):
         try:
             _write(batch)
-            return
+            return True
         except (InterfaceError, OperationalError):
             connections.close_all()  # this thread's: the next use connects again
             if attempt == 2:
                 _log_failure(batch)
+                return False
         except Exception:
-            if len(batch) > 1:
-                for records in batch:
-                    records_write([records])
-            else:
+            if len(batch) == 1:
                 _log_failure(batch)
-            return
+                return True
+            for done, records in enumerate(batch):
+                if not records_write([records]):  # gone meanwhile: not 2 tries each
+                    if batch[done + 1 :]:
+                        _log_failure(batch[done + 1 :])
+                    return False
+            return True
+    return False  # not reached: the second attempt returns
 
 
 def _write(batch: Sequence[RequestRecords]) -> None:
@@ -113,7 +119,7 @@ class RecordWriter:
         *,
         linger_s: float = LINGER_S,
         max_batch: int = MAX_BATCH,
-        write: Callable[[Sequence[RequestRecords]], None] = records_write,
+        write: Callable[[Sequence[RequestRecords]], object] = records_write,
     ) -> None:
         self.linger_s = linger_s
         self.max_batch = max_batch

@@ -170,3 +170,21 @@ def test_a_bad_row_loses_no_other_requests_records(owner, caplog: pytest.LogCapt
         "ok-2",
     ]
     assert "writing the records of 1 requests failed (xxxx" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_whose_usage_record_failed_leaves_no_content_log(owner, outsider) -> None:
+    from tenants.models import ContentLogEntry, Tenant
+    from tenants.services.content_logging import ContentLogItem
+
+    Tenant.objects.filter(pk=owner.tenant.pk).update(log_content=True)
+    records_write([_records("theirs", outsider.tenant)])  # the id is the outsider's
+
+    def with_text(request_id: str) -> RequestRecords:
+        usage = _records(request_id, owner.tenant).usage
+        return RequestRecords(usage, ContentLogItem(owner.tenant, request_id, "q", "a"))
+
+    records_write([with_text("mine"), with_text("theirs")])
+
+    assert UsageRecord.objects.get(request_id="theirs").tenant_id == outsider.tenant.pk
+    assert list(ContentLogEntry.objects.values_list("request_id", flat=True)) == ["mine"]

@@ -61,26 +61,31 @@ def records_write(batch: Sequence[RequestRecords]) -> bool:
     request at a time, so that one request's failure loses no other's records, until the
     database is found unreachable. False when the database could not be reached."""
     _renew_connection_if_due()
-    for attempt in (1, 2):
-        try:
-            _write(batch)
+    try:
+        _write_reconnecting(batch)
+        return True
+    except (InterfaceError, OperationalError):
+        connections.close_all()
+        _log_failure(batch)
+        return False
+    except Exception:
+        if len(batch) == 1:
+            _log_failure(batch)
             return True
-        except (InterfaceError, OperationalError):
-            connections.close_all()  # this thread's: the next use connects again
-            if attempt == 2:
-                _log_failure(batch)
-                return False
-        except Exception:
-            if len(batch) == 1:
-                _log_failure(batch)
-                return True
-            for done, records in enumerate(batch):
-                if not records_write([records]):  # gone meanwhile: not 2 tries each
-                    if batch[done + 1 :]:
-                        _log_failure(batch[done + 1 :])
-                    return False
-            return True
-    return False  # not reached: the second attempt returns
+    for done, records in enumerate(batch):
+        if not records_write([records]):  # gone meanwhile: not 2 tries each
+            if batch[done + 1 :]:
+                _log_failure(batch[done + 1 :])
+            return False
+    return True
+
+
+def _write_reconnecting(batch: Sequence[RequestRecords]) -> None:
+    try:
+        _write(batch)
+    except (InterfaceError, OperationalError):
+        connections.close_all()  # this thread's: the next use connects again
+        _write(batch)
 
 
 def _write(batch: Sequence[RequestRecords]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -222,11 +223,7 @@ class Settlement:
                 outcome=outcome, usage=usage
             )
             if records is not None:
-                queued = records
-
-                async def write() -> None:
-                    await record_writer().write(queued)
-
+                write = functools.partial(record_writer().write, records)
                 if not self.defer_records(write):  # too late to defer: now
                     await write()
         if outcome is Outcome.OK and answer is not None and self.cache_key is not None:

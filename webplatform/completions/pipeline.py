@@ -3,7 +3,8 @@
 Read it top to bottom: each step is a module of this package.
 
 1. admit       ``admission``   checks (model, max_tokens, image count), then the quota
-2. validate    ``validation``  every image, through ``webplatform.uploads``
+2. validate    ``validation``  every image, through ``webplatform.uploads`` (its virus
+                               scan's verdict read meanwhile, awaited before step 6 yields)
 3. cache       ``cache``       a deterministic request's answer, if one is stored
 4. route       ``routing``     the model, its plan's fallback, or a 503
 5. submit      ``submission``  images stored by reference, the ``InferenceRequest`` built
@@ -20,6 +21,7 @@ translate wire formats.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from inference.client import get_inference_client
@@ -43,9 +45,11 @@ from webplatform.completions.routing import model_route
 from webplatform.completions.settlement import Settlement
 from webplatform.completions.streaming import CompletionRun
 from webplatform.completions.submission import completion_submit, inference_prompt
-from webplatform.completions.validation import images_validate
+from webplatform.completions.validation import ScanVerdicts, images_validate
 from webplatform.log_context import log_context_bind
 from webplatform.metrics import admission_refused
+
+logger = logging.getLogger(__name__)
 
 
 async def chat_completion_start(
@@ -88,9 +92,10 @@ async def chat_completion_start(
         cache_key=None,
         cache_hit=False,
     )
+    verdicts: ScanVerdicts | None = None
     try:
-        # 2. Validate.
-        images = await images_validate(inp=inp, limits=upload_limits)
+        # 2. Validate (the scans' verdicts are read meanwhile; the answer waits for them).
+        images, verdicts = await images_validate(inp=inp, limits=upload_limits)
         prompt = inference_prompt(inp=inp, images=images, max_tokens=max_tokens)
         tenant_id = str(principal.tenant_id)
         # 2b. Choose: "auto" becomes the fast or the slow model (model_choice).
@@ -125,15 +130,18 @@ async def chat_completion_start(
                 images=images,
                 stream=inp.stream,
             )
-    except STORE_OUTAGES as exc:  # Redis down or hung while routing or submitting: 503
-        unavailable = store_unavailable_error()
-        await asyncio.shield(settlement.settle_refused(unavailable))
-        raise unavailable from exc
     except BaseException as exc:
         # Nothing was generated: the admission goes back untouched (settling an error or a
         # cancellation with no tokens seen charges nothing) and the usage record says why.
-        await asyncio.shield(settlement.settle_refused(exc))
-        raise
+        # Redis down or hung while routing or submitting is a 503; an image the scan
+        # refused is the error still, as when its verdict came before the enqueue.
+        error = store_unavailable_error() if isinstance(exc, STORE_OUTAGES) else exc
+        if verdicts is not None:
+            error = await _scan_refusal_or(error, verdicts)
+        await asyncio.shield(settlement.settle_refused(error))
+        if error is exc:
+            raise
+        raise error from exc
 
     # 6 and 7: the run streams and settles.
     settlement.model = model
@@ -155,7 +163,26 @@ async def chat_completion_start(
         cached=cached,
         settlement=settlement,
         route_rule=choice.rule,
+        verdicts=verdicts,
     )
     if inference_request is not None and choice.escalation and model == choice.model:
         run.events_source = escalating_source(run=run, choice=choice)
     return run
+
+
+async def _scan_refusal_or(error: BaseException, verdicts: ScanVerdicts) -> BaseException:
+    """The scans' refusal when an image has one, else ``error``; a request cancelled (the
+    client went away) stops reading the verdicts instead."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        verdicts.close()
+        return error
+    try:
+        await verdicts.passed()
+    except ApplicationError as refusal:
+        return refusal
+    except asyncio.CancelledError as cancelled:  # the client went away meanwhile
+        verdicts.close()
+        return cancelled
+    except Exception:  # not a verdict: the request's own error still stands
+        logger.exception("reading the scan verdicts after an error failed")
+    return error

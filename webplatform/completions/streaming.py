@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -36,6 +36,7 @@ from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.answer import Answer, AnswerEvent
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.completions.settlement import Outcome, Settlement
+from webplatform.completions.validation import ScanVerdicts
 from webplatform.uploads.services import ValidatedImage
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class CompletionRun:
     route_rule: str = ""  # the routing rule that chose ``model`` ("" when it was named)
     # The events to read instead of ``client.submit(inference_request)`` (escalation).
     events_source: Callable[[], AsyncIterator[Event]] | None = None
+    # The images' virus-scan verdicts: nothing is yielded before they are in (and clean).
+    verdicts: ScanVerdicts | None = None
 
     @property
     def cache_hit(self) -> bool:
@@ -108,6 +111,8 @@ class CompletionRun:
         outcome, error_code = Outcome.ERROR, "internal_error"
         try:
             if self.cached is not None:
+                if self.verdicts is not None:
+                    await self.verdicts.passed()
                 delta = DeltaEvent(text=self.cached.text, reasoning=self.cached.reasoning)
                 self.settlement.record_delta(delta)
                 yield delta
@@ -123,6 +128,8 @@ class CompletionRun:
                 if self.events_source is not None
                 else self.client.submit(self.inference_request)
             )
+            if self.verdicts is not None:
+                source = _after_verdicts(source, self.verdicts, cancel=self.cancel)
             async for event in source:
                 if isinstance(event, StartEvent):
                     self.settlement.record_start(event)
@@ -187,8 +194,45 @@ class CompletionRun:
         record it as cancelled. Harmless after a normal settlement; call it when done."""
         if self.settlement.settled:
             return
+        if self.verdicts is not None:
+            self.verdicts.close()
         try:
             await asyncio.shield(self.cancel())
         except STORE_OUTAGES:
             logger.warning("could not cancel %s: Redis unavailable", self.request_id)
         await self._settle_shielded(outcome=Outcome.CANCELLED, error_code="")
+
+
+async def _after_verdicts(
+    source: AsyncIterator[Event], verdicts: ScanVerdicts, *, cancel: Callable[[], Awaitable[None]]
+) -> AsyncIterator[Event]:
+    """``source``'s events, the first one held until every image's scan verdict is in, while
+    the request is enqueued and the engine works (``webplatform.completions.validation``).
+    A refusal stops the request in the worker (``cancel``) and is raised: the client sees
+    the refusal and nothing of the answer."""
+    first = asyncio.ensure_future(anext(source, None))
+    try:
+        try:
+            await verdicts.passed()
+        except BaseException:
+            first.cancel()
+            await asyncio.wait([first])
+            if not first.cancelled():
+                first.exception()  # retrieved: the refusal is the error that counts
+            # Also when the cancel came while it was enqueued (before the source's own
+            # cancel-on-exit could run). Best effort: the refusal is what the client gets.
+            try:
+                await asyncio.shield(cancel())
+            except STORE_OUTAGES:
+                logger.warning("could not cancel a request whose image was refused")
+            raise
+        event = await first
+        if event is None:
+            return
+        yield event
+        async for event in source:
+            yield event
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

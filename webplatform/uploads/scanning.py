@@ -20,6 +20,7 @@ have been unmaintained since 2014 and 2017; aioclamd is asyncio- and TCP-only.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import logging
@@ -45,6 +46,9 @@ _MAX_REPLY_BYTES = 4096
 class ScanVerdict(enum.StrEnum):
     CLEAN = "clean"  # clamd scanned the bytes and found nothing
     SKIPPED = "skipped"  # not scanned: scanning is off, or clamd failed and is not required
+    # Sent to clamd, verdict not read yet: it is the request's to read before anything made
+    # from the image reaches the client (``image_validate(verdict_later=True)``).
+    PENDING = "pending"
 
 
 class ClamdError(Exception):
@@ -166,6 +170,27 @@ class ClamdClient:
                 reply += chunk
         except OSError as exc:
             raise ClamdError(f"reading from clamd at {self.address} failed: {exc}") from exc
+        return self._reply_text(reply)
+
+    async def _read_reply_async(self, sock: socket.socket) -> str:
+        """``_read_reply`` on the running event loop, within ``timeout`` from now."""
+        loop = asyncio.get_running_loop()
+        reply = bytearray()
+        try:
+            sock.setblocking(False)
+            async with asyncio.timeout(self.timeout):
+                while not reply.endswith(b"\0") and len(reply) <= _MAX_REPLY_BYTES:
+                    chunk = await loop.sock_recv(sock, 1024)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except TimeoutError as exc:
+            raise ClamdError(f"no verdict from clamd at {self.address} in time") from exc
+        except OSError as exc:
+            raise ClamdError(f"reading from clamd at {self.address} failed: {exc}") from exc
+        return self._reply_text(reply)
+
+    def _reply_text(self, reply: bytearray) -> str:
         if not reply:
             raise ClamdError(f"clamd at {self.address} closed the connection without a reply")
         return reply.rstrip(b"\0").decode("utf-8", "replace").strip()
@@ -184,6 +209,18 @@ class PendingScan:
         deadline = time.monotonic() + self._client.timeout
         try:
             reply = self._client._read_reply(self._sock, deadline)
+        finally:
+            self._sock.close()
+        return _verdict_parse(reply, address=self._client.address)
+
+    def close(self) -> None:
+        """Give the verdict up (idempotent; a verdict read closed it already)."""
+        self._sock.close()
+
+    async def verdict_async(self) -> str | None:
+        """``verdict`` awaited on the running event loop (no thread waits for clamd)."""
+        try:
+            reply = await self._client._read_reply_async(self._sock)
         finally:
             self._sock.close()
         return _verdict_parse(reply, address=self._client.address)
@@ -267,23 +304,47 @@ class ImageScan:
 
     def result(self) -> ScanVerdict:
         """``CLEAN`` or ``SKIPPED``; raises ``malware_detected`` or ``scanner_unavailable``."""
-        if self._pending is None and self._failure is None:  # no scanner configured
+        if self._pending is None or self._failure is not None:
+            return self._judged(failure=self._failure)
+        try:
+            signature = self._pending.verdict()
+        except ClamdError as exc:
+            return self._judged(failure=exc)
+        return self._judged(signature=signature)
+
+    async def result_async(self) -> ScanVerdict:
+        """``result`` awaited on the running event loop: the verdict is read there, so a
+        request waiting for it holds no thread. Cancelling it closes the connection."""
+        if self._pending is None or self._failure is not None:
+            return self._judged(failure=self._failure)
+        try:
+            signature = await self._pending.verdict_async()
+        except ClamdError as exc:
+            return self._judged(failure=exc)
+        return self._judged(signature=signature)
+
+    def close(self) -> None:
+        """Give the verdict up, if not read yet (a request that ended first)."""
+        if self._pending is not None:
+            self._pending.close()
+
+    def _judged(
+        self, *, signature: str | None = None, failure: ClamdError | None = None
+    ) -> ScanVerdict:
+        """The policy (module docstring) applied to what clamd said, or to its failure
+        (``failure``), or to no scanner at all (neither, with no pending scan)."""
+        if self._pending is None and failure is None:  # no scanner configured
             if scanning_required():
                 logger.error("CLAMD_REQUIRED is set but CLAMD_URL is empty: refusing uploads")
                 raise _scanner_unavailable(self._param)
             _warn_scanning_disabled()
             return ScanVerdict.SKIPPED
-        try:
-            if self._failure is not None:
-                raise self._failure
-            assert self._pending is not None
-            signature = self._pending.verdict()
-        except ClamdError as exc:
+        if failure is not None:
             if scanning_required():
-                logger.error("virus scan failed, upload refused: %s", exc)
-                raise _scanner_unavailable(self._param) from exc
+                logger.error("virus scan failed, upload refused: %s", failure)
+                raise _scanner_unavailable(self._param) from failure
             logger.warning(
-                "virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", exc
+                "virus scan failed, image accepted unscanned (CLAMD_REQUIRED off): %s", failure
             )
             return ScanVerdict.SKIPPED
         if signature is not None:

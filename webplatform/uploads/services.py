@@ -16,17 +16,28 @@ Blocking and CPU-bound: async callers run it in a thread
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from django.conf import settings
 
 from webplatform.uploads.decoding import RemoteImage, image_source_parse
 from webplatform.uploads.fetching import remote_image_fetch
-from webplatform.uploads.scanning import ScanVerdict, scanning_enabled, scanning_required
-from webplatform.uploads.validation import ValidatedImage, image_validate, images_validate_count
+from webplatform.uploads.scanning import (
+    ImageScan,
+    ScanVerdict,
+    scanning_enabled,
+    scanning_required,
+)
+from webplatform.uploads.validation import (
+    ValidatedImage,
+    image_validate_start,
+    images_validate_count,
+)
 
 __all__ = [
     "DEFAULT_IMAGE_MAX_BYTES",
+    "ImageScan",
     "ScanVerdict",
     "UploadLimits",
     "ValidatedImage",
@@ -34,6 +45,7 @@ __all__ = [
     "scanning_enabled",
     "scanning_required",
     "upload_validate_image",
+    "upload_validate_image_start",
 ]
 
 # Used when a caller has no plan at hand; the plan's own limit is what requests should pass.
@@ -71,13 +83,23 @@ def upload_validate_image(
 
     ``param`` is the field path for error messages, e.g. ``messages[0].content[1].image_url``.
     """
+    image, scan = upload_validate_image_start(source=source, limits=limits, param=param)
+    return dataclasses.replace(image, scan=scan.result())
+
+
+def upload_validate_image_start(
+    *, source: str | bytes, limits: UploadLimits | None = None, param: str | None = None
+) -> tuple[ValidatedImage, ImageScan]:
+    """``upload_validate_image`` without waiting for the virus scan's verdict: the caller
+    reads it (``ImageScan.result_async``) before the client sees anything made from the
+    image (``validation.image_validate_start``)."""
     limits = limits if limits is not None else UploadLimits()
     parsed = image_source_parse(source=source, max_bytes=limits.max_bytes, param=param)
     if isinstance(parsed, RemoteImage):
         data = remote_image_fetch(url=parsed.url, max_bytes=limits.max_bytes, param=param)
     else:
         data = parsed.data
-    return image_validate(
+    return image_validate_start(
         data=data,
         max_bytes=limits.max_bytes,
         max_pixels=limits.max_pixels,

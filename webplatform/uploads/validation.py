@@ -8,9 +8,11 @@ Its order puts cheap checks first and lets the virus scanner see the client's by
 3. header-only open (Pillow reads headers lazily) restricted to the detected format, and the
    pixel cap on the declared dimensions, before any pixel is decoded;
 4. virus scan of the original bytes (``scanning.image_scan_start``): sent to clamd, which
-   scans them in its own process while steps 5-7 run here; nothing is returned before its
-   verdict, and its refusal (malware, or no scanner when one is required) is the error
-   even when the decode failed too;
+   scans them in its own process while steps 5-7 run here; ``image_validate`` returns
+   nothing before its verdict, ``image_validate_start`` hands the scan on with the pixels
+   for the request path to read its verdict before the answer (the verdict then gates what
+   the client sees, not the enqueue); its refusal (malware, or no scanner when one is
+   required) is the error even when the decode failed too;
 5. decode of the first frame (truncated data is an error, never grey padding), at reduced
    size where the format allows and the image is larger than the model's pixel budget
    (JPEG's DCT scaling, ``Image.draft``: a 12 MP photo decodes at 1/2 or 1/4 scale);
@@ -40,6 +42,7 @@ already refused by our own check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import hashlib
 import io
@@ -58,7 +61,7 @@ from inference.protocol import ImageRef
 from tenants.errors import ApplicationError
 from webplatform.uploads.decoding import image_size_check
 from webplatform.uploads.errors import UploadErrorCode, upload_error
-from webplatform.uploads.scanning import ScanVerdict, image_scan_start
+from webplatform.uploads.scanning import ImageScan, ScanVerdict, image_scan_start
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,33 @@ def image_validate(
     ``pixel_budget`` (what a larger image is scaled down to) to no downscaling. Blocking and
     CPU-bound: from async code call it in a thread.
     """
+    image, scan = image_validate_start(
+        data=data,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        pixel_budget=pixel_budget,
+        param=param,
+    )
+    return dataclasses.replace(image, scan=scan.result())
+
+
+def image_validate_start(
+    *,
+    data: bytes,
+    max_bytes: int,
+    max_pixels: int | None = None,
+    pixel_budget: int | None = None,
+    param: str | None = None,
+) -> tuple[ValidatedImage, ImageScan]:
+    """``image_validate`` but for the virus scan's verdict: the image comes back as soon as
+    its pixels are ready (``scan`` ``PENDING``) with its scan, still with clamd. Whoever
+    calls this must read ``ImageScan.result`` (or ``result_async``) before anything made
+    from the image reaches the client, and refuse the request if it raises; the request
+    path does (``webplatform.completions.validation.ScanVerdicts``). The pixels may meanwhile
+    go on to the worker: they are ours (decoded here, metadata-free), never the client's
+    bytes. A refusal of the image's own (bytes, type, pixels, decode) still waits for the
+    verdict, which wins over it, as in ``image_validate``.
+    """
     if max_pixels is None:
         max_pixels = settings.IMAGE_MAX_PIXELS
     image_size_check(size=len(data), max_bytes=max_bytes, param=param)
@@ -181,8 +211,9 @@ def image_validate(
         original_width, original_height = image.size
         _pixels_check(image.size, max_pixels=max_pixels, param=param)
         # The bytes go to clamd first and it scans them in its own process while this
-        # thread decodes; the verdict is read after. Nothing leaves this function before
-        # it, and a scan refusal wins over a decode error, as when the scan ran first.
+        # thread decodes; the verdict is read after (by image_validate, or by the caller of
+        # image_validate_start), and a scan refusal wins over a decode error, as when the
+        # scan ran first.
         scan = image_scan_start(data=data, param=param)
         try:
             with _decoding(param):
@@ -201,8 +232,7 @@ def image_validate(
         except BaseException:
             scan.result()  # raises the scan's refusal, if any, instead of the decode error
             raise
-        verdict = scan.result()
-    return ValidatedImage(
+    validated = ValidatedImage(
         data=encoded,
         sha256=encoded.sha256,
         width=clean.width,
@@ -210,10 +240,11 @@ def image_validate(
         original_size=len(data),
         original_type=image_type.media_type,
         original_sha256=hashlib.sha256(data).hexdigest(),
-        scan=verdict,
+        scan=ScanVerdict.PENDING,
         original_width=original_width,
         original_height=original_height,
     )
+    return validated, scan
 
 
 def budget_fit(size: tuple[int, int], budget: int | None) -> tuple[int, int] | None:

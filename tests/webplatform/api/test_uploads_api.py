@@ -148,3 +148,35 @@ def test_each_valid_odd_image_is_answered(http, subtests):
             assert limits["concurrent_requests"]["in_flight"] == 0
             # Charged what the requests used, not their reservations.
             assert TOKENS_PER_DAY - limits["tokens"]["remaining"] == charged
+
+
+def test_an_earlier_image_found_infected_wins_over_a_later_one_that_does_not_decode(http):
+    # The first image decodes (its verdict comes later, from clamd), the second does not:
+    # the error is still the first refusal in the client's order, the scanner's.
+    response = _ask(
+        http, _uri(corpus.png_carrying_eicar()), _uri(corpus.truncated_jpeg(), "image/jpeg")
+    )
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (
+        "malware_detected",
+        "messages[0].content[1].image_url",
+    )
+    _assert_nothing_held(http)
+
+
+def test_a_clean_image_before_an_undecodable_one_leaves_the_decode_error(http):
+    response = _ask(
+        http,
+        _uri(corpus.encode(corpus.solid(), "PNG")),
+        _uri(corpus.truncated_jpeg(), "image/jpeg"),
+    )
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (
+        "image_decode_failed",
+        "messages[0].content[2].image_url",
+    )
+    _assert_nothing_held(http)

@@ -13,6 +13,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -58,11 +59,15 @@ def real_clamd(settings) -> str:
 class FakeClamd:
     """A clamd stand-in in a thread: records every INSTREAM payload and answers ``reply``.
 
-    ``reply=None`` never answers (to exercise the client's deadline).
+    ``reply=None`` never answers (to exercise the client's deadline); ``delay_s`` waits that
+    long after a stream before answering (``replied_at``: just before each verdict was
+    sent, ``time.monotonic``).
     """
 
     url: str
     reply: str | None = "stream: OK"
+    delay_s: float = 0.0
+    replied_at: list[float] = field(default_factory=list)
     streams: list[bytes] = field(default_factory=list)
     chunk_sizes: list[int] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
@@ -114,6 +119,9 @@ def _handle(conn: socket.socket, fake: FakeClamd, stop: threading.Event) -> None
     if fake.reply is None:
         stop.wait(10)
         return
+    if fake.delay_s:
+        stop.wait(fake.delay_s)
+    fake.replied_at.append(time.monotonic())  # before: nobody can have read it earlier
     conn.sendall(fake.reply.encode() + b"\0")
 
 

@@ -223,3 +223,51 @@ def test_real_clamd_finds_bare_eicar(real_clamd) -> None:
 def test_real_clamd_scans_a_large_image(real_clamd) -> None:
     image = upload_validate_image(source=corpus.noise_png(4 * corpus.MIB), limits=LIMITS)
     assert image.scan is ScanVerdict.CLEAN
+
+
+# --- the verdict read later, on the event loop (the request path's ScanVerdicts) ---------
+
+
+async def test_a_started_scan_gives_its_verdict_on_the_event_loop(fake_clamd) -> None:
+    original = corpus.noise_jpeg(200)
+    image, scan = validation.image_validate_start(data=original, max_bytes=5 * corpus.MIB)
+
+    assert image.scan is ScanVerdict.PENDING
+    assert await scan.result_async() is ScanVerdict.CLEAN
+    assert fake_clamd.streams == [original]
+
+
+async def test_a_started_scan_refuses_on_the_event_loop(fake_clamd) -> None:
+    fake_clamd.reply = "stream: Win.Test.EICAR_HDB-1 FOUND"
+    _image, scan = validation.image_validate_start(
+        data=corpus.noise_jpeg(200), max_bytes=5 * corpus.MIB, param="p"
+    )
+
+    with pytest.raises(ApplicationError) as caught:
+        await scan.result_async()
+    assert (caught.value.code, caught.value.param) == ("malware_detected", "p")
+
+
+async def test_a_silent_scanner_times_out_on_the_event_loop(fake_clamd, settings) -> None:
+    fake_clamd.reply = None
+    settings.CLAMD_TIMEOUT_SECONDS = 0.5
+    _image, scan = validation.image_validate_start(
+        data=corpus.jpeg_with_metadata(), max_bytes=5 * corpus.MIB
+    )
+    started = time.monotonic()
+
+    with pytest.raises(ApplicationError) as caught:
+        await scan.result_async()
+    assert caught.value.code == "scanner_unavailable"
+    assert 0.4 < time.monotonic() - started < 3
+
+
+async def test_no_scanner_configured_gives_its_policy_on_the_event_loop(settings) -> None:
+    _image, scan = validation.image_validate_start(
+        data=corpus.jpeg_with_metadata(), max_bytes=5 * corpus.MIB
+    )
+    assert await scan.result_async() is ScanVerdict.SKIPPED
+    settings.CLAMD_REQUIRED = True
+    with pytest.raises(ApplicationError) as caught:
+        await scan.result_async()
+    assert caught.value.code == "scanner_unavailable"

@@ -1,0 +1,96 @@
+"""``ScanVerdicts``: a request's scan verdicts, read on the event loop while it goes on.
+
+Each scan here is a real ``PendingScan`` on one end of a socket pair; the test plays clamd
+on the other end, so it decides when, and in which order, the verdicts come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from tenants.errors import ApplicationError
+from webplatform.completions.validation import ScanVerdicts
+from webplatform.uploads.scanning import ClamdAddress, ClamdClient, ImageScan, PendingScan
+
+FOUND = b"stream: Win.Test.EICAR_HDB-1 FOUND\0"
+CLEAN = b"stream: OK\0"
+
+
+@pytest.fixture(autouse=True)
+def _scanning_required(settings):
+    settings.CLAMD_URL = "tcp://127.0.0.1:1"  # never dialled: the scans are already sent
+    settings.CLAMD_REQUIRED = True
+
+
+def _scan(param: str) -> tuple[ImageScan, socket.socket]:
+    ours, clamd = socket.socketpair()
+    client = ClamdClient(ClamdAddress(host="127.0.0.1", port=1), timeout=5)
+    return ImageScan(data_size=1, param=param, pending=PendingScan(client, ours)), clamd
+
+
+async def test_every_image_clean_passes() -> None:
+    scans = [_scan("a"), _scan("b")]
+    verdicts = ScanVerdicts([scan for scan, _ in scans])
+    for _, clamd in scans:
+        clamd.sendall(CLEAN)
+
+    await verdicts.passed()
+    await verdicts.passed()  # asked again: the same outcome
+
+
+async def test_the_first_refused_image_in_the_clients_order_is_the_error() -> None:
+    (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
+    verdicts = ScanVerdicts([first, second])
+    second_clamd.sendall(FOUND)  # the later image's refusal comes first
+    await asyncio.sleep(0.05)
+    first_clamd.sendall(FOUND)
+
+    with pytest.raises(ApplicationError) as caught:
+        await verdicts.passed()
+    assert (caught.value.code, caught.value.param) == ("malware_detected", "first")
+
+
+async def test_nothing_passes_before_the_last_verdict() -> None:
+    (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
+    verdicts = ScanVerdicts([first, second])
+    first_clamd.sendall(CLEAN)
+
+    waiting = asyncio.ensure_future(verdicts.passed())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    second_clamd.sendall(CLEAN)
+    await asyncio.wait_for(waiting, 2)
+
+
+async def test_a_scanner_that_hangs_up_is_unavailable() -> None:
+    scan, clamd = _scan("p")
+    verdicts = ScanVerdicts([scan])
+    clamd.close()
+
+    with pytest.raises(ApplicationError) as caught:
+        await verdicts.passed()
+    assert (caught.value.code, caught.value.status) == ("scanner_unavailable", 503)
+
+
+@pytest.mark.parametrize("reading", [False, True], ids=["before-reading", "while-reading"])
+async def test_closing_gives_the_connections_up(reading: bool) -> None:
+    scans = [_scan("a"), _scan("b")]
+    verdicts = ScanVerdicts([scan for scan, _ in scans])
+    if reading:
+        await asyncio.sleep(0.05)  # the reads are waiting on the sockets
+
+    verdicts.close()
+    await asyncio.sleep(0.05)
+
+    for _, clamd in scans:  # our ends are closed: clamd's side reads the end of stream
+        clamd.settimeout(1)
+        assert clamd.recv(10) == b""
+    with pytest.raises(asyncio.CancelledError):
+        await verdicts.passed()
+
+
+async def test_no_images_pass_at_once() -> None:
+    await ScanVerdicts([]).passed()

@@ -3,6 +3,11 @@
 A ~200 KB noise JPEG as a data URI (a different image in every request, so neither the
 answer cache nor the engine's image-embedding cache answers) + a short question, greedy,
 ``max_tokens`` 8, answer cache off (``"cache": false``).
+
+Every image set takes a ``salt`` (``api.py`` draws one per run): the same count and sizes
+of images, other bytes. clamd keeps the verdicts of clean files by digest (its cache), so
+a run repeating an earlier run's images would have its scans answered from that cache,
+which real uploads, new bytes each, never are.
 """
 
 from __future__ import annotations
@@ -46,13 +51,14 @@ def model_spec(model_dir: Path) -> dict[str, str]:
     return {"path": str(model_dir), "dtype": "float32", "device": "cpu"}
 
 
-def noise_jpeg(target_bytes: int, *, seed: int = 0, side: int = 200) -> bytes:
+def noise_jpeg(target_bytes: int, *, seed: int = 0, side: int = 200, salt: int = 0) -> bytes:
     """A JPEG of random noise of about ``target_bytes`` (noise does not compress)."""
     import numpy as np
     from PIL import Image
 
     while True:
-        pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        rng = np.random.default_rng([salt, seed])
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=85)
         if buffer.tell() >= target_bytes:
@@ -60,16 +66,16 @@ def noise_jpeg(target_bytes: int, *, seed: int = 0, side: int = 200) -> bytes:
         side += 10
 
 
-def distinct_jpegs(count: int) -> list[bytes]:
+def distinct_jpegs(count: int, *, salt: int = 0) -> list[bytes]:
     """``count`` different JPEGs of the same size: every request brings a new image, so the
     engine's image-embedding cache never answers for the vision tower (as in real traffic,
     where a hit needs the same tenant to resend the same image)."""
-    first = noise_jpeg(JPEG_TARGET_BYTES)
+    first = noise_jpeg(JPEG_TARGET_BYTES, salt=salt)
     side = _side_of(first)
-    return [first] + [noise_jpeg(0, seed=seed, side=side) for seed in range(1, count)]
+    return [first] + [noise_jpeg(0, seed=seed, side=side, salt=salt) for seed in range(1, count)]
 
 
-def distinct_photos(count: int) -> list[bytes]:
+def distinct_photos(count: int, *, salt: int = 0) -> list[bytes]:
     """``count`` different 12 MP phone photos of a label (4000 x 3000 JPEG, ~1-2 MB): small
     print over the whole frame, each with its own noise patch so no two are alike."""
     import numpy as np
@@ -82,7 +88,7 @@ def distinct_photos(count: int) -> list[bytes]:
             draw.text((x + (y % 48), y), "BEST BEFORE 03/27", fill=(20 + x % 90, 40, 60 + y % 120))
     photos = []
     for seed in range(count):
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng([salt, seed])
         photo = base.copy()
         patch = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
         photo.paste(Image.fromarray(patch, "RGB"), (int(rng.integers(0, 3936)), 1500))
@@ -92,7 +98,7 @@ def distinct_photos(count: int) -> list[bytes]:
     return photos
 
 
-def distinct_screenshots(count: int) -> list[bytes]:
+def distinct_screenshots(count: int, *, salt: int = 0) -> list[bytes]:
     """``count`` different 1920 x 1080 PNG screenshots (flat colours, text, a table): the
     image type that compresses well as PNG and is large as pixels."""
     from PIL import Image, ImageDraw
@@ -106,7 +112,8 @@ def distinct_screenshots(count: int) -> list[bytes]:
         for row in range(28):
             y = 100 + row * 34
             draw.rectangle([300, y, 1880, y + 30], outline=(210, 214, 220))
-            draw.text((312, y + 8), f"INV-{seed:04d}-{row:03d}  Widget {row * 7 % 13}", fill=0)
+            invoice = f"INV-{salt % 10_000:04d}-{seed:04d}-{row:03d}"
+            draw.text((312, y + 8), f"{invoice}  Widget {row * 7 % 13}", fill=0)
             draw.text((1500, y + 8), f"{(seed * 31 + row * 977) % 10000 / 100:.2f} EUR", fill=0)
         buffer = io.BytesIO()
         shot.save(buffer, format="PNG")

@@ -64,3 +64,18 @@ def test_the_benchmark_serves_with_the_flags_make_run_gives_uvicorn() -> None:
     flags = production_server_flags()
     assert flags[flags.index("--loop") + 1] == "uvloop"
     assert flags[flags.index("--http") + 1] == "webplatform.server:HeaderLimitsHttpToolsProtocol"
+
+
+def test_another_salt_gives_other_bytes_of_the_same_kind() -> None:
+    """A run's salt: no image of an earlier run comes again (clamd would answer it from its
+    cache of clean verdicts), while each set keeps its size and type."""
+    from apibench.request import IMAGE_SETS
+
+    for name, make in IMAGE_SETS.items():
+        first, second = make(2, salt=1), make(2, salt=2)
+        assert make(2, salt=1) == first, name  # a salt is reproducible
+        assert not set(first) & set(second), name
+        for a, b in zip(first, second, strict=True):
+            image_a, image_b = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
+            assert (image_a.format, image_a.size) == (image_b.format, image_b.size), name
+            assert abs(len(a) - len(b)) < 0.05 * len(a), name

@@ -83,13 +83,18 @@ async def main(args: argparse.Namespace) -> None:
             build_tiny_model(model_dir)
         per_round = sum(requests_for(c, args) for c in args.clients)
         # Every request of a mode gets an image no request of that mode had before, and
-        # none of an earlier run's (the salt): clamd's cache of clean verdicts never answers.
+        # none of another mode's or an earlier run's (a salt per mode and run): clamd's
+        # cache of clean verdicts never answers. The engine alone scans nothing: it shares
+        # the first set.
         salt = secrets.randbits(32)
-        image_sets = {
-            name: IMAGE_SETS[name](WARM_UP_REQUESTS + args.rounds * per_round, salt=salt)
-            for name in args.image
-        }
-        for name, images in image_sets.items():
+        count = WARM_UP_REQUESTS + args.rounds * per_round
+        scanned = [mode for mode in args.modes if mode != "engine"] or ["engine"]
+        image_sets: dict[str, dict[str, list[bytes]]] = {}
+        for name in args.image:
+            sets = {mode: IMAGE_SETS[name](count, salt=salt + i) for i, mode in enumerate(scanned)}
+            image_sets[name] = {mode: sets.get(mode, sets[scanned[0]]) for mode in args.modes}
+        for name, by_mode in image_sets.items():
+            images = next(iter(by_mode.values()))
             body = request_body(images[0], args.detail)
             print(
                 f"request ({name}): {len(images[0]) / 1000:.0f} KB image "
@@ -116,9 +121,9 @@ async def main(args: argparse.Namespace) -> None:
                     targets.append(HttpTarget(mode, url, key, args.detail))
             results = {}
             try:
-                for name, images in image_sets.items():
+                for name, by_mode in image_sets.items():
                     print(f"\n{name}:")
-                    results[name] = await run_rounds(targets, images, args)
+                    results[name] = await run_rounds(targets, by_mode, args)
             finally:
                 for target in targets:
                     await target.aclose()

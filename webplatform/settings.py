@@ -368,6 +368,10 @@ CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 CLAMD_URL = env.str("CLAMD_URL", default="")  # tcp://host:3310 or unix:///path/to/clamd.ctl
 CLAMD_REQUIRED = env.bool("CLAMD_REQUIRED", default=not EMBEDDED)
 CLAMD_TIMEOUT_SECONDS = env.float("CLAMD_TIMEOUT_SECONDS", default=15.0)
+# Scans of one web process at clamd at once, their verdicts not read yet (the request goes on
+# meanwhile: webplatform/completions/validation.py); more wait for a slot. Keep web processes
+# x this within clamd's MaxThreads + MaxQueue (10 + 100 by default) per clamd replica.
+CLAMD_MAX_SCANS_IN_FLIGHT = env.int("CLAMD_MAX_SCANS_IN_FLIGHT", default=32)
 REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS = env.float("REMOTE_IMAGE_FETCH_TIMEOUT_SECONDS", default=10.0)
 IMAGE_MAX_PIXELS = env.int("IMAGE_MAX_PIXELS", default=40_000_000)
 IMAGE_MAX_PER_REQUEST = env.int("IMAGE_MAX_PER_REQUEST", default=4)

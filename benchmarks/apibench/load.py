@@ -65,12 +65,12 @@ def requests_for(clients: int, args: argparse.Namespace) -> int:
 
 
 async def run_rounds(
-    targets: list[Target], jpegs: list[bytes], args: argparse.Namespace
+    targets: list[Target], images: dict[str, list[bytes]], args: argparse.Namespace
 ) -> list[Result]:
     """Warm every target up, then ``args.rounds`` rounds of every client count on every
-    target, printing each result as it comes. Each mode walks ``jpegs`` on its own, so
+    target, printing each result as it comes. Each mode walks its own ``images[mode]``, so
     every request of a mode gets an image no request of that mode had before."""
-    streams = {t.mode: iter(jpegs) for t in targets}
+    streams = {t.mode: iter(images[t.mode]) for t in targets}
     for target in targets:  # loads the model, opens connections, fills process caches
         await measure(target, 1, streams[target.mode], WARM_UP_REQUESTS)
     print(HEADER)

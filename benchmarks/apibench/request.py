@@ -4,7 +4,7 @@ A ~200 KB noise JPEG as a data URI (a different image in every request, so neith
 answer cache nor the engine's image-embedding cache answers) + a short question, greedy,
 ``max_tokens`` 8, answer cache off (``"cache": false``).
 
-Every image set takes a ``salt`` (``api.py`` draws one per run): the same count and sizes
+Every image set takes a ``salt`` (``api.py`` draws one per run and mode): the same count and sizes
 of images, other bytes. clamd keeps the verdicts of clean files by digest (its cache), so
 a run repeating an earlier run's images would have its scans answered from that cache,
 which real uploads, new bytes each, never are.

@@ -33,5 +33,5 @@ def test_it_times_decode_scan_and_rescan_per_image_type() -> None:
     ]
     for row in rows:
         decode, scan, rescan, ratio = (float(cell) for cell in row.strip("| ").split(" | ")[2:])
-        assert decode > 0 and scan > 0 and rescan > 0
+        assert decode > 0 and scan > 0 and rescan >= 0  # one decimal: a cache hit can read 0.0
         assert ratio == pytest.approx(scan / decode, rel=0.05, abs=0.01)  # cells are rounded

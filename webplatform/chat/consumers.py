@@ -335,12 +335,20 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             )
             if self.cancel_requested:
                 await run.cancel()
-            await self.send_json(start_frame(request_id=run.request_id, model=run.model))
             answer: Answer | None = None
+            started = False
             # aclosing: a cancel that lands while a frame is being sent closes (and so
             # settles) the stream now, not whenever the generator is garbage-collected.
             async with contextlib.aclosing(run.events()) as events:
                 async for event in events:
+                    if not started:
+                        # With the first event: the images' scan verdicts are in by then
+                        # (CompletionRun.events), so a refused image gets an error frame
+                        # alone, never a start.
+                        await self.send_json(
+                            start_frame(request_id=run.request_id, model=run.model)
+                        )
+                        started = True
                     if isinstance(event, Answer):
                         answer = event
                     elif isinstance(event, NoticeEvent):

@@ -172,16 +172,14 @@ async def chat_completion_start(
 
 async def _scan_refusal_or(error: BaseException, verdicts: ScanVerdicts) -> BaseException:
     """The scans' refusal when an image has one, else ``error``; a request cancelled (the
-    client went away) stops reading the verdicts instead."""
+    client went away) does not wait for the verdicts (they are still read, and logged)."""
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        verdicts.close()
         return error
     try:
         await verdicts.passed()
     except ApplicationError as refusal:
         return refusal
     except asyncio.CancelledError as cancelled:  # the client went away meanwhile
-        verdicts.close()
         return cancelled
     except Exception:  # not a verdict: the request's own error still stands
         logger.exception("reading the scan verdicts after an error failed")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 from django.conf import settings
 
@@ -84,6 +84,11 @@ class CompletionRun:
     events_source: Callable[[], AsyncIterator[Event]] | None = None
     # The images' virus-scan verdicts: nothing is yielded before they are in (and clean).
     verdicts: ScanVerdicts | None = None
+    # What the run answered with before any escalation (a refusal puts it back).
+    _model_at_start: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self._model_at_start = self.settlement.model
 
     @property
     def cache_hit(self) -> bool:
@@ -111,8 +116,7 @@ class CompletionRun:
         outcome, error_code = Outcome.ERROR, "internal_error"
         try:
             if self.cached is not None:
-                if self.verdicts is not None:
-                    await self.verdicts.passed()
+                await self._verdicts_passed()
                 delta = DeltaEvent(text=self.cached.text, reasoning=self.cached.reasoning)
                 self.settlement.record_delta(delta)
                 yield delta
@@ -121,6 +125,17 @@ class CompletionRun:
                 yield self.cached
                 return
             assert self.inference_request is not None
+            # The images' scan verdicts: a refusal already read stops the request before
+            # its enqueue; one read later cancels it in the worker at once, and the first
+            # event waits for them all (below), so nothing of the answer is recorded or
+            # yielded before them.
+            checked = self.verdicts is None
+            if self.verdicts is not None:
+                if self.verdicts.done():
+                    await self._verdicts_passed()
+                    checked = True
+                else:
+                    self.verdicts.when_refused(self.cancel)
             text: list[str] = []
             reasoning: list[str] = []
             source = (
@@ -128,9 +143,10 @@ class CompletionRun:
                 if self.events_source is not None
                 else self.client.submit(self.inference_request)
             )
-            if self.verdicts is not None:
-                source = _after_verdicts(source, self.verdicts, cancel=self.cancel)
             async for event in source:
+                if not checked:
+                    await self._verdicts_passed()
+                    checked = True
                 if isinstance(event, StartEvent):
                     self.settlement.record_start(event)
                 elif isinstance(event, DeltaEvent):
@@ -176,6 +192,20 @@ class CompletionRun:
             # lease and the usage record must still be written.
             await self._settle_shielded(outcome=outcome, error_code=error_code)
 
+    async def _verdicts_passed(self) -> None:
+        """Raise the images' scan refusal, if any, as the request's error. An escalation
+        that ran meanwhile is undone on the settlement: a refused request is recorded for
+        the model it asked for, with nothing escalated."""
+        if self.verdicts is None:
+            return
+        try:
+            await self.verdicts.passed()
+        except ApplicationError:
+            self.settlement.model = self._model_at_start
+            self.settlement.escalated_from = ""
+            self.settlement.escalated_usage = None
+            raise
+
     async def _settle_shielded(self, *, outcome: Outcome, error_code: str) -> None:
         try:
             await asyncio.shield(
@@ -194,45 +224,8 @@ class CompletionRun:
         record it as cancelled. Harmless after a normal settlement; call it when done."""
         if self.settlement.settled:
             return
-        if self.verdicts is not None:
-            self.verdicts.close()
         try:
             await asyncio.shield(self.cancel())
         except STORE_OUTAGES:
             logger.warning("could not cancel %s: Redis unavailable", self.request_id)
         await self._settle_shielded(outcome=Outcome.CANCELLED, error_code="")
-
-
-async def _after_verdicts(
-    source: AsyncIterator[Event], verdicts: ScanVerdicts, *, cancel: Callable[[], Awaitable[None]]
-) -> AsyncIterator[Event]:
-    """``source``'s events, the first one held until every image's scan verdict is in, while
-    the request is enqueued and the engine works (``webplatform.completions.validation``).
-    A refusal stops the request in the worker (``cancel``) and is raised: the client sees
-    the refusal and nothing of the answer."""
-    first = asyncio.ensure_future(anext(source, None))
-    try:
-        try:
-            await verdicts.passed()
-        except BaseException:
-            first.cancel()
-            await asyncio.wait([first])
-            if not first.cancelled():
-                first.exception()  # retrieved: the refusal is the error that counts
-            # Also when the cancel came while it was enqueued (before the source's own
-            # cancel-on-exit could run). Best effort: the refusal is what the client gets.
-            try:
-                await asyncio.shield(cancel())
-            except STORE_OUTAGES:
-                logger.warning("could not cancel a request whose image was refused")
-            raise
-        event = await first
-        if event is None:
-            return
-        yield event
-        async for event in source:
-            yield event
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -26,7 +26,9 @@ import functools
 import logging
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -47,7 +49,7 @@ class ScanVerdict(enum.StrEnum):
     CLEAN = "clean"  # clamd scanned the bytes and found nothing
     SKIPPED = "skipped"  # not scanned: scanning is off, or clamd failed and is not required
     # Sent to clamd, verdict not read yet: it is the request's to read before anything made
-    # from the image reaches the client (``image_validate(verdict_later=True)``).
+    # from the image reaches the client (``validation.image_validate_start``).
     PENDING = "pending"
 
 
@@ -197,11 +199,16 @@ class ClamdClient:
 
 
 class PendingScan:
-    """A stream sent to clamd (``ClamdClient.instream_start``) whose verdict is not read yet."""
+    """A stream sent to clamd (``ClamdClient.instream_start``) whose verdict is not read yet.
+    Closing it (the verdict read, or given up) runs the ``when_closed`` callback once."""
 
     def __init__(self, client: ClamdClient, sock: socket.socket) -> None:
         self._client = client
         self._sock = sock
+        self._on_close: Callable[[], None] | None = None
+
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        self._on_close = callback
 
     def verdict(self) -> str | None:
         """Wait for clamd's verdict (the signature name, or None when clean), then close:
@@ -210,19 +217,22 @@ class PendingScan:
         try:
             reply = self._client._read_reply(self._sock, deadline)
         finally:
-            self._sock.close()
+            self.close()
         return _verdict_parse(reply, address=self._client.address)
 
     def close(self) -> None:
         """Give the verdict up (idempotent; a verdict read closed it already)."""
         self._sock.close()
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     async def verdict_async(self) -> str | None:
         """``verdict`` awaited on the running event loop (no thread waits for clamd)."""
         try:
             reply = await self._client._read_reply_async(self._sock)
         finally:
-            self._sock.close()
+            self.close()
         return _verdict_parse(reply, address=self._client.address)
 
 
@@ -323,8 +333,14 @@ class ImageScan:
             return self._judged(failure=exc)
         return self._judged(signature=signature)
 
+    @property
+    def decided(self) -> bool:
+        """Whether ``result`` is known without clamd: no scanner configured, or clamd could
+        not be reached when the bytes were sent."""
+        return self._pending is None
+
     def close(self) -> None:
-        """Give the verdict up, if not read yet (a request that ended first)."""
+        """Give the verdict up, if not read yet (its request went away before)."""
         if self._pending is not None:
             self._pending.close()
 
@@ -368,18 +384,41 @@ def image_scan_start(*, data: bytes, param: str | None = None) -> ImageScan:
     """Send the client's original bytes to clamd and return at once; ``ImageScan.result``
     gives the verdict. Nothing is raised here: a failure to reach clamd is the result's.
 
-    Blocking: from async code call it in a thread, as ``image_validate`` is. A process
-    scans as many images at once as it validates (its validation threads: the event loop's
-    default executor, min(32, cores + 4)); clamd queues connections beyond its MaxThreads
-    (default 10) up to its MaxQueue (default 100).
+    Blocking: from async code call it in a thread, as ``image_validate`` is. A verdict may
+    be read long after (``image_validate_start``), so a process has at most
+    ``CLAMD_MAX_SCANS_IN_FLIGHT`` scans at clamd at once; one more waits here for a slot
+    (at most ``CLAMD_TIMEOUT_SECONDS``, then it failed). clamd queues connections beyond
+    its MaxThreads (default 10) up to its MaxQueue (default 100).
     """
     if not settings.CLAMD_URL:
         return ImageScan(data_size=len(data), param=param)
+    client = _client()
+    slots = _scan_slots(int(settings.CLAMD_MAX_SCANS_IN_FLIGHT))
+    if not slots.acquire(timeout=client.timeout):
+        failure = ClamdError(
+            f"{settings.CLAMD_MAX_SCANS_IN_FLIGHT} scans of this process already wait for "
+            f"clamd at {client.address} (CLAMD_MAX_SCANS_IN_FLIGHT)"
+        )
+        return ImageScan(data_size=len(data), param=param, failure=failure)
     try:
-        pending = _client().instream_start(data)
-    except ClamdError as exc:
-        return ImageScan(data_size=len(data), param=param, failure=exc)
+        pending = client.instream_start(data)
+    except BaseException as exc:
+        slots.release()
+        if isinstance(exc, ClamdError):
+            return ImageScan(data_size=len(data), param=param, failure=exc)
+        raise
+    pending.when_closed(slots.release)
     return ImageScan(data_size=len(data), param=param, pending=pending)
+
+
+@functools.cache
+def _scan_slots(count: int) -> threading.BoundedSemaphore:
+    """The scans one process may have at clamd at once (its verdict not read yet), per
+    ``CLAMD_MAX_SCANS_IN_FLIGHT`` value. Validation no longer waits for the verdict, so
+    without it a burst of requests would open as many clamd connections as it has
+    requests, past clamd's ``MaxThreads`` + ``MaxQueue``; with it a scan beyond the count
+    waits for a slot (at most ``CLAMD_TIMEOUT_SECONDS``, then the scan has failed)."""
+    return threading.BoundedSemaphore(count)
 
 
 def _client() -> ClamdClient:

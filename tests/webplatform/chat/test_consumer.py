@@ -544,12 +544,13 @@ async def test_a_ticket_of_a_deleted_member_is_refused_not_a_crash(connect_chat,
     assert await _refused(chat) == ("invalid_ticket", 4401)
 
 
-async def test_a_request_cancelled_before_its_stream_starts_is_settled(
+async def test_a_request_cancelled_while_its_start_frame_is_sent_is_settled(
     connect_chat, owner, owner_key, monkeypatch
 ):
-    """The task can be cancelled (client gone) after admission but before the stream is
-    read, e.g. while the ``start`` frame is sent: the run must still be settled, or its
-    concurrency lease and its reserved tokens stay taken."""
+    """The task can be cancelled (client gone) while the ``start`` frame is sent, which goes
+    with the stream's first event (after the images' scan verdicts): the run must still be
+    settled, or its concurrency lease and its reserved tokens stay taken; it is charged
+    what it consumed, as any cancelled request."""
     from webplatform.chat.consumers import ChatConsumer
 
     real_send_json = ChatConsumer.send_json
@@ -575,7 +576,9 @@ async def test_a_request_cancelled_before_its_stream_starts_is_settled(
 
     status = await database_sync_to_async(quota_of_owner)()
     assert status.in_flight == 0
-    assert status.remaining_tokens == status.limit_tokens
+    assert status.limit_tokens - status.remaining_tokens == (
+        record.prompt_tokens + record.completion_tokens
+    )  # what it consumed, not its reservation (64 + the prompt's estimate)
 
 
 # --- Redis outages ----------------------------------------------------------------------------

@@ -75,21 +75,42 @@ async def test_a_scanner_that_hangs_up_is_unavailable() -> None:
     assert (caught.value.code, caught.value.status) == ("scanner_unavailable", 503)
 
 
-@pytest.mark.parametrize("reading", [False, True], ids=["before-reading", "while-reading"])
-async def test_closing_gives_the_connections_up(reading: bool) -> None:
-    scans = [_scan("a"), _scan("b")]
-    verdicts = ScanVerdicts([scan for scan, _ in scans])
-    if reading:
-        await asyncio.sleep(0.05)  # the reads are waiting on the sockets
+async def test_a_refusal_runs_the_callback_at_once() -> None:
+    (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
+    verdicts = ScanVerdicts([first, second])
+    called = asyncio.Event()
 
-    verdicts.close()
+    async def stop() -> None:
+        called.set()
+
+    verdicts.when_refused(stop)
+    assert not verdicts.done()
+    second_clamd.sendall(FOUND)
+    first_clamd.sendall(CLEAN)
+
+    await asyncio.wait_for(called.wait(), 2)  # nobody waits on passed(): it ran anyway
+    assert verdicts.done()
+    with pytest.raises(ApplicationError) as caught:
+        await verdicts.passed()
+    assert caught.value.param == "second"
+
+
+async def test_a_waiter_that_goes_away_leaves_the_read_to_its_end(caplog) -> None:
+    scan, clamd = _scan("p")
+    verdicts = ScanVerdicts([scan])
+    waiter = asyncio.ensure_future(verdicts.passed())
     await asyncio.sleep(0.05)
 
-    for _, clamd in scans:  # our ends are closed: clamd's side reads the end of stream
-        clamd.settimeout(1)
-        assert clamd.recv(10) == b""
+    waiter.cancel()  # the client went away
     with pytest.raises(asyncio.CancelledError):
-        await verdicts.passed()
+        await waiter
+    clamd.sendall(FOUND)
+    with pytest.raises(ApplicationError):
+        await asyncio.wait_for(verdicts.passed(), 2)  # the read went on: it has the verdict
+
+    assert "malware detected in upload" in caplog.text  # still logged
+    clamd.settimeout(1)
+    assert clamd.recv(10) == b""  # and our end closed
 
 
 async def test_no_images_pass_at_once() -> None:

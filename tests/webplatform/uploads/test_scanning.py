@@ -271,3 +271,24 @@ async def test_no_scanner_configured_gives_its_policy_on_the_event_loop(settings
     with pytest.raises(ApplicationError) as caught:
         await scan.result_async()
     assert caught.value.code == "scanner_unavailable"
+
+
+def test_scans_in_flight_are_bounded_per_process(fake_clamd, settings) -> None:
+    settings.CLAMD_MAX_SCANS_IN_FLIGHT = 1
+    settings.CLAMD_TIMEOUT_SECONDS = 0.3
+    data = corpus.jpeg_with_metadata()
+    first = image_scan_start(data=data, param="first")  # its verdict not read yet
+
+    started = time.monotonic()
+    second = image_scan_start(data=data, param="second")  # waits for a slot, then fails
+    with pytest.raises(ApplicationError) as caught:
+        second.result()
+    assert caught.value.code == "scanner_unavailable"
+    assert time.monotonic() - started >= 0.3
+    assert first.result() is ScanVerdict.CLEAN  # reading the verdict frees the slot
+    assert fake_clamd.commands == [b"zINSTREAM\0"]  # the second never reached clamd
+
+    assert image_scan_start(data=data).result() is ScanVerdict.CLEAN
+    given_up = image_scan_start(data=data)
+    given_up.close()  # so does giving it up
+    assert image_scan_start(data=data).result() is ScanVerdict.CLEAN

@@ -184,8 +184,9 @@ def test_a_refused_image_stops_its_request_in_the_engine_and_only_the_refusal_is
     (verdict_at,) = fake_clamd.replied_at
     assert engine.added == [request_id]
     assert engine.step_times[0] < verdict_at
-    # Stopped in the worker (its engine aborts it at its next step, unless it is done).
-    assert cancelled == [request_id]
+    # Stopped in the worker as soon as the refusal was read (its engine aborts it at its
+    # next step): before the response, which waited for its first event.
+    assert set(cancelled) == {request_id}
     assert _tokens_left(http) == tokens_left
     record = usage_records().get(request_id=request_id)
     assert (record.status, record.error_code) == ("error", "malware_detected")
@@ -224,7 +225,7 @@ def test_a_client_gone_while_the_verdict_is_awaited_releases_everything(
     deadline = time.monotonic() + 5
     while not cancelled and time.monotonic() < deadline:
         time.sleep(0.01)
-    (request_id,) = set(cancelled)
+    (request_id,) = set(cancelled)  # by the client's disconnect (and the stream's close)
     assert engine.added == [request_id]
     # Settled after the cancel: the quota first, then the usage record.
     while not usage_records().filter(request_id=request_id).exists():
@@ -233,3 +234,53 @@ def test_a_client_gone_while_the_verdict_is_awaited_releases_everything(
     record = usage_records().get(request_id=request_id)
     assert record.status == "cancelled"
     assert _tokens_left(http) == tokens_left
+
+
+def test_a_scanner_found_unreachable_refuses_before_the_enqueue(
+    http, fake_clamd, engine, settings, closed_port_url
+) -> None:
+    tokens_left = _warm_up(http, fake_clamd, engine)
+    settings.CLAMD_URL = closed_port_url  # the outcome is known while validating
+
+    response = http.post("/v1/chat/completions", json=_body(corpus.noise_jpeg(120)))
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "scanner_unavailable"
+    assert engine.added == []  # nothing went to the engine
+    assert _tokens_left(http) == tokens_left
+
+
+async def test_a_refused_image_over_the_websocket_gets_an_error_frame_alone(
+    live_asgi_server, fake_clamd
+) -> None:
+    import json
+
+    from channels.db import database_sync_to_async
+    from websockets.asyncio.client import connect
+
+    from tests.webplatform.chat.support import FRAME_TIMEOUT_S, frames_until_end
+
+    def make_key() -> str:
+        tenant = TenantFactory(plan=PlanFactory(tokens_per_day=TOKENS_PER_DAY))
+        return api_key_for(tenant).raw_key
+
+    key = await database_sync_to_async(make_key)()
+    fake_clamd.delay_s = 0.5
+    fake_clamd.reply = FOUND
+    async with connect(
+        f"{live_asgi_server.ws_url}/ws/chat/",
+        additional_headers={"Authorization": f"Bearer {key}"},
+        proxy=None,
+        open_timeout=FRAME_TIMEOUT_S,
+    ) as ws:
+
+        async def receive() -> dict[str, Any]:
+            return json.loads(await ws.recv())
+
+        assert (await receive())["type"] == "ready"
+        content = _body(corpus.noise_jpeg(120))["messages"][0]["content"]
+        await ws.send(json.dumps({"type": "message", "content": content, "max_tokens": 64}))
+        frames = await frames_until_end(receive)
+
+    assert [frame["type"] for frame in frames] == ["error"], frames
+    assert frames[0]["code"] == "malware_detected"

@@ -82,3 +82,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
 
     torch.manual_seed(0)
     return build_tiny_model(tmp_path_factory.mktemp("tiny-glm4v"), seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _clamd_scan_slots() -> Iterator[None]:
+    """Each test starts with every clamd scan slot free (``CLAMD_MAX_SCANS_IN_FLIGHT``): a
+    test that left one taken would slow or fail the next ones, not itself."""
+    from webplatform.uploads import scanning
+
+    scanning._scan_slots.cache_clear()
+    yield
+    scanning._scan_slots.cache_clear()

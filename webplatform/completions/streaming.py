@@ -36,7 +36,7 @@ from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.answer import Answer, AnswerEvent
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.completions.settlement import Outcome, Settlement
-from webplatform.completions.validation import ScanVerdicts
+from webplatform.completions.validation import ScanVerdicts, background
 from webplatform.uploads.services import ValidatedImage
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,11 @@ class CompletionRun:
     verdicts: ScanVerdicts | None = None
     # What the run answered with before any escalation (a refusal puts it back).
     _model_at_start: str = field(init=False, default="")
+    _route_rule_at_start: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         self._model_at_start = self.settlement.model
+        self._route_rule_at_start = self.settlement.route_rule
 
     @property
     def cache_hit(self) -> bool:
@@ -112,11 +114,32 @@ class CompletionRun:
         Raises ``ApplicationError`` when inference fails before any text was sent; after
         text was sent, a failure ends the stream with that error too (the entry point
         reports it in-band). Settles the request exactly once, whatever happens.
+
+        The images' scan verdicts come first: a refusal already read stops the request
+        before its enqueue; one read while it runs cancels it in the worker and interrupts
+        this task's wait for its first event (a cancel of the task, told apart from any
+        other by ``uncancel``); and the first event waits for them all, so nothing of the
+        answer is recorded or yielded before them, and a refusal is the request's error.
         """
         outcome, error_code = Outcome.ERROR, "internal_error"
+        checked = self.verdicts is None
+        waiting = False  # for the source's next event (the only place an interrupt lands)
+        interrupted = False
+        consumer = asyncio.current_task()
+        source: AsyncIterator[Event] | None = None
+
+        def refused() -> None:  # a refusal read while the request runs
+            nonlocal interrupted
+            background(self.cancel())
+            if waiting and not checked and consumer is not None:
+                interrupted = True
+                consumer.cancel()
+
         try:
-            if self.cached is not None:
+            if self.verdicts is not None and (self.cached is not None or self.verdicts.done()):
                 await self._verdicts_passed()
+                checked = True
+            if self.cached is not None:
                 delta = DeltaEvent(text=self.cached.text, reasoning=self.cached.reasoning)
                 self.settlement.record_delta(delta)
                 yield delta
@@ -125,17 +148,8 @@ class CompletionRun:
                 yield self.cached
                 return
             assert self.inference_request is not None
-            # The images' scan verdicts: a refusal already read stops the request before
-            # its enqueue; one read later cancels it in the worker at once, and the first
-            # event waits for them all (below), so nothing of the answer is recorded or
-            # yielded before them.
-            checked = self.verdicts is None
-            if self.verdicts is not None:
-                if self.verdicts.done():
-                    await self._verdicts_passed()
-                    checked = True
-                else:
-                    self.verdicts.when_refused(self.cancel)
+            if self.verdicts is not None and not checked:
+                self.verdicts.when_refused(refused)
             text: list[str] = []
             reasoning: list[str] = []
             source = (
@@ -143,7 +157,14 @@ class CompletionRun:
                 if self.events_source is not None
                 else self.client.submit(self.inference_request)
             )
-            async for event in source:
+            while True:
+                waiting = True
+                try:
+                    event = await anext(source)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    waiting = False
                 if not checked:
                     await self._verdicts_passed()
                     checked = True
@@ -171,40 +192,70 @@ class CompletionRun:
                     raise inference_error(event)
                 elif isinstance(event, NoticeEvent):
                     yield event  # a streamed answer shows it; a whole one has no room
-        except (GeneratorExit, asyncio.CancelledError):
+        except (GeneratorExit, asyncio.CancelledError) as exc:
+            own = interrupted and isinstance(exc, asyncio.CancelledError)
+            if own and consumer is not None and consumer.uncancel() == 0:
+                # Our own interrupt, nobody else's cancel: the refusal is the error.
+                refusal = await self._refusal()
+                if refusal is not None:
+                    error_code = refusal.code
+                    raise refusal from None
             # The consumer went away (client disconnected, task cancelled): stop the work in
             # the worker so its batch slot frees at the next step. Once the answer is out
             # it was served whole: closing the stream then cancels nothing.
             if self.answer is None:
                 outcome, error_code = Outcome.CANCELLED, ""
+                if not checked:
+                    self._undo_escalation()  # nothing of it was seen before the verdicts
                 await asyncio.shield(self.cancel())
-            raise
+            raise exc
         except ApplicationError as exc:
             error_code = exc.code
             raise
         except STORE_OUTAGES as exc:
+            # Before the first event (the enqueue): an image's refusal still wins.
+            refusal = None if checked else await self._refusal()
+            if refusal is not None:
+                error_code = refusal.code
+                raise refusal from exc
             unavailable = store_unavailable_error()
             error_code = unavailable.code
             raise unavailable from exc
         finally:
+            if source is not None:  # at once, not when collected: its cancel mark, its HTTP
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await asyncio.shield(aclose())
             # Shielded: the task may be cancelled again while settling (a server closing the
             # connection cancels the handler, and that reaches the task it awaits); the
             # lease and the usage record must still be written.
             await self._settle_shielded(outcome=outcome, error_code=error_code)
 
     async def _verdicts_passed(self) -> None:
-        """Raise the images' scan refusal, if any, as the request's error. An escalation
-        that ran meanwhile is undone on the settlement: a refused request is recorded for
-        the model it asked for, with nothing escalated."""
+        """Raise the images' scan refusal, if any, as the request's error, with an
+        escalation that ran meanwhile undone on the settlement: a refused request is
+        recorded for the model it asked for, with nothing escalated."""
         if self.verdicts is None:
             return
         try:
             await self.verdicts.passed()
         except ApplicationError:
-            self.settlement.model = self._model_at_start
-            self.settlement.escalated_from = ""
-            self.settlement.escalated_usage = None
+            self._undo_escalation()
             raise
+
+    async def _refusal(self) -> ApplicationError | None:
+        """The images' scan refusal, if any (``_verdicts_passed`` without raising it)."""
+        try:
+            await self._verdicts_passed()
+        except ApplicationError as refusal:
+            return refusal
+        return None
+
+    def _undo_escalation(self) -> None:
+        self.settlement.model = self._model_at_start
+        self.settlement.route_rule = self._route_rule_at_start
+        self.settlement.escalated_from = ""
+        self.settlement.escalated_usage = None
 
     async def _settle_shielded(self, *, outcome: Outcome, error_code: str) -> None:
         try:

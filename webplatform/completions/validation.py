@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
@@ -32,53 +32,51 @@ from webplatform.metrics import upload_refused
 from webplatform.uploads.budget import image_pixel_budget
 from webplatform.uploads.services import (
     ImageScan,
+    ScanVerdict,
     UploadLimits,
     ValidatedImage,
     upload_validate_image_start,
 )
 
-logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class ScanVerdicts:
-    """The scan verdicts of a request's images, read on the event loop from the moment
-    validation hands them on, each bounded by ``CLAMD_TIMEOUT_SECONDS``. ``passed()`` waits
-    for all and raises the refusal of the first refused image in the client's order. The
-    read runs to its end also when nobody waits any more (a client gone): every refusal is
-    logged, the request's counted (``upload_refused``), every connection closed. ``when_refused`` runs a callback (the
-    run's cancel in the worker) as soon as a refusal is read."""
+    """The scan verdicts of a request's images. Each image's verdict is read on the event
+    loop from the moment its validation returns (``_verdict_read``: a task of its own, held
+    until done, bounded by ``CLAMD_TIMEOUT_SECONDS``), so its clamd connection and slot last
+    as long as clamd takes, whatever becomes of the request: every refusal is logged and
+    every connection closed also when the client left. ``passed()`` waits for all and
+    raises the refusal of the first refused image in the client's order (counted once for
+    the request, ``upload_refused``); ``when_refused`` runs a callback as soon as one is
+    read."""
 
-    def __init__(self, scans: Sequence[ImageScan], *, counted: bool = True) -> None:
-        self._when_refused: Callable[[], Awaitable[None]] | None = None
-        self._counted = counted  # a refusal counted (upload_refused) for its request
+    def __init__(self, reads: Sequence[asyncio.Task[ScanVerdict]], *, counted: bool = True) -> None:
+        self._when_refused: Callable[[], None] | None = None
+        self._counted = counted
         self._task: asyncio.Task[None] | None = None
-        if scans:
-            self._task = asyncio.ensure_future(self._read(scans))
-            # Held until done (the loop keeps only weak references to tasks), its outcome
-            # retrieved even when nobody awaits it, and every connection closed, also those
-            # of a read that never started (a loop shutting down).
-            _reading.add(self._task)
-            self._task.add_done_callback(functools.partial(_finished, scans))
+        if reads:
+            self._task = background(self._judge(reads))
 
     def done(self) -> bool:
         """Whether every verdict is in (``passed()`` then answers at once)."""
         return self._task is None or self._task.done()
 
-    def when_refused(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Await ``callback`` when a refusal is read (not when it was read already: check
-        ``done()`` first)."""
+    def when_refused(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when a refusal is read (not when it was read already: check
+        ``done()`` first, in the same step of the event loop)."""
         self._when_refused = callback
 
     async def passed(self) -> None:
         """Return when every image was found clean (or scanning is off and not required);
         raise the first refusal (``malware_detected``, ``scanner_unavailable``). Cancelling
-        the caller does not stop the read."""
+        the caller does not stop the reads."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    async def _read(self, scans: Sequence[ImageScan]) -> None:
+    async def _judge(self, reads: Sequence[asyncio.Task[ScanVerdict]]) -> None:
         outcomes = await asyncio.gather(
-            *(scan.result_async() for scan in scans), return_exceptions=True
+            *(asyncio.shield(read) for read in reads), return_exceptions=True
         )
         refusal = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if refusal is None:
@@ -86,22 +84,41 @@ class ScanVerdicts:
         if self._counted and isinstance(refusal, ApplicationError):
             upload_refused(code=refusal.code)
         if self._when_refused is not None:
-            try:
-                await self._when_refused()
-            except Exception:  # the refusal stands: the request ends on it anyway
-                logger.warning("could not stop a request whose image was refused", exc_info=True)
+            self._when_refused()
         raise refusal
 
 
-_reading: set[asyncio.Task[None]] = set()
+_background: set[asyncio.Task[Any]] = set()
 
 
-def _finished(scans: Sequence[ImageScan], task: asyncio.Task[None]) -> None:
-    _reading.discard(task)
-    for scan in scans:
-        scan.close()
+def background(coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+    """``coroutine`` in a task held until done (the loop keeps only weak references to its
+    tasks) whose outcome is retrieved even when nobody awaits it."""
+    task = asyncio.ensure_future(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background_done)
+    return task
+
+
+def _background_done(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
     if not task.cancelled():
         task.exception()
+
+
+def _verdict_read(scan: ImageScan) -> asyncio.Task[ScanVerdict]:
+    """Read ``scan``'s verdict now, whoever waits for it; its connection is closed when done
+    (also when the read never started: a loop torn down)."""
+    read = background(scan.result_async())
+    read.add_done_callback(lambda _read: scan.close())
+    return read
+
+
+@dataclass(frozen=True)
+class _Validated:
+    image: ValidatedImage
+    scan: ImageScan
+    read: asyncio.Task[ScanVerdict]
 
 
 async def images_validate(
@@ -123,24 +140,22 @@ async def images_validate(
         return_exceptions=True,
     )
     for index, outcome in enumerate(outcomes):
-        refusal = outcome if isinstance(outcome, BaseException) else _decided_refusal(outcome[1])
+        refusal = outcome if isinstance(outcome, BaseException) else _decided_refusal(outcome.scan)
         if refusal is None:
             continue
-        before = [o[1] for o in outcomes[:index] if not isinstance(o, BaseException)]
-        after = [o[1] for o in outcomes[index + 1 :] if not isinstance(o, BaseException)]
-        ScanVerdicts(after, counted=False)  # read to their end (logged), then closed
-        await ScanVerdicts(before).passed()
+        # The later images' verdicts are read all the same (logged), not waited for.
+        earlier = [o.read for o in outcomes[:index] if not isinstance(o, BaseException)]
+        await ScanVerdicts(earlier).passed()
         if isinstance(refusal, ApplicationError):  # an UploadErrorCode: a fixed vocabulary
             upload_refused(code=refusal.code)
         raise refusal
     images: dict[ImageSource, ValidatedImage] = {}
-    scans: list[ImageScan] = []
+    reads: list[asyncio.Task[ScanVerdict]] = []
     for source, outcome in zip(sources, outcomes, strict=True):
         assert not isinstance(outcome, BaseException)
-        image, scan = outcome
-        images[source] = image
-        scans.append(scan)
-    return images, ScanVerdicts(scans)
+        images[source] = outcome.image
+        reads.append(outcome.read)
+    return images, ScanVerdicts(reads)
 
 
 def _decided_refusal(scan: ImageScan) -> ApplicationError | None:
@@ -154,9 +169,7 @@ def _decided_refusal(scan: ImageScan) -> ApplicationError | None:
     return None
 
 
-async def _image_validate(
-    *, source: ImageSource, limits: UploadLimits, model: str
-) -> tuple[ValidatedImage, ImageScan]:
+async def _image_validate(*, source: ImageSource, limits: UploadLimits, model: str) -> _Validated:
     budget = image_pixel_budget(model=model, detail=source.detail or "auto")
     image_limits = dataclasses.replace(limits, pixel_budget=budget)
     validating = asyncio.ensure_future(
@@ -165,15 +178,16 @@ async def _image_validate(
         )
     )
     try:
-        # Shielded: the thread runs on when the request is cancelled meanwhile, and what it
-        # hands back must still have its scan closed.
-        return await asyncio.shield(validating)
+        # Shielded: the thread runs on when the request is cancelled meanwhile, and the
+        # scan it hands back is still read (and closed) then.
+        image, scan = await asyncio.shield(validating)
     except asyncio.CancelledError:
-        validating.add_done_callback(_close_unclaimed_scan)
+        validating.add_done_callback(_read_unclaimed)
         raise
+    return _Validated(image, scan, _verdict_read(scan))
 
 
-def _close_unclaimed_scan(validating: asyncio.Future[tuple[ValidatedImage, ImageScan]]) -> None:
+def _read_unclaimed(validating: asyncio.Future[tuple[ValidatedImage, ImageScan]]) -> None:
     if not validating.cancelled() and validating.exception() is None:
         _image, scan = validating.result()
-        scan.close()
+        _verdict_read(scan)

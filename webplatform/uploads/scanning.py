@@ -28,6 +28,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -310,12 +311,14 @@ class ImageScan:
         self._data_size = data_size
         self._param = param
         self._pending = pending
+        # A failure to reach clamd is the scan's outcome: nothing of it is pending.
         self._failure = failure
+        self._decided: ScanVerdict | ApplicationError | None = None
 
     def result(self) -> ScanVerdict:
         """``CLEAN`` or ``SKIPPED``; raises ``malware_detected`` or ``scanner_unavailable``."""
-        if self._pending is None or self._failure is not None:
-            return self._judged(failure=self._failure)
+        if self._pending is None:
+            return self._decided_result()
         try:
             signature = self._pending.verdict()
         except ClamdError as exc:
@@ -325,8 +328,8 @@ class ImageScan:
     async def result_async(self) -> ScanVerdict:
         """``result`` awaited on the running event loop: the verdict is read there, so a
         request waiting for it holds no thread. Cancelling it closes the connection."""
-        if self._pending is None or self._failure is not None:
-            return self._judged(failure=self._failure)
+        if self._pending is None:
+            return self._decided_result()
         try:
             signature = await self._pending.verdict_async()
         except ClamdError as exc:
@@ -343,6 +346,18 @@ class ImageScan:
         """Give the verdict up, if not read yet (its request went away before)."""
         if self._pending is not None:
             self._pending.close()
+
+    def _decided_result(self) -> ScanVerdict:
+        """The outcome known without clamd, judged (and logged) once however often it is
+        asked for."""
+        if self._decided is None:
+            try:
+                self._decided = self._judged(failure=self._failure)
+            except ApplicationError as refusal:
+                self._decided = refusal
+        if isinstance(self._decided, ApplicationError):
+            raise self._decided
+        return self._decided
 
     def _judged(
         self, *, signature: str | None = None, failure: ClamdError | None = None
@@ -407,8 +422,27 @@ def image_scan_start(*, data: bytes, param: str | None = None) -> ImageScan:
         if isinstance(exc, ClamdError):
             return ImageScan(data_size=len(data), param=param, failure=exc)
         raise
-    pending.when_closed(slots.release)
+    release = _SlotRelease(slots)
+    pending.when_closed(release)
+    # A scan nobody closed (a bug, or a loop torn down) gives its slot back when collected.
+    weakref.finalize(pending, release)
     return ImageScan(data_size=len(data), param=param, pending=pending)
+
+
+class _SlotRelease:
+    """Gives one scan's slot back, once, whoever calls first (its close, or its finalizer)."""
+
+    def __init__(self, slots: threading.BoundedSemaphore) -> None:
+        self._slots = slots
+        self._lock = threading.Lock()
+        self._released = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._slots.release()
 
 
 @functools.cache

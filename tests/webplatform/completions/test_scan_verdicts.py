@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from tenants.errors import ApplicationError
-from webplatform.completions.validation import ScanVerdicts
+from webplatform.completions.validation import ScanVerdicts, _verdict_read
 from webplatform.uploads.scanning import ClamdAddress, ClamdClient, ImageScan, PendingScan
 
 FOUND = b"stream: Win.Test.EICAR_HDB-1 FOUND\0"
@@ -25,6 +25,11 @@ def _scanning_required(settings):
     settings.CLAMD_REQUIRED = True
 
 
+def _verdicts(*scans: ImageScan) -> ScanVerdicts:
+    """As the request path makes them: each scan's verdict read from now on."""
+    return ScanVerdicts([_verdict_read(scan) for scan in scans])
+
+
 def _scan(param: str) -> tuple[ImageScan, socket.socket]:
     ours, clamd = socket.socketpair()
     client = ClamdClient(ClamdAddress(host="127.0.0.1", port=1), timeout=5)
@@ -33,7 +38,7 @@ def _scan(param: str) -> tuple[ImageScan, socket.socket]:
 
 async def test_every_image_clean_passes() -> None:
     scans = [_scan("a"), _scan("b")]
-    verdicts = ScanVerdicts([scan for scan, _ in scans])
+    verdicts = _verdicts(*(scan for scan, _ in scans))
     for _, clamd in scans:
         clamd.sendall(CLEAN)
 
@@ -43,7 +48,7 @@ async def test_every_image_clean_passes() -> None:
 
 async def test_the_first_refused_image_in_the_clients_order_is_the_error() -> None:
     (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
-    verdicts = ScanVerdicts([first, second])
+    verdicts = _verdicts(first, second)
     second_clamd.sendall(FOUND)  # the later image's refusal comes first
     await asyncio.sleep(0.05)
     first_clamd.sendall(FOUND)
@@ -55,7 +60,7 @@ async def test_the_first_refused_image_in_the_clients_order_is_the_error() -> No
 
 async def test_nothing_passes_before_the_last_verdict() -> None:
     (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
-    verdicts = ScanVerdicts([first, second])
+    verdicts = _verdicts(first, second)
     first_clamd.sendall(CLEAN)
 
     waiting = asyncio.ensure_future(verdicts.passed())
@@ -67,7 +72,7 @@ async def test_nothing_passes_before_the_last_verdict() -> None:
 
 async def test_a_scanner_that_hangs_up_is_unavailable() -> None:
     scan, clamd = _scan("p")
-    verdicts = ScanVerdicts([scan])
+    verdicts = _verdicts(scan)
     clamd.close()
 
     with pytest.raises(ApplicationError) as caught:
@@ -77,13 +82,9 @@ async def test_a_scanner_that_hangs_up_is_unavailable() -> None:
 
 async def test_a_refusal_runs_the_callback_at_once() -> None:
     (first, first_clamd), (second, second_clamd) = _scan("first"), _scan("second")
-    verdicts = ScanVerdicts([first, second])
+    verdicts = _verdicts(first, second)
     called = asyncio.Event()
-
-    async def stop() -> None:
-        called.set()
-
-    verdicts.when_refused(stop)
+    verdicts.when_refused(called.set)
     assert not verdicts.done()
     second_clamd.sendall(FOUND)
     first_clamd.sendall(CLEAN)
@@ -97,7 +98,7 @@ async def test_a_refusal_runs_the_callback_at_once() -> None:
 
 async def test_a_waiter_that_goes_away_leaves_the_read_to_its_end(caplog) -> None:
     scan, clamd = _scan("p")
-    verdicts = ScanVerdicts([scan])
+    verdicts = _verdicts(scan)
     waiter = asyncio.ensure_future(verdicts.passed())
     await asyncio.sleep(0.05)
 

@@ -10,7 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from tenants.errors import ApplicationError
 from tests.webplatform.uploads import corpus
-from webplatform.uploads import validation
+from webplatform.uploads import scanning, validation
 from webplatform.uploads.scanning import (
     ClamdAddress,
     ClamdClient,
@@ -262,15 +262,23 @@ async def test_a_silent_scanner_times_out_on_the_event_loop(fake_clamd, settings
     assert 0.4 < time.monotonic() - started < 3
 
 
-async def test_no_scanner_configured_gives_its_policy_on_the_event_loop(settings) -> None:
-    _image, scan = validation.image_validate_start(
-        data=corpus.jpeg_with_metadata(), max_bytes=5 * corpus.MIB
-    )
-    assert await scan.result_async() is ScanVerdict.SKIPPED
+async def test_no_scanner_configured_gives_its_policy_on_the_event_loop(settings, caplog) -> None:
+    def started() -> scanning.ImageScan:
+        return validation.image_validate_start(
+            data=corpus.jpeg_with_metadata(), max_bytes=5 * corpus.MIB
+        )[1]
+
+    skipped = started()
+    assert skipped.decided
+    assert await skipped.result_async() is ScanVerdict.SKIPPED
     settings.CLAMD_REQUIRED = True
-    with pytest.raises(ApplicationError) as caught:
-        await scan.result_async()
-    assert caught.value.code == "scanner_unavailable"
+    refused = started()
+    with caplog.at_level(logging.ERROR, logger="webplatform.uploads.scanning"):
+        for _ in range(2):  # judged (and logged) once however often it is asked
+            with pytest.raises(ApplicationError) as caught:
+                await refused.result_async()
+            assert caught.value.code == "scanner_unavailable"
+    assert caplog.text.count("CLAMD_REQUIRED is set but CLAMD_URL is empty") == 1
 
 
 def test_scans_in_flight_are_bounded_per_process(fake_clamd, settings) -> None:
@@ -292,3 +300,37 @@ def test_scans_in_flight_are_bounded_per_process(fake_clamd, settings) -> None:
     given_up = image_scan_start(data=data)
     given_up.close()  # so does giving it up
     assert image_scan_start(data=data).result() is ScanVerdict.CLEAN
+
+
+async def test_a_request_gone_while_its_images_validate_gives_every_scan_slot_back(
+    fake_clamd, settings
+) -> None:
+    import asyncio
+
+    from webplatform.completions.request import ChatCompletionInput, ChatTurn, ImageSource
+    from webplatform.completions.validation import images_validate
+    from webplatform.uploads.services import UploadLimits
+
+    settings.CLAMD_MAX_SCANS_IN_FLIGHT = 2
+    small = ImageSource(url=corpus.data_uri(corpus.noise_jpeg(60), "image/jpeg"), param="a")
+    large = ImageSource(url=corpus.data_uri(corpus.noise_jpeg(1500), "image/jpeg"), param="b")
+    inp = ChatCompletionInput(model="m", turns=(ChatTurn(role="user", parts=(small, large)),))
+    validating = asyncio.ensure_future(
+        images_validate(inp=inp, limits=UploadLimits(max_bytes=20 * corpus.MIB))
+    )
+    deadline = time.monotonic() + 5
+    while not fake_clamd.streams:  # the small image's scan is at clamd
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+
+    validating.cancel()  # the client went away, the large one still decoding
+    with pytest.raises(asyncio.CancelledError):
+        await validating
+
+    slots = scanning._scan_slots(2)
+    deadline = time.monotonic() + 5
+    for _ in range(2):  # both slots come back once clamd answered (on the event loop)
+        while not slots.acquire(blocking=False):
+            assert time.monotonic() < deadline, "a scan slot was never given back"
+            await asyncio.sleep(0.01)
+    assert len(fake_clamd.streams) == 2  # both images were still scanned

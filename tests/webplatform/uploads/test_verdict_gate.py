@@ -74,6 +74,9 @@ def engine(monkeypatch) -> _WatchedEngine:  # type: ignore[no-untyped-def]
         def __getattr__(self, name: str) -> Any:
             return getattr(holder["engine"], name)
 
+        def __setattr__(self, name: str, value: Any) -> None:
+            setattr(holder["engine"], name, value)
+
     return _Lazy()  # type: ignore[return-value]
 
 
@@ -284,3 +287,50 @@ async def test_a_refused_image_over_the_websocket_gets_an_error_frame_alone(
 
     assert [frame["type"] for frame in frames] == ["error"], frames
     assert frames[0]["code"] == "malware_detected"
+
+
+def test_a_refusal_does_not_wait_for_the_engine_to_answer(
+    http, fake_clamd, engine, cancelled
+) -> None:
+    tokens_left = _warm_up(http, fake_clamd, engine)
+    engine._step_s = 1.5  # a step far longer than the verdict's delay
+    fake_clamd.delay_s = 0.3
+    fake_clamd.reply = FOUND
+    started = time.monotonic()
+
+    response = http.post("/v1/chat/completions", json=_body(corpus.noise_jpeg(120)))
+
+    # Told at the refusal, not when the engine's step (and the cancelled request) ended.
+    assert time.monotonic() - started < 1.2
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "malware_detected"
+    assert set(cancelled) == {response.headers["x-request-id"]}
+    engine._step_s = 0.0
+    assert _tokens_left(http) == tokens_left
+
+
+def test_a_broker_outage_at_the_enqueue_gives_way_to_a_refusal(
+    http, fake_clamd, monkeypatch
+) -> None:
+    import redis
+
+    from inference.client.inprocess import InProcessClient
+
+    async def submit(self: Any, request: Any, **_: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+        yield  # an async generator, as the real one
+
+    monkeypatch.setattr(InProcessClient, "submit", submit)
+    fake_clamd.delay_s = 0.3
+    fake_clamd.reply = FOUND
+
+    response = http.post("/v1/chat/completions", json=_body(corpus.noise_jpeg(120)))
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "malware_detected"
+    record = usage_records().get(request_id=response.headers["x-request-id"])
+    assert (record.status, record.error_code) == ("error", "malware_detected")
+    fake_clamd.reply = "stream: OK"
+    clean = http.post("/v1/chat/completions", json=_body(corpus.noise_jpeg(121)))
+    assert clean.status_code == 503, clean.text  # without a refusal the outage is the error
+    assert clean.json()["error"]["code"] == "service_unavailable"

@@ -359,7 +359,9 @@ class UpstreamClient(InferenceClient):
                     yield event
                 self.breaker.success()
                 return
-            except GeneratorExit:
+            except (GeneratorExit, asyncio.CancelledError):
+                # The caller went away (the generator closed, or its task cancelled): no
+                # verdict on the upstream, so a half-open trial lets the next one try.
                 self.breaker.release()
                 raise
             except _UpstreamRefusal as refusal:

@@ -108,3 +108,40 @@ def test_the_body_carries_validated_images_as_png_data_uris():
         assert image.size == (4, 3) and image.getpixel((0, 0)) == (10, 20, 30)
     # The request took its hold: nothing stays in memory.
     assert len(client.images) == 0
+
+
+async def test_a_trial_whose_caller_is_cancelled_lets_the_next_one_try():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        spec = UpstreamSpec.from_spec(
+            "big",
+            {
+                "kind": "openai-upstream",
+                "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+                "api_key": "secret",
+                "breaker_failures": 1,
+                "breaker_reset_s": 0,
+                "max_retries": 0,
+            },
+        )
+        client = UpstreamClient(settings=InferenceSettings(), spec=spec)
+        client.breaker.failure()  # open; with no reset time, half-open at once
+        assert client.breaker.state == "half-open"
+        request = InferenceRequest(
+            request_id="req_trial",
+            tenant_id="t",
+            model="big",
+            messages=[Message(role="user", content=[TextPart(text="hi")])],
+        )
+        events = client.submit(request)
+        trial = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.2)  # the trial is waiting for the upstream's answer
+        assert not client.breaker.allow()  # only one trial at a time
+
+        trial.cancel()  # its client went away (a disconnect cancels the handler's task)
+        with pytest.raises(asyncio.CancelledError):
+            await trial
+
+        assert client.breaker.allow()  # no verdict: the next request may try
+        await client.aclose()

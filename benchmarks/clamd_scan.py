@@ -61,7 +61,7 @@ def main() -> None:
     settings.CLAMD_URL = ""
     settings.CLAMD_REQUIRED = False
     from webplatform.uploads.budget import image_pixel_budget
-    from webplatform.uploads.scanning import ClamdClient, clamd_address_parse
+    from webplatform.uploads.clamd import ClamdClient, clamd_address_parse
     from webplatform.uploads.validation import image_validate
 
     clamd = ClamdClient(clamd_address_parse(args.clamd_url), timeout=30)

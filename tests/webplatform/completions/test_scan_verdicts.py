@@ -13,7 +13,8 @@ import pytest
 
 from tenants.errors import ApplicationError
 from webplatform.completions.validation import ScanVerdicts, _verdict_read
-from webplatform.uploads.scanning import ClamdAddress, ClamdClient, ImageScan, PendingScan
+from webplatform.uploads.clamd import ClamdAddress, ClamdClient, PendingScan
+from webplatform.uploads.scanning import ImageScan
 
 FOUND = b"stream: Win.Test.EICAR_HDB-1 FOUND\0"
 CLEAN = b"stream: OK\0"

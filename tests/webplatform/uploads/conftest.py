@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from webplatform.uploads import scanning
-from webplatform.uploads.scanning import ClamdClient, ClamdError, clamd_address_parse
+from webplatform.uploads.clamd import ClamdClient, ClamdError, clamd_address_parse
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,9 @@ from django.core.exceptions import ImproperlyConfigured
 from tenants.errors import ApplicationError
 from tests.webplatform.uploads import corpus
 from webplatform.uploads import scanning, validation
+from webplatform.uploads.clamd import ClamdAddress, ClamdClient, ClamdError, clamd_address_parse
 from webplatform.uploads.scanning import (
-    ClamdAddress,
-    ClamdClient,
-    ClamdError,
     ScanVerdict,
-    clamd_address_parse,
     image_scan,
     image_scan_start,
     scanner_ping,

@@ -51,9 +51,8 @@ class ScanVerdicts:
     the request, ``upload_refused``); ``when_refused`` runs a callback as soon as one is
     read."""
 
-    def __init__(self, reads: Sequence[asyncio.Task[ScanVerdict]], *, counted: bool = True) -> None:
+    def __init__(self, reads: Sequence[asyncio.Task[ScanVerdict]]) -> None:
         self._when_refused: Callable[[], None] | None = None
-        self._counted = counted
         self._task: asyncio.Task[None] | None = None
         if reads:
             self._task = background(self._judge(reads))
@@ -81,7 +80,7 @@ class ScanVerdicts:
         refusal = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if refusal is None:
             return
-        if self._counted and isinstance(refusal, ApplicationError):
+        if isinstance(refusal, ApplicationError):
             upload_refused(code=refusal.code)
         if self._when_refused is not None:
             self._when_refused()

@@ -74,9 +74,8 @@ class ScanVerdicts:
             await asyncio.shield(self._task)
 
     async def _judge(self, reads: Sequence[asyncio.Task[ScanVerdict]]) -> None:
-        outcomes = await asyncio.gather(
-            *(asyncio.shield(read) for read in reads), return_exceptions=True
-        )
+        # Not shielded: this task is only ever cancelled with its loop (``passed`` shields it).
+        outcomes = await asyncio.gather(*reads, return_exceptions=True)
         refusal = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if refusal is None:
             return

@@ -63,6 +63,7 @@ from apibench.request import IMAGE_SETS, MAX_TOKENS, request_body  # noqa: E402
 from apibench.setups import (  # noqa: E402
     BENCH_SETTINGS,
     build_tiny_model,
+    clamd_url_of,
     embedded_target,
     redis_target,
 )
@@ -72,7 +73,7 @@ from apibench.targets import EngineTarget, HttpTarget, Target  # noqa: E402
 async def main(args: argparse.Namespace) -> None:
     args.secret = secrets.token_urlsafe(32)
     args.prefix = f"bench-api-{uuid.uuid4().hex[:10]}"
-    args.clamd_url = args.clamd_url or os.environ.get("CLAMD_URL", "")
+    args.clamd_url = clamd_url_of(args.clamd_url, os.environ)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "bench_settings.py").write_text(BENCH_SETTINGS)

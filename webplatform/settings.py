@@ -19,6 +19,7 @@ import environ
 from celery.schedules import crontab
 
 from tenants.redis_options import redis_options
+from webplatform.uploads.clamd import clamd_address_parse
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -366,6 +367,8 @@ CHAT_TICKET_SECONDS = env.int("CHAT_TICKET_SECONDS", default=60)
 
 # --- Uploads --------------------------------------------------------------------------
 CLAMD_URL = env.str("CLAMD_URL", default="")  # tcp://host:3310 or unix:///path/to/clamd.ctl
+if CLAMD_URL:  # a malformed address stops the process here, not every upload with a 500
+    clamd_address_parse(CLAMD_URL)
 CLAMD_REQUIRED = env.bool("CLAMD_REQUIRED", default=not EMBEDDED)
 CLAMD_TIMEOUT_SECONDS = env.float("CLAMD_TIMEOUT_SECONDS", default=15.0)
 # Scans of one web process at clamd at once, their verdicts not read yet (the request goes on

@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,6 +45,13 @@ def build_tiny_model(model_dir: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run_checked([sys.executable, "-c", build, str(model_dir)], env)
+
+
+def clamd_url_of(option: str, environ: Mapping[str, str]) -> str:
+    """The scanner the servers get: ``--clamd-url``, else ``$CLAMD_URL``; ``none`` (either
+    way): no scan, and the servers run with ``CLAMD_REQUIRED=0`` (``base_env``)."""
+    url = option or environ.get("CLAMD_URL", "")
+    return "" if url.strip().lower() == "none" else url
 
 
 def base_env(tmp: Path, model_dir: Path, args: argparse.Namespace, *, mode: str) -> dict[str, str]:

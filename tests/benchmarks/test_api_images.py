@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from apibench.request import distinct_photos, distinct_screenshots, request_body
+from apibench.setups import clamd_url_of
 
 
 def _image_url(body: bytes) -> dict[str, str]:
@@ -79,3 +80,12 @@ def test_another_salt_gives_other_bytes_of_the_same_kind() -> None:
             image_a, image_b = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
             assert (image_a.format, image_a.size) == (image_b.format, image_b.size), name
             assert abs(len(a) - len(b)) < 0.05 * len(a), name
+
+
+def test_clamd_none_turns_scanning_off_whichever_way_it_is_given() -> None:
+    env = {"CLAMD_URL": "tcp://127.0.0.1:3317"}
+    assert clamd_url_of("", env) == "tcp://127.0.0.1:3317"
+    assert clamd_url_of("unix:///run/clamd.ctl", env) == "unix:///run/clamd.ctl"
+    assert clamd_url_of("none", env) == ""  # documented as "no scan", not a scanner's address
+    assert clamd_url_of("", {"CLAMD_URL": "None"}) == ""
+    assert clamd_url_of("", {}) == ""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from tenants.errors import ApplicationError
+from tests.fresh_interpreter import ROOT, python_json, web_env
 from tests.webplatform.uploads import corpus
 from webplatform.uploads import scanning, validation
 from webplatform.uploads.clamd import ClamdAddress, ClamdClient, ClamdError, clamd_address_parse
@@ -45,6 +48,25 @@ def test_clamd_url_forms(url: str, address: ClamdAddress) -> None:
 def test_malformed_clamd_url_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ImproperlyConfigured):
         clamd_address_parse(url)
+
+
+@pytest.mark.parametrize("url", ["none", "clamav:3310"])
+def test_a_process_with_a_malformed_clamd_url_does_not_start(url: str) -> None:
+    # Found with `benchmarks/api.py --clamd-url none`: every upload was a 500 instead.
+    env = {**web_env(), "CLAMD_URL": url}
+    started = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); print('started')"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode != 0
+    assert "started" not in started.stdout
+    assert "ImproperlyConfigured: CLAMD_URL must be tcp://host:port" in started.stderr
+    env["CLAMD_URL"] = "tcp://clamav:3310"  # well formed (nothing listens: not read at start)
+    assert python_json("import django, json; django.setup(); print(json.dumps(1))", env=env) == 1
 
 
 def test_scanner_gets_the_original_bytes_in_chunks(fake_clamd) -> None:

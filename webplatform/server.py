@@ -60,6 +60,58 @@ def header_max_bytes() -> int:
     return int(os.environ.get("HTTP_HEADER_MAX_BYTES", "16384"))
 
 
+class HeadWithBody(asyncio.Transport):
+    """The transport one request's response is written to: a head announcing a body
+    (``Content-Length`` above 0) is held until the body's first bytes and written with
+    them, one write, or at the event loop's next turn if they have not come by then.
+
+    uvicorn writes a response's head as soon as the application sends it, and the body
+    when the application sends that; Django sends the two one after the other. Two
+    writes wake the client twice: on a machine whose cores are busy, the client woken by
+    the head runs on the web process's core until it has read it, and the body waits
+    (``benchmarks/request_stages.py``: ~1.1 ms between the head and the body at one
+    client; 0.5-0.6 ms off each request with one write, docs/benchmarks.md "Head with
+    body"). Streamed responses (chunked: no ``Content-Length``) are written as they come.
+
+    uvicorn's request cycle uses ``write``, ``is_closing`` and ``close`` of its transport;
+    everything else of the connection is the protocol's, on the real transport.
+    """
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any, loop: asyncio.AbstractEventLoop):
+        super().__init__(extra={"transport": transport})
+        self._transport = transport
+        self._cycle = cycle
+        self._loop = loop
+        self._head_seen = False
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        cycle = self._cycle
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        elif cycle.response_started and not self._head_seen:
+            self._head_seen = True  # the first write once the response started: its head
+            if cycle.chunked_encoding is False and cycle.expected_content_length > 0:
+                self._held = bytes(data)
+                self._loop.call_soon(self.flush)
+                return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write the held head, if any (the body did not come in the same turn)."""
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+
 class HeaderLimitsHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s = header_timeout_seconds()
     header_max_bytes = header_max_bytes()
@@ -155,7 +207,10 @@ class HeaderLimitsHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(_TOO_LARGE_RESPONSE)
             return
         self._disarm_header_deadline()  # headers complete: the request runs
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle is not before:  # not an upgrade
+            self.cycle.transport = HeadWithBody(self.transport, self.cycle, self.loop)
 
     def on_body(self, body: bytes) -> None:
         if self._refused:

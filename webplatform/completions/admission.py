@@ -10,16 +10,22 @@ streams (``Settlement.settle_refused``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from tenants.errors import ApplicationError
 from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from tenants.principals import ApiPrincipal, EffectiveLimits
-from tenants.services.quotas import Admission, quota_admit
+from tenants.services.quotas import Admission, quota_admit, quota_release
 from tenants.services.spend import spend_limit_check
 from webplatform.completions.request import ChatCompletionInput
+from webplatform.completions.validation import background
 from webplatform.uploads.services import UploadLimits
+
+logger = logging.getLogger(__name__)
 
 # The answer length of a request that names none, unless the plan allows less.
 DEFAULT_MAX_TOKENS = 1024
@@ -97,9 +103,34 @@ async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> A
     429 with the limit's own code (and ``retry-after``) when one is used up; 503
     ``service_unavailable`` when Redis is down or hung."""
     # One thread hand-off for both steps (each costs a wake-up of a thread and of the loop).
-    return await sync_to_async(_admit, thread_sensitive=False)(
-        principal=principal, reserve_tokens=reserve_tokens
+    admitting = asyncio.ensure_future(
+        sync_to_async(_admit, thread_sensitive=False)(
+            principal=principal, reserve_tokens=reserve_tokens
+        )
     )
+    try:
+        # Shielded: the thread runs on when the request is cancelled meanwhile (the client
+        # went away), and the lease it takes then is nobody's: given back when it is in,
+        # not held until QUOTA_LEASE_SECONDS against the tenant's concurrent requests.
+        return await asyncio.shield(admitting)
+    except asyncio.CancelledError:
+        admitting.add_done_callback(_release_unclaimed)
+        raise
+
+
+def _release_unclaimed(admitting: asyncio.Future[Admission]) -> None:
+    if admitting.cancelled() or admitting.exception() is not None:
+        return  # refused (or failed): nothing was taken
+    admission = admitting.result()
+    logger.info("the client went away while its quota was taken; giving the lease back")
+    background(sync_to_async(_release, thread_sensitive=False)(admission=admission))
+
+
+def _release(*, admission: Admission) -> None:
+    try:
+        quota_release(admission=admission)
+    except STORE_OUTAGES:  # Redis down: the lease expires on its own
+        logger.warning("could not give back an unclaimed quota lease", exc_info=True)
 
 
 def _admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:

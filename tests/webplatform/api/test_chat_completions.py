@@ -8,6 +8,7 @@ the tenant's admission is given back: no lease held, no tokens kept reserved.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -246,6 +247,35 @@ class _SlowEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
+
+
+def test_a_client_that_hangs_up_while_its_quota_is_taken_leaves_no_lease(http, monkeypatch):
+    # The admission runs in a thread; a client gone meanwhile cancels the task awaiting it
+    # but not the thread, which takes the lease all the same. It must be given back, not
+    # held until QUOTA_LEASE_SECONDS (10 minutes) against the tenant's concurrency.
+    from webplatform.completions import admission
+
+    real_admit = admission._admit
+    taken = threading.Event()
+
+    def slow_admit(**kwargs: Any) -> Any:
+        time.sleep(0.6)  # the client's 0.2 s timeout passes meanwhile
+        try:
+            return real_admit(**kwargs)
+        finally:
+            taken.set()
+
+    monkeypatch.setattr(admission, "_admit", slow_admit)
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=_body(), timeout=0.2)
+    assert taken.wait(5)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        limits = http.get("/v1/usage").json()["rate_limits"]
+        if limits["concurrent_requests"]["in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    _assert_nothing_held(http)
 
 
 def test_a_client_that_hangs_up_on_a_json_request_cancels_it(http, monkeypatch):

@@ -80,8 +80,8 @@ def print_table(rows: list[tuple[str, float, float]], requests: int) -> None:
         print(f"{label:<48} {p50:8.2f} {mean:8.2f}")
 
 
-def _worktree(tmp: Path) -> Path:
-    tree = tmp / "tree"
+def _worktree(tree: Path) -> None:
+    """``HEAD`` in ``tree`` with the probes applied (removed by the caller, also on failure)."""
     subprocess.run(
         ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), "HEAD"],
         check=True,
@@ -92,7 +92,6 @@ def _worktree(tmp: Path) -> Path:
         target = tree / compiled.relative_to(REPO)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(compiled, target)
-    return tree
 
 
 def main() -> None:
@@ -103,8 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp_name:
         tmp = Path(tmp_name)
-        tree = _worktree(tmp)
+        tree = tmp / "tree"
         try:
+            _worktree(tree)
             command = [sys.executable, str(tree / "benchmarks" / "api.py")]
             command += ["--modes", "redis", "--clients", "1", "--rounds", "1"]
             command += ["--min-requests", str(args.requests)]

@@ -70,28 +70,34 @@ class HeadWithBody(asyncio.Transport):
     writes wake the client twice: on a machine whose cores are busy, the client woken by
     the head runs on the web process's core until it has read it, and the body waits
     (``benchmarks/request_stages.py``: ~1.1 ms between the head and the body at one
-    client; 0.5-0.6 ms off each request with one write, docs/benchmarks.md "Head with
-    body"). Streamed responses (chunked: no ``Content-Length``) are written as they come.
+    client; docs/benchmarks.md, "A request's stages; a response's head with its body").
+    Streamed responses (chunked: no ``Content-Length``) are written as they come, and so is
+    the head of a ``HEAD`` request (no body follows it).
 
     uvicorn's request cycle uses ``write``, ``is_closing`` and ``close`` of its transport;
     everything else of the connection is the protocol's, on the real transport.
     """
 
     def __init__(self, transport: asyncio.Transport, cycle: Any, loop: asyncio.AbstractEventLoop):
-        super().__init__(extra={"transport": transport})
+        super().__init__()
         self._transport = transport
-        self._cycle = cycle
+        self._cycle: Any = cycle  # until its head is seen (no reference cycle after)
         self._loop = loop
-        self._head_seen = False
         self._held: bytes | None = None
 
     def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
-        cycle = self._cycle
         if self._held is not None:
-            data, self._held = self._held + data, None
-        elif cycle.response_started and not self._head_seen:
-            self._head_seen = True  # the first write once the response started: its head
-            if cycle.chunked_encoding is False and cycle.expected_content_length > 0:
+            held, self._held = self._held, None
+            self._transport.writelines((held, data))  # one write, without a copy
+            return
+        cycle = self._cycle
+        if cycle is not None and cycle.response_started:
+            self._cycle = None  # the first write once the response started: its head
+            if (
+                cycle.chunked_encoding is False
+                and cycle.expected_content_length > 0
+                and cycle.scope["method"] != "HEAD"
+            ):
                 self._held = bytes(data)
                 self._loop.call_soon(self.flush)
                 return
@@ -100,9 +106,9 @@ class HeadWithBody(asyncio.Transport):
     def flush(self) -> None:
         """Write the held head, if any (the body did not come in the same turn)."""
         if self._held is not None:
-            data, self._held = self._held, None
+            held, self._held = self._held, None
             if not self._transport.is_closing():
-                self._transport.write(data)
+                self._transport.write(held)
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
@@ -110,6 +116,13 @@ class HeadWithBody(asyncio.Transport):
     def close(self) -> None:
         self.flush()
         self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
 
 
 class HeaderLimitsHttpToolsProtocol(HttpToolsProtocol):

@@ -20,16 +20,19 @@ class RecordingTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.writes: list[bytes] = []
+        self.events: list[str] = []  # "write" and "close", in order
         self.closed = False
 
     def write(self, data: Any) -> None:
         self.writes.append(bytes(data))
+        self.events.append("write")
 
     def is_closing(self) -> bool:
         return self.closed
 
     def close(self) -> None:
         self.closed = True
+        self.events.append("close")
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
@@ -43,8 +46,8 @@ class RecordingTransport(asyncio.Transport):
         pass
 
 
-async def _serve(app: Any, request: bytes, *, settle_turns: int = 20) -> RecordingTransport:
-    """``request`` through the protocol and ``app``; the transport once the app is done."""
+def _connected(app: Any) -> tuple[HeaderLimitsHttpToolsProtocol, RecordingTransport]:
+    """The project's protocol serving ``app``, connected to a recording transport."""
     config = uvicorn.Config(app, http=HeaderLimitsHttpToolsProtocol, lifespan="off")
     config.load()
     protocol = HeaderLimitsHttpToolsProtocol(
@@ -52,6 +55,12 @@ async def _serve(app: Any, request: bytes, *, settle_turns: int = 20) -> Recordi
     )
     transport = RecordingTransport()
     protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def _serve(app: Any, request: bytes, *, settle_turns: int = 20) -> RecordingTransport:
+    """``request`` through the protocol and ``app``; the transport once the app is done."""
+    protocol, transport = _connected(app)
     protocol.data_received(request)
     for task in list(protocol.tasks):
         await task
@@ -111,28 +120,20 @@ async def test_an_empty_response_is_not_held() -> None:
 
 
 async def test_a_held_head_goes_out_at_the_loops_next_turn_when_the_body_is_late() -> None:
-    seen: list[int] = []
-    transport_of: list[RecordingTransport] = []
-
-    async def late() -> None:
-        await asyncio.sleep(0.05)  # many turns of the loop: the head must not wait for this
-        seen.append(len(transport_of[0].writes))
-
-    app = _answer([(b"content-length", b"2")], b"ok", between=late)
-    original_init = RecordingTransport.__init__
-
-    def recording_init(self: RecordingTransport) -> None:
-        original_init(self)
-        transport_of.append(self)
-
-    RecordingTransport.__init__ = recording_init  # type: ignore[method-assign]
-    try:
-        transport = await _serve(app, GET)
-    finally:
-        RecordingTransport.__init__ = original_init  # type: ignore[method-assign]
-    assert seen == [1]  # the head alone was out before the body came
+    body_may_come = asyncio.Event()
+    app = _answer([(b"content-length", b"2")], b"ok", between=body_may_come.wait)
+    protocol, transport = _connected(app)
+    protocol.data_received(GET)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1  # the head alone: it did not wait for the body
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK")
     assert transport.writes[0].endswith(b"\r\n\r\n")
-    assert transport.writes[1] == b"ok"
+    body_may_come.set()
+    for task in list(protocol.tasks):
+        await task
+    assert transport.writes[1:] == [b"ok"]
+    protocol.connection_lost(None)
 
 
 async def test_a_hundred_continue_is_written_at_once_and_is_not_taken_for_the_head() -> None:
@@ -149,13 +150,7 @@ async def test_a_hundred_continue_is_written_at_once_and_is_not_taken_for_the_he
         await send({"type": "http.response.body", "body": body})
 
     request = b"POST /x HTTP/1.1\r\nHost: test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
-    config = uvicorn.Config(app, http=HeaderLimitsHttpToolsProtocol, lifespan="off")
-    config.load()
-    protocol = HeaderLimitsHttpToolsProtocol(
-        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
-    )
-    transport = RecordingTransport()
-    protocol.connection_made(transport)
+    protocol, transport = _connected(app)
     protocol.data_received(request)
     for _ in range(10):
         await asyncio.sleep(0)
@@ -171,10 +166,44 @@ async def test_a_hundred_continue_is_written_at_once_and_is_not_taken_for_the_he
 
 async def test_a_connection_closed_after_the_response_closes_after_writing_it() -> None:
     app = _answer([(b"content-length", b"3")], b"bye")
-    request = b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    transport = await _serve(app, request)
-    assert transport.closed
-    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"\r\n\r\nbye")
+    protocol, transport = _connected(app)
+    protocol.data_received(b"GET /x HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    for task in list(protocol.tasks):
+        await task
+    assert transport.events == ["write", "close"]  # the cycle closed it, after the response
+    assert transport.writes[0].endswith(b"\r\n\r\nbye")
+    protocol.connection_lost(None)
+
+
+async def test_a_head_requests_head_is_written_at_once() -> None:
+    # Django gives a HEAD response the Content-Length of its GET; uvicorn sends no body.
+    at_send: list[int] = []
+    transports: list[RecordingTransport] = []
+
+    async def note() -> None:  # right after the head's send, in the same turn of the loop
+        at_send.append(len(transports[0].writes))
+
+    app = _answer([(b"content-length", b"5")], b"", between=note)
+    protocol, transport = _connected(app)
+    transports.append(transport)
+    protocol.data_received(b"HEAD /x HTTP/1.1\r\nHost: test\r\n\r\n")
+    for task in list(protocol.tasks):
+        await task
+    assert at_send == [1]
+    assert transport.writes[0].endswith(b"content-length: 5\r\n\r\n")
+    assert not any(transport.writes[1:])
+    protocol.connection_lost(None)
+
+
+async def test_pipelined_responses_keep_their_order() -> None:
+    app = _answer([(b"content-length", b"2")], b"ok")
+    transport = await _serve(app, GET + b"GET /y HTTP/1.1\r\nHost: test\r\n\r\n" + GET)
+    whole = b"".join(transport.writes)
+    assert whole.count(b"HTTP/1.1 200 OK") == 3
+    assert [part.endswith(b"\r\n\r\nok") for part in whole.split(b"HTTP/1.1 200 OK")[1:]] == [
+        True
+    ] * 3
+    assert len(transport.writes) == 3  # each head with its body
 
 
 @pytest.mark.parametrize("status", [204, 304])

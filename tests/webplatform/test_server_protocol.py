@@ -32,7 +32,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["path"] == "/slow":
         await asyncio.sleep(DEADLINE_S * 1.6)
     answer = f"{scope['path']} {len(body)}".encode()
-    await send({"type": "http.response.start", "status": 200, "headers": []})
+    headers = []
+    if scope["path"].startswith("/sized"):  # as Django answers: Content-Length, HEAD too
+        headers.append((b"content-length", str(len(answer)).encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": answer})
 
 
@@ -128,6 +131,24 @@ def test_a_refused_pipelined_request_runs_nothing_after_it(port: int) -> None:
     assert b"431 Request Header Fields Too Large" in data
     assert b"/after" not in data and b"/refused" not in data
     assert b"/first 7" not in data  # the refused request's body went to nobody
+
+
+def test_sized_responses_pipelined_with_a_head_request_arrive_whole_and_in_order(
+    port: int,
+) -> None:
+    # webplatform.server.HeadWithBody holds each sized head for its body; a HEAD
+    # request's head has no body to wait for.
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"GET /sized-1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /sized-2 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /sized-3 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    )
+    data, _ = read_until_closed(sock, limit_s=5)
+    first, second, third = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert b"content-length: 10\r\n" in first and first.endswith(b"\r\n\r\n/sized-1 0")
+    assert b"content-length: 10\r\n" in second and second.endswith(b"\r\n\r\n")  # no body
+    assert b"content-length: 10\r\n" in third and third.endswith(b"\r\n\r\n/sized-3 2")
 
 
 def test_the_header_deadline_still_cuts_a_silent_connection(port: int) -> None:

@@ -5,7 +5,8 @@ The checks (``check_*``) raise ``ApplicationError`` and change nothing. Then one
 a Lua script: requests per minute, tokens per day reserving ``max_tokens`` plus a prompt
 estimate, a concurrency lease). From there the admission must be given back exactly once:
 settlement (``webplatform.completions.settlement``), also when the request fails before it
-streams (``Settlement.settle_refused``).
+streams (``Settlement.settle_refused``); or here, when the request was cancelled (the
+client went away) while its admission was being taken, so that nobody got it to settle.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from tenants.principals import ApiPrincipal, EffectiveLimits
 from tenants.services.quotas import Admission, quota_admit, quota_release
 from tenants.services.spend import spend_limit_check
+from webplatform.completions.background import background
 from webplatform.completions.request import ChatCompletionInput
-from webplatform.completions.validation import background
 from webplatform.uploads.services import UploadLimits
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ async def completion_admit(*, principal: ApiPrincipal, reserve_tokens: int) -> A
         # not held until QUOTA_LEASE_SECONDS against the tenant's concurrent requests.
         return await asyncio.shield(admitting)
     except asyncio.CancelledError:
+        # (A loop shutting down cancels ``admitting`` too: a lease taken then expires on its
+        # own, as every lease of a process that dies does.)
         admitting.add_done_callback(_release_unclaimed)
         raise
 
@@ -131,6 +134,8 @@ def _release(*, admission: Admission) -> None:
         quota_release(admission=admission)
     except STORE_OUTAGES:  # Redis down: the lease expires on its own
         logger.warning("could not give back an unclaimed quota lease", exc_info=True)
+    except Exception:
+        logger.exception("giving back an unclaimed quota lease failed")
 
 
 def _admit(*, principal: ApiPrincipal, reserve_tokens: int) -> Admission:

@@ -34,9 +34,10 @@ from inference.protocol import (
 from tenants.errors import ApplicationError
 from tenants.outages import STORE_OUTAGES, store_unavailable_error
 from webplatform.completions.answer import Answer, AnswerEvent
+from webplatform.completions.background import background
 from webplatform.completions.request import ChatCompletionInput
 from webplatform.completions.settlement import Outcome, Settlement
-from webplatform.completions.validation import ScanVerdicts, background
+from webplatform.completions.validation import ScanVerdicts
 from webplatform.uploads.services import ValidatedImage
 
 logger = logging.getLogger(__name__)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
 from tenants.errors import ApplicationError
+from webplatform.completions.background import background
 from webplatform.completions.request import ChatCompletionInput, ImageSource
 from webplatform.metrics import upload_refused
 from webplatform.uploads.budget import image_pixel_budget
@@ -37,8 +37,6 @@ from webplatform.uploads.services import (
     ValidatedImage,
     upload_validate_image_start,
 )
-
-_T = TypeVar("_T")
 
 
 class ScanVerdicts:
@@ -84,24 +82,6 @@ class ScanVerdicts:
         if self._when_refused is not None:
             self._when_refused()
         raise refusal
-
-
-_background: set[asyncio.Task[Any]] = set()
-
-
-def background(coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-    """``coroutine`` in a task held until done (the loop keeps only weak references to its
-    tasks) whose outcome is retrieved even when nobody awaits it."""
-    task = asyncio.ensure_future(coroutine)
-    _background.add(task)
-    task.add_done_callback(_background_done)
-    return task
-
-
-def _background_done(task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    if not task.cancelled():
-        task.exception()
 
 
 def _verdict_read(scan: ImageScan) -> asyncio.Task[ScanVerdict]:

@@ -338,7 +338,11 @@ async def test_a_request_gone_while_its_images_validate_gives_every_scan_slot_ba
         images_validate(inp=inp, limits=UploadLimits(max_bytes=20 * corpus.MIB))
     )
     deadline = time.monotonic() + 5
-    while not fake_clamd.streams:  # the small image's scan is at clamd
+    # Both scans at clamd (the fake serves one connection at a time: it reads the large
+    # image's command once the small one's verdict is out), so both hold a slot; the large
+    # image is still being sent or decoded. Waiting only for the small one's stream let the
+    # test take both slots before the large image's validation asked for one.
+    while len(fake_clamd.commands) < 2:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
 

@@ -124,6 +124,7 @@ def main() -> None:
             subprocess.run(
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False
             )
+            subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
     cycles = stage_cycles(lines)
     print_table(stage_table(cycles), len(cycles))
 

@@ -88,7 +88,7 @@ class HeadWithBody(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
         if self._held is not None:
             held, self._held = self._held, None
-            self._transport.writelines((held, data))  # one write, without a copy
+            self._transport.writelines((held, data))  # one send (uvloop: writev, no copy)
             return
         cycle = self._cycle
         if cycle is not None and cycle.response_started:

@@ -7,8 +7,13 @@ admission took (``admission``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from tenants.errors import ApplicationError
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
@@ -26,5 +31,10 @@ def background(coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
 
 def _background_done(task: asyncio.Task[Any]) -> None:
     _background.discard(task)
-    if not task.cancelled():
-        task.exception()
+    if task.cancelled():
+        return
+    failure = task.exception()
+    # A refusal (a scan's verdict) is an outcome, logged where it is read; anything else
+    # (a cancel that could not reach Redis) would otherwise go unseen.
+    if failure is not None and not isinstance(failure, ApplicationError):
+        logger.warning("a background task of the request path failed", exc_info=failure)

@@ -322,7 +322,7 @@ def test_scans_in_flight_are_bounded_per_process(fake_clamd, settings) -> None:
 
 
 async def test_a_request_gone_while_its_images_validate_gives_every_scan_slot_back(
-    fake_clamd, settings
+    fake_clamd, settings, caplog
 ) -> None:
     import asyncio
 
@@ -331,6 +331,9 @@ async def test_a_request_gone_while_its_images_validate_gives_every_scan_slot_ba
     from webplatform.uploads.services import UploadLimits
 
     settings.CLAMD_MAX_SCANS_IN_FLIGHT = 2
+    # Both verdicts refusals: each must still be read, and logged, with nobody waiting.
+    fake_clamd.reply = "stream: Eicar-Test-Signature FOUND"
+    caplog.set_level(logging.WARNING, logger="webplatform.uploads.scanning")
     small = ImageSource(url=corpus.data_uri(corpus.noise_jpeg(60), "image/jpeg"), param="a")
     large = ImageSource(url=corpus.data_uri(corpus.noise_jpeg(1500), "image/jpeg"), param="b")
     inp = ChatCompletionInput(model="m", turns=(ChatTurn(role="user", parts=(small, large)),))
@@ -357,3 +360,9 @@ async def test_a_request_gone_while_its_images_validate_gives_every_scan_slot_ba
             assert time.monotonic() < deadline, "a scan slot was never given back"
             await asyncio.sleep(0.01)
     assert len(fake_clamd.streams) == 2  # both images were still scanned
+    # ... and both verdicts read (the large image's slot alone could come back by the
+    # scan's finalizer, without its verdict ever read or its connection closed).
+    deadline = time.monotonic() + 5
+    while caplog.text.count("malware detected in upload") < 2:
+        assert time.monotonic() < deadline, caplog.text
+        await asyncio.sleep(0.01)

@@ -176,11 +176,10 @@ async def _scan_refusal_or(error: BaseException, verdicts: ScanVerdicts) -> Base
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return error
     try:
-        await verdicts.passed()
-    except ApplicationError as refusal:
-        return refusal
+        refusal = await verdicts.refusal()
     except asyncio.CancelledError as cancelled:  # the client went away meanwhile
         return cancelled
     except Exception:  # not a verdict: the request's own error still stands
         logger.exception("reading the scan verdicts after an error failed")
-    return error
+        return error
+    return error if refusal is None else refusal

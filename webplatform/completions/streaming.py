@@ -233,24 +233,19 @@ class CompletionRun:
             await self._settle_shielded(outcome=outcome, error_code=error_code)
 
     async def _verdicts_passed(self) -> None:
-        """Raise the images' scan refusal, if any, as the request's error, with an
-        escalation that ran meanwhile undone on the settlement: a refused request is
-        recorded for the model it asked for, with nothing escalated."""
-        if self.verdicts is None:
-            return
-        try:
-            await self.verdicts.passed()
-        except ApplicationError:
-            self._undo_escalation()
-            raise
+        """Raise the images' scan refusal, if any, as the request's error (``_refusal``)."""
+        refusal = await self._refusal()
+        if refusal is not None:
+            raise refusal
 
     async def _refusal(self) -> ApplicationError | None:
-        """The images' scan refusal, if any (``_verdicts_passed`` without raising it)."""
-        try:
-            await self._verdicts_passed()
-        except ApplicationError as refusal:
-            return refusal
-        return None
+        """The images' scan refusal, if any, with an escalation that ran meanwhile undone on
+        the settlement: a refused request is recorded for the model it asked for, with
+        nothing escalated."""
+        refusal = None if self.verdicts is None else await self.verdicts.refusal()
+        if refusal is not None:
+            self._undo_escalation()
+        return refusal
 
     def _undo_escalation(self) -> None:
         self.settlement.model = self._model_at_start

@@ -71,6 +71,14 @@ class ScanVerdicts:
         if self._task is not None:
             await asyncio.shield(self._task)
 
+    async def refusal(self) -> ApplicationError | None:
+        """``passed()``'s refusal as a value: None when every image was found clean."""
+        try:
+            await self.passed()
+        except ApplicationError as refusal:
+            return refusal
+        return None
+
     async def _judge(self, reads: Sequence[asyncio.Task[ScanVerdict]]) -> None:
         # Not shielded: this task is only ever cancelled with its loop (``passed`` shields it).
         outcomes = await asyncio.gather(*reads, return_exceptions=True)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -65,6 +64,7 @@ from redis.typing import XReadResponse
 
 from inference.client.base import InferenceClient, ModelHealth, model_health_from_heartbeats
 from inference.client.blobs import blob_check_digest
+from inference.client.held_images import HeldImages
 from inference.protocol import (
     EVENT_FIELD,
     GROUP,
@@ -170,16 +170,6 @@ return reply
 _STAGE_MAX_AGE_S = 60.0
 
 
-@dataclass
-class _Staged:
-    """An image waiting for its requests' enqueue: the bytes, how many requests staged it
-    and have not been submitted yet, and when it was last staged."""
-
-    data: bytes
-    holders: int
-    staged_at: float
-
-
 @dataclass(frozen=True)
 class _LoopClients:
     """The clients of one event loop."""
@@ -204,8 +194,7 @@ class RedisStreamsClient(InferenceClient):
         )
         # Images staged by put_image, by (tenant, sha256): sent with their request's enqueue.
         # A lock, not the event loop, guards it: the client serves several loops (threads).
-        self._staged: dict[tuple[str, str], _Staged] = {}
-        self._staged_lock = threading.Lock()
+        self._staged = HeldImages(max_age_s=_STAGE_MAX_AGE_S)
         # model -> (monotonic time it was read, its health / its workers' states)
         self._health: dict[str, tuple[float, ModelHealth]] = {}
         self._liveness_cache: dict[str, tuple[float, set[Liveness]]] = {}
@@ -246,33 +235,17 @@ class RedisStreamsClient(InferenceClient):
     async def put_image(self, *, tenant_id: str, data: bytes, ref: ImageRef) -> None:
         """Stage the image for its request's enqueue (no round trip of its own)."""
         blob_check_digest(data=data, ref=ref)
-        now = time.monotonic()
-        with self._staged_lock:
-            for key, old in list(self._staged.items()):
-                if now - old.staged_at > _STAGE_MAX_AGE_S:
-                    del self._staged[key]
-            staged = self._staged.get((tenant_id, ref.sha256))
-            if staged is None:
-                self._staged[(tenant_id, ref.sha256)] = _Staged(data, 1, now)
-            else:
-                staged.holders += 1
-                staged.staged_at = now
+        self._staged.put(tenant_id=tenant_id, sha256=ref.sha256, data=data)
 
     def _unstage(self, request: InferenceRequest) -> tuple[list[str], list[bytes]]:
         """The blob keys and bytes of the request's staged images, released by it."""
-        keys: list[str] = []
-        blobs: list[bytes] = []
-        with self._staged_lock:
-            for sha256 in dict.fromkeys(ref.sha256 for ref in request.image_refs()):
-                staged = self._staged.get((request.tenant_id, sha256))
-                if staged is None:
-                    continue  # stored by an earlier request (a conversation's earlier turn)
-                keys.append(self.keys.blob(request.tenant_id, sha256))
-                blobs.append(staged.data)
-                staged.holders -= 1
-                if staged.holders <= 0:
-                    del self._staged[(request.tenant_id, sha256)]
-        return keys, blobs
+        # An image not staged was stored by an earlier request (a conversation's earlier turn).
+        staged = self._staged.take(
+            tenant_id=request.tenant_id,
+            sha256s=dict.fromkeys(ref.sha256 for ref in request.image_refs()),
+        )
+        keys = [self.keys.blob(request.tenant_id, sha256) for sha256 in staged]
+        return keys, list(staged.values())
 
     async def submit(
         self, request: InferenceRequest, *, time_limit_s: float | None = None

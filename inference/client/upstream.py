@@ -49,8 +49,6 @@ import json
 import logging
 import math
 import random
-import threading
-import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +61,7 @@ from PIL import Image
 from inference.client.base import InferenceClient, ModelHealth
 from inference.client.blobs import blob_check_digest
 from inference.client.circuit_breaker import CircuitBreaker
+from inference.client.held_images import HeldImages
 from inference.protocol import (
     DeltaEvent,
     DoneEvent,
@@ -157,52 +156,6 @@ _IMAGE_MAX_AGE_S = 120.0
 
 
 @dataclass
-class _Held:
-    data: bytes
-    holders: int  # puts not yet taken by a request's body
-    put_at: float
-
-
-class _HeldImages:
-    """Validated images waiting for the requests that put them (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: dict[tuple[str, str], _Held] = {}
-
-    def put(self, *, tenant_id: str, sha256: str, data: bytes) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for key, old in list(self._items.items()):
-                if now - old.put_at > _IMAGE_MAX_AGE_S:
-                    del self._items[key]
-            held = self._items.get((tenant_id, sha256))
-            if held is None:
-                self._items[(tenant_id, sha256)] = _Held(data, 1, now)
-            else:
-                held.holders += 1
-                held.put_at = now
-
-    def take(self, *, tenant_id: str, sha256s: list[str]) -> dict[str, bytes]:
-        """The bytes of each image (one hold released per occurrence)."""
-        found: dict[str, bytes] = {}
-        with self._lock:
-            for sha256 in sha256s:
-                held = self._items.get((tenant_id, sha256))
-                if held is None:
-                    continue
-                found[sha256] = held.data
-                held.holders -= 1
-                if held.holders <= 0:
-                    del self._items[(tenant_id, sha256)]
-        return found
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-
-@dataclass
 class _LoopState:
     http: httpx.AsyncClient
     slots: asyncio.Semaphore
@@ -223,7 +176,7 @@ class UpstreamClient(InferenceClient):
         self.settings = settings
         self.spec = spec
         self.breaker = CircuitBreaker(failures=spec.breaker_failures, reset_s=spec.breaker_reset_s)
-        self.images = _HeldImages()
+        self.images = HeldImages(max_age_s=_IMAGE_MAX_AGE_S)
         self._transport = transport
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()

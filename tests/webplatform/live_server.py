@@ -110,6 +110,19 @@ class LiveServer:
     models: dict[str, dict[str, Any]]
     model_dir: Path
 
+    def client_for(self, tenant: Any, *, timeout: float = 60) -> Any:
+        """An ``httpx.Client`` of this server, authenticated with a new API key of
+        ``tenant`` (close it, or use it as a context manager)."""
+        import httpx
+
+        from tests.factories import api_key_for
+
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
+            timeout=timeout,
+        )
+
     def inference_client(self) -> Any:
         """The server's inference client (in-process: ``.hub``, ``model_health``)."""
         from inference.client import get_inference_client

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tenants.models import UsageRecord
-from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.factories import PlanFactory, TenantFactory
 from tests.webplatform.live_server import usage_records
 from tests.webplatform.uploads import corpus
 
@@ -29,11 +29,7 @@ def _body(**extra: Any) -> dict[str, Any]:
 
 def _client(server: Any) -> httpx.Client:
     tenant = TenantFactory(plan=PlanFactory(tokens_per_day=TOKENS_PER_DAY))
-    return httpx.Client(
-        base_url=server.url,
-        headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
-        timeout=60,
-    )
+    return server.client_for(tenant)
 
 
 @pytest.fixture

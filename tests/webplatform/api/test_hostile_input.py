@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.factories import PlanFactory, TenantFactory
 from tests.webplatform.live_server import usage_records
 
 pytest_plugins = ["tests.webplatform.live_server"]
@@ -26,11 +26,7 @@ TOKENS_PER_DAY = 100_000
 @pytest.fixture
 def http(live_asgi_server) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
     tenant = TenantFactory(plan=PlanFactory(tokens_per_day=TOKENS_PER_DAY, max_output_tokens=64))
-    with httpx.Client(
-        base_url=live_asgi_server.url,
-        headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
-        timeout=60,
-    ) as client:
+    with live_asgi_server.client_for(tenant) as client:
         yield client
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from inference.protocol import NOTICE_MESSAGES, TAKEN_OVER
-from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.factories import PlanFactory, TenantFactory
 from tests.webplatform.notice_client import TakenOverClient
 from webplatform.completions import pipeline
 
@@ -26,11 +26,7 @@ def http(live_asgi_server, monkeypatch) -> Iterator[httpx.Client]:  # type: igno
     taken_over = TakenOverClient(pipeline.get_inference_client())
     monkeypatch.setattr(pipeline, "get_inference_client", lambda: taken_over)
     tenant = TenantFactory(plan=PlanFactory(max_output_tokens=64))
-    with httpx.Client(
-        base_url=live_asgi_server.url,
-        headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
-        timeout=60,
-    ) as client:
+    with live_asgi_server.client_for(tenant) as client:
         yield client
 
 

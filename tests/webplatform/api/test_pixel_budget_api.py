@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.factories import PlanFactory, TenantFactory, api_key_for
+from tests.factories import PlanFactory, TenantFactory
 from webplatform.uploads.budget import PIXELS_PER_TOKEN
 
 pytest_plugins = ["tests.webplatform.live_server"]  # the live_asgi_server fixture
@@ -36,11 +36,7 @@ def phone_photo() -> bytes:
 @pytest.fixture
 def http(live_asgi_server, settings) -> httpx.Client:  # type: ignore[no-untyped-def]
     tenant = TenantFactory(plan=PlanFactory(max_image_bytes=TWENTY_MB, tokens_per_day=10**7))
-    with httpx.Client(
-        base_url=live_asgi_server.url,
-        headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
-        timeout=120,
-    ) as client:
+    with live_asgi_server.client_for(tenant, timeout=120) as client:
         yield client
 
 

@@ -99,11 +99,7 @@ def cancelled(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def http(live_asgi_server, fake_clamd) -> httpx.Client:  # type: ignore[no-untyped-def]
     tenant = TenantFactory(plan=PlanFactory(tokens_per_day=TOKENS_PER_DAY, max_output_tokens=64))
-    with httpx.Client(
-        base_url=live_asgi_server.url,
-        headers={"Authorization": f"Bearer {api_key_for(tenant).raw_key}"},
-        timeout=60,
-    ) as client:
+    with live_asgi_server.client_for(tenant) as client:
         yield client
 
 
